@@ -1,0 +1,258 @@
+"""Calibration and sample inputs: .npz files, folders of them, tokenized text, or synthesized inputs.
+
+`CalibrationData` holds one array per model input with the sample axis first and hands out batches of
+feeds for ONNX Runtime. Symbolic dimensions are bound to small sizes when synthesizing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from modelsurgeon.errors import UserError
+
+log = logging.getLogger("modelsurgeon")
+
+# Sizes used for symbolic dimensions when inputs are synthesized (verification binds them small).
+DEFAULT_BATCH = 2
+DEFAULT_SEQ = 16
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    """One array per model input; axis 0 indexes samples. `batches()` yields ORT feed dicts."""
+
+    arrays: dict[str, np.ndarray]
+    source: str = "synthesized"
+
+    @property
+    def num_samples(self) -> int:
+        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
+
+    def batches(self, batch_size: int = 8, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        for start in range(0, n, batch_size):
+            yield {k: v[start:min(start + batch_size, n)] for k, v in self.arrays.items()}
+
+    def num_batches(self, batch_size: int = 8, limit: int | None = None) -> int:
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        return -(-n // batch_size)
+
+    def head(self, n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in self.arrays.items()}
+
+    def split(self, n_first: int) -> tuple["CalibrationData", "CalibrationData"]:
+        return (CalibrationData({k: v[:n_first] for k, v in self.arrays.items()}, self.source),
+                CalibrationData({k: v[n_first:] for k, v in self.arrays.items()}, self.source))
+
+
+_DTYPES = {
+    ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64,
+    ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.BOOL: np.bool_,
+    ir.DataType.UINT8: np.uint8, ir.DataType.INT8: np.int8,
+}
+
+
+def input_signature(model: ir.Model) -> list[tuple[str, np.dtype, tuple]]:
+    """(name, numpy dtype, shape with str for symbolic dims) of each graph input that is not an initializer."""
+    sig = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        dtype = value.dtype
+        if dtype not in _DTYPES:
+            raise UserError(f"input '{value.name}' has type {dtype}, which modelsurgeon cannot synthesize; pass --calib data")
+        shape = tuple((d if isinstance(d, int) else (str(d) if d is not None and str(d) else "?")) for d in (value.shape or ()))
+        sig.append((value.name, np.dtype(_DTYPES[dtype]), shape))
+    return sig
+
+
+def _vocab_size(model: ir.Model, input_name: str) -> int | None:
+    """Rows of the embedding table an integer input indexes (through Gather), if found."""
+    value = next((v for v in model.graph.inputs if v.name == input_name), None)
+    if value is None:
+        return None
+    frontier, seen = [value], set()
+    while frontier:
+        v = frontier.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        for node, idx in v.uses():
+            if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+                return int(node.inputs[0].const_value.shape[0])
+            if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity") and idx == 0:
+                frontier.extend(node.outputs)
+    return None
+
+
+def _bind(shape: tuple, batch: int, seq: int) -> tuple[int, ...]:
+    out = []
+    for i, d in enumerate(shape):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        else:
+            out.append(batch if i == 0 else seq)
+    return tuple(out)
+
+
+def synthesize(model: ir.Model, num_samples: int = DEFAULT_BATCH, seq_len: int = DEFAULT_SEQ, seed: int = 0) -> CalibrationData:
+    """Inputs made from the signature: normal floats, token ids within the vocabulary, all-ones masks."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype, shape in input_signature(model):
+        shp = _bind(shape, num_samples, seq_len)
+        lname = name.lower()
+        if np.issubdtype(dtype, np.floating):
+            if "mask" in lname:
+                arrays[name] = np.ones(shp, dtype)
+            else:
+                arrays[name] = rng.standard_normal(shp).astype(dtype)
+        elif dtype == np.bool_:
+            arrays[name] = np.ones(shp, dtype)
+        elif "mask" in lname:
+            arrays[name] = np.ones(shp, dtype)
+        elif "position" in lname:
+            arrays[name] = np.broadcast_to(np.arange(shp[-1], dtype=dtype), shp).copy()
+        elif "type" in lname or "segment" in lname:
+            arrays[name] = np.zeros(shp, dtype)
+        else:
+            high = _vocab_size(model, name) or 100
+            arrays[name] = rng.integers(0, high, size=shp).astype(dtype)
+    return CalibrationData(arrays, "synthesized")
+
+
+def load_npz(path: str | pathlib.Path) -> CalibrationData:
+    path = pathlib.Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable .npz file ({type(exc).__name__}); save inputs with numpy.savez") from None
+    if not arrays:
+        raise UserError(f"{path}: holds no arrays; save one array per model input, samples on axis 0")
+    return CalibrationData(arrays, str(path))
+
+
+def load_folder(path: str | pathlib.Path) -> CalibrationData:
+    files = sorted(pathlib.Path(path).glob("*.npz"))
+    if not files:
+        raise UserError(f"{path}: folder holds no .npz files")
+    parts = [load_npz(f).arrays for f in files]
+    keys = set(parts[0])
+    if any(set(p) != keys for p in parts):
+        raise UserError(f"{path}: .npz files hold different input names; give every file the same arrays")
+    try:
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    except ValueError as exc:
+        raise UserError(f"{path}: .npz files have inconsistent shapes ({exc})") from None
+    return CalibrationData(arrays, str(path))
+
+
+def load_tokenizer(path: str | pathlib.Path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a folder holding one."""
+    path = pathlib.Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
+        raise UserError(f"{path}: no tokenizer.json there; give a tokenizer.json file or a folder holding one")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise UserError("reading text needs the 'tokenizers' package: pip install tokenizers") from None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:
+        raise UserError(f"{file}: not a tokenizer.json ({exc})") from None
+
+
+def tokenize_text(text: str, tokenizer, num_samples: int, seq_len: int, add_special_tokens: bool = False) -> np.ndarray:
+    """Consecutive, non-overlapping windows of `seq_len` tokens from the text: int64 (samples, seq_len)."""
+    ids = []
+    # Encode in chunks of lines: tokenizers is fast but very long strings cost memory.
+    lines = text.splitlines(keepends=True)
+    need = num_samples * seq_len
+    for start in range(0, len(lines), 2000):
+        ids.extend(tokenizer.encode("".join(lines[start:start + 2000]), add_special_tokens=add_special_tokens).ids)
+        if len(ids) >= need:
+            break
+    usable = len(ids) // seq_len
+    if usable == 0:
+        raise UserError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text or a smaller --seq-len")
+    n = min(num_samples, usable)
+    if n < num_samples:
+        log.warning("text gives only %d windows of %d tokens (asked for %d)", n, seq_len, num_samples)
+    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+def from_token_ids(model: ir.Model, ids: np.ndarray, source: str = "text") -> CalibrationData:
+    """Feeds for a language model's inputs from token windows: masks of ones, positions, zero token types."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype, shape in input_signature(model):
+        lname = name.lower()
+        if "mask" in lname:
+            arrays[name] = np.ones(ids.shape, dtype)
+        elif "position" in lname:
+            arrays[name] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(dtype)
+        elif "type" in lname or "segment" in lname:
+            arrays[name] = np.zeros(ids.shape, dtype)
+        elif np.issubdtype(dtype, np.integer):
+            arrays[name] = ids.astype(dtype)
+        else:
+            raise UserError(f"text calibration cannot fill input '{name}' of type {dtype}; pass an .npz instead")
+    return CalibrationData(arrays, source)
+
+
+def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | CalibrationData | None = None, *,
+                     tokenizer: str | pathlib.Path | None = None, num_samples: int = 32, seq_len: int = 128,
+                     seed: int = 0, warn: bool = True) -> CalibrationData:
+    """Resolve any accepted calibration source into CalibrationData; synthesize (with a warning) if none."""
+    if isinstance(calib, CalibrationData):
+        data = calib
+    elif isinstance(calib, dict):
+        data = CalibrationData({k: np.asarray(v) for k, v in calib.items()}, "arrays")
+    elif calib is None:
+        if warn:
+            log.warning("no calibration data given: synthesizing random inputs from the input signature "
+                        "(pass --calib for statistics that match real use)")
+        return synthesize(model, num_samples=num_samples, seq_len=min(seq_len, 32), seed=seed)
+    else:
+        path = pathlib.Path(calib)
+        if not path.exists():
+            raise UserError(f"{path}: calibration data not found")
+        if path.is_dir():
+            data = load_folder(path)
+        elif path.suffix == ".npz":
+            data = load_npz(path)
+        else:
+            if tokenizer is None:
+                raise UserError(f"{path}: text calibration needs --tokenizer (a tokenizer.json or a folder holding one)")
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError as exc:
+                raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+            ids = tokenize_text(text, load_tokenizer(tokenizer), num_samples, seq_len)
+            return from_token_ids(model, ids, str(path))
+    check_against(model, data)
+    if data.num_samples > num_samples:
+        data = CalibrationData(data.head(num_samples), data.source)
+    return data
+
+
+def check_against(model: ir.Model, data: CalibrationData) -> None:
+    """Every model input is present with a compatible rank and fixed dimensions."""
+    for name, dtype, shape in input_signature(model):
+        if name not in data.arrays:
+            raise UserError(f"calibration data ({data.source}) lacks model input '{name}'; it has {', '.join(data.arrays)}")
+        arr = data.arrays[name]
+        if arr.ndim != len(shape):
+            raise UserError(f"calibration input '{name}' has rank {arr.ndim}, the model wants {len(shape)} {shape}")
+        for i, (got, want) in enumerate(zip(arr.shape, shape)):
+            if i > 0 and isinstance(want, int) and got != want:
+                raise UserError(f"calibration input '{name}' has shape {arr.shape}, the model wants {shape}")
+        if arr.dtype != dtype:
+            data.arrays[name] = arr.astype(dtype)

@@ -1,0 +1,134 @@
+"""The pass manager: runs a pipeline on a model, verifying and measuring after every pass.
+
+After each pass: analyses not preserved are invalidated; the model is checked (ONNX checker, strict
+shape inference) and run in ONNX Runtime on sample inputs against the original model; an exact pass
+must reproduce its input's outputs to float tolerance; `max_error` (relative L2, worst output) stops the
+pipeline at the pass that crosses it. Nothing is written here: `CompileResult.save` does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from modelsurgeon import calibration as calib_mod
+from modelsurgeon.context import PassContext
+from modelsurgeon.errors import UserError, VerificationError
+from modelsurgeon.model_io import as_model, save
+from modelsurgeon.pass_api import Pass
+from modelsurgeon.pipeline import build_pipeline, load_pipeline_file, parse_passes
+from modelsurgeon.report import PassRow, Report
+from modelsurgeon.stats import model_stats
+from modelsurgeon.verify import Verifier, structural_problems, worst
+
+log = logging.getLogger("modelsurgeon")
+
+EXACT_REL_L2 = 1e-4  # an exact pass may move outputs by at most this (relative L2, fp32 round-off)
+VERIFY_SAMPLES = 2
+
+
+@dataclasses.dataclass
+class CompileResult:
+    model: ir.Model
+    report: Report
+    input_path: str | None = None
+
+    def save(self, path: str | pathlib.Path, external_data: bool | None = None) -> pathlib.Path:
+        out = save(self.model, path, external_data=external_data, input_path=self.input_path)
+        self.report.output = str(out)
+        return out
+
+
+def _as_specs(passes: str | Sequence[Any]) -> list:
+    if isinstance(passes, str):
+        path = pathlib.Path(passes)
+        if passes.endswith(".json") and path.exists():
+            return load_pipeline_file(path)
+        return parse_passes(passes)
+    specs: list = []
+    for p in passes:
+        specs.extend(parse_passes(p) if isinstance(p, str) else [p])
+    return specs
+
+
+def verification_feeds(model: ir.Model, calibration: calib_mod.CalibrationData | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Sample inputs for verification: a few calibration samples, else synthesized with small dimensions."""
+    if calibration is not None and calibration.source != "synthesized" and calibration.num_samples:
+        from modelsurgeon.capture import batch_size_for
+
+        return calibration.head(min(VERIFY_SAMPLES, batch_size_for(model, VERIFY_SAMPLES)))
+    data = calib_mod.synthesize(model, num_samples=VERIFY_SAMPLES, seq_len=calib_mod.DEFAULT_SEQ, seed=seed + 1)
+    return data.arrays
+
+
+def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inputs: Any = None,
+            calibration: Any = None, tokenizer: str | None = None, num_samples: int = 32, seq_len: int = 128,
+            verify: bool = True, max_error: float | None = None, cleanup: bool = True, progress: bool = True,
+            providers: list[str] | None = None, seed: int = 0, export_opset: int = 18) -> CompileResult:
+    """Compile `model` (path, onnx/IR model or torch module + example_inputs) through `passes`.
+
+    `passes` is a `--passes` string, a JSON pipeline path, or a list of strings, (name, options) pairs
+    and Pass instances. Returns the compiled model and its report; call `.save(path)` to write it.
+    """
+    input_path = str(model) if isinstance(model, (str, pathlib.Path)) else None
+    pipeline = build_pipeline(_as_specs(passes), cleanup=cleanup)
+    model = as_model(model, example_inputs, opset=export_opset)
+    needs_calib = any(p.needs_calibration for p in pipeline)
+    calib = None
+    if calibration is not None or needs_calib:
+        calib = calib_mod.load_calibration(model, calibration, tokenizer=tokenizer, num_samples=num_samples,
+                                           seq_len=seq_len, seed=seed, warn=needs_calib)
+    ctx = PassContext(model=model, calibration=calib, progress=progress, seed=seed, providers=providers)
+    report = Report(input=input_path or type(model).__name__, verified=verify,
+                    calibration=None if calib is None else calib.source)
+
+    feeds = verification_feeds(model, calib, seed)
+    single = {k: v[:1] for k, v in feeds.items()}
+    verifier = None
+    if verify:
+        try:
+            verifier = Verifier(model, feeds, providers)
+        except Exception as exc:
+            raise UserError(f"the input model does not run in ONNX Runtime ({str(exc).strip().splitlines()[0][:200]}); "
+                            "fix the model or pass --calib inputs that fit it") from None
+    report.rows.append(PassRow("(input)", **model_stats(model, single)))
+    previous = verifier.reference if verifier else None
+
+    for p in pipeline:
+        ctx.model = model
+        t0 = time.perf_counter()
+        log.info("running %r", p)
+        result = p.run(model, ctx)
+        model = result.model
+        ctx.model = model
+        if result.modified:
+            ctx.analyses.invalidate(p.preserves)
+        seconds = time.perf_counter() - t0
+        row = PassRow(repr(p), seconds=seconds, modified=result.modified, notes=result.notes,
+                      skipped=list(result.skipped), **model_stats(model, single))
+        if verifier is not None:
+            checked = verifier.check(model, previous=previous)
+            if checked["problems"]:
+                raise VerificationError(p.name, checked["problems"][0])
+            w = worst(checked["errors"])
+            row.max_abs, row.rel_l2, row.cosine = w.max_abs, w.rel_l2, w.cosine
+            row.per_output = {k: e.as_dict() for k, e in checked["errors"].items()}
+            step = worst(checked["step_errors"])
+            if p.exact and step is not None and step.rel_l2 > EXACT_REL_L2:
+                raise VerificationError(p.name, f"an exact rewrite changed the outputs (relative L2 {step.rel_l2:.2e} "
+                                                f"> {EXACT_REL_L2:g}, max abs {step.max_abs:.2e})")
+            if max_error is not None and w.rel_l2 > max_error:
+                raise VerificationError(p.name, f"output error {w.rel_l2:.3g} (relative L2) exceeds --max-error {max_error:g}")
+            previous = checked["outputs"]
+        else:
+            problems = structural_problems(model)
+            if problems:
+                raise VerificationError(p.name, problems[0])
+        report.rows.append(row)
+    return CompileResult(model, report, input_path)

@@ -1,0 +1,169 @@
+"""Loading and saving models: ONNX files (external data included) and torch modules lowered to ONNX.
+
+Everything here produces or consumes an `onnx_ir.Model`. Saving is atomic (a temporary folder beside the
+output, then renames) and never writes over the input model.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Sequence
+
+import onnx_ir as ir
+
+from modelsurgeon.errors import UserError
+
+# Domains ONNX Runtime's stock CPU/CUDA builds know, plus our own custom-op domain.
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc",
+                 "com.ms.internal.nhwc", "ai.modelsurgeon", "pkg.onnxscript.torch_lib.common"}
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file into the IR, checking that it is ONNX and that its external data is present."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; give the path of an .onnx model")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give the path of an .onnx model file")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf DecodeError, truncated files, text files...
+        raise UserError(f"{path}: not a valid ONNX model ({type(exc).__name__}); re-export it or check the file is complete") from exc
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise UserError(f"{path}: not a valid ONNX model (no graph); re-export it or check the file is complete")
+    _check_external_data(model, path)
+    check_domains(model, path.name)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: pathlib.Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            data_path = pathlib.Path(tensor.base_dir) / tensor.location
+            if not data_path.exists():
+                raise UserError(
+                    f"{path}: external data file '{tensor.location}' (for initializer '{value.name}') is missing; "
+                    f"put it next to the model in {path.parent or '.'}"
+                )
+            if data_path.stat().st_size < tensor.offset + tensor.length if tensor.offset is not None and tensor.length is not None else False:
+                raise UserError(f"{path}: external data file '{tensor.location}' is truncated; copy it again")
+
+
+def check_domains(model: ir.Model, what: str = "model") -> None:
+    """Refuse models using op domains that ONNX Runtime cannot run and that no local function defines."""
+    local = {f.domain for f in model.functions.values()}
+    unknown: dict[str, list[str]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            unknown.setdefault(node.domain, []).append(node.op_type)
+    if unknown:
+        domain, ops = next(iter(unknown.items()))
+        raise UserError(
+            f"{what}: ops from unknown domain '{domain}' ({', '.join(sorted(set(ops))[:5])}); "
+            "ONNX Runtime cannot run them: export the model without custom ops or inline their functions"
+        )
+
+
+def model_bytes(model: ir.Model) -> int:
+    """Bytes of tensor data in the model (initializers), the bulk of its size on disk."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> pathlib.Path:
+    """Fail early (before any work) when the output cannot be written or would overwrite an input."""
+    out = pathlib.Path(output)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give an output file name such as {out / 'model.onnx'}")
+    for src in inputs:
+        src = pathlib.Path(src)
+        if src.exists() and out.exists() and os.path.samefile(src, out):
+            raise UserError(f"{out}: is the input model; choose another output path (modelsurgeon never overwrites its input)")
+        if src.exists() and out.resolve() == src.resolve():
+            raise UserError(f"{out}: is the input model; choose another output path")
+    parent = out.parent if str(out.parent) else pathlib.Path(".")
+    if not parent.exists():
+        raise UserError(f"{out}: folder {parent} does not exist; create it first or choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{out}: folder {parent} is not writable; choose another output path")
+    return out
+
+
+def save(model: ir.Model, output: str | os.PathLike, *, external_data: bool | None = None,
+         input_path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Save atomically; external data (`<name>.data`) when asked or when tensors exceed 1.5 GB."""
+    out = check_output_path(output, [input_path] if input_path else [])
+    if external_data is None:
+        external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = out.name + ".data"
+    if input_path is not None:
+        in_data = {pathlib.Path(v.const_value.base_dir, v.const_value.location).resolve()
+                   for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+        if external_data and (out.parent / data_name).resolve() in in_data:
+            raise UserError(f"{out}: its external data file would overwrite the input's; choose another output name")
+    tmpdir = tempfile.mkdtemp(prefix=".modelsurgeon-", dir=out.parent if str(out.parent) else ".")
+    try:
+        tmp_model = pathlib.Path(tmpdir) / out.name
+        try:
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+            else:
+                ir.save(model, tmp_model)
+        except OSError as exc:
+            raise UserError(f"{out}: could not write ({exc.strerror}); free disk space or choose another path") from exc
+        except ValueError as exc:
+            if "2GB" in str(exc) or "2 GB" in str(exc) or "protobuf" in str(exc).lower():
+                raise UserError(f"{out}: model exceeds the 2 GB protobuf limit; save with external data") from exc
+            raise
+        if external_data:
+            os.replace(pathlib.Path(tmpdir) / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def from_torch(module: Any, example_inputs: tuple | dict, *, opset: int = 18, input_names: Sequence[str] | None = None,
+               output_names: Sequence[str] | None = None, dynamic_shapes: Any = None, optimize: bool = True) -> ir.Model:
+    """Lower a torch.nn.Module, torch.fx.GraphModule or ExportedProgram to the IR via torch.onnx.export(dynamo=True)."""
+    import torch
+
+    if not isinstance(module, (torch.nn.Module, torch.export.ExportedProgram)):
+        raise UserError(f"cannot lower a {type(module).__name__}: give a torch.nn.Module, torch.fx.GraphModule or ExportedProgram")
+    kwargs = {}
+    args = example_inputs
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    elif not isinstance(example_inputs, tuple):
+        args = (example_inputs,)
+    if isinstance(module, torch.nn.Module):
+        module = module.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize, verbose=False,
+        )
+    return program.model
+
+
+def as_model(model: Any, example_inputs: Any = None, **export_kwargs) -> ir.Model:
+    """Accept a path, an onnx.ModelProto, an ir.Model, or a torch module (with example inputs)."""
+    import onnx
+
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    if example_inputs is None:
+        raise UserError("lowering a torch model needs example inputs: pass example_inputs=(tensor, ...)")
+    return from_torch(model, example_inputs, **export_kwargs)

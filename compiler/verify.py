@@ -1,0 +1,108 @@
+"""Verification of a pass's result: ONNX checker, shape inference, and an ORT run against a reference.
+
+`Verifier` runs the original model once on sample inputs (symbolic dimensions bound small) and then
+compares every later model's outputs with it: max abs error, relative L2 error and cosine per output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+_CHECKER_LIMIT = 1_800_000_000
+
+
+def structural_problems(model: ir.Model) -> list[str]:
+    """Problems the ONNX checker and strict shape inference find (empty when the model is well formed)."""
+    proto = ir.serde.serialize_model(model)
+    if proto.ByteSize() > _CHECKER_LIMIT:
+        for init in proto.graph.initializer:  # the checker needs < 2 GB; weights don't matter to it
+            init.ClearField("raw_data")
+    problems = []
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        problems.append(f"ONNX checker: {str(exc).strip().splitlines()[0]}")
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=False)
+    except Exception as exc:
+        problems.append(f"shape inference: {str(exc).strip().splitlines()[0][:300]}")
+    return problems
+
+
+@dataclasses.dataclass
+class OutputError:
+    max_abs: float
+    rel_l2: float
+    cosine: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def compare_arrays(ref: np.ndarray, got: np.ndarray) -> OutputError:
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    g = np.asarray(got, dtype=np.float64).ravel()
+    if r.size == 0:
+        return OutputError(0.0, 0.0, 1.0)
+    diff = g - r
+    max_abs = float(np.max(np.abs(diff)))
+    rn, gn = float(np.linalg.norm(r)), float(np.linalg.norm(g))
+    rel = float(np.linalg.norm(diff) / rn) if rn > 0 else float(np.linalg.norm(diff))
+    cos = float(r @ g / (rn * gn)) if rn > 0 and gn > 0 else (1.0 if rn == gn else 0.0)
+    return OutputError(max_abs, rel, cos)
+
+
+def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, OutputError]:
+    return {name: compare_arrays(ref[name], got[name]) for name in ref if name in got}
+
+
+def worst(errors: dict[str, OutputError]) -> OutputError | None:
+    if not errors:
+        return None
+    return OutputError(max(e.max_abs for e in errors.values()), max(e.rel_l2 for e in errors.values()),
+                       min(e.cosine for e in errors.values()))
+
+
+class Verifier:
+    """Holds sample inputs and the original model's outputs; checks later models against them."""
+
+    def __init__(self, reference: ir.Model, feeds: dict[str, np.ndarray], providers: list[str] | None = None):
+        self.feeds = feeds
+        self.providers = providers
+        self.reference = self.run(reference)
+        self.output_shapes = {k: v.shape for k, v in self.reference.items()}
+
+    def run(self, model: ir.Model) -> dict[str, np.ndarray]:
+        from modelsurgeon.runtime.session import run_model
+
+        return run_model(model, self.feeds, providers=self.providers, accuracy_level=0)
+
+    def check(self, model: ir.Model, *, run: bool = True, previous: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Structural checks, then an ORT run; returns problems, outputs and errors against the reference."""
+        result: dict[str, Any] = {"problems": structural_problems(model), "outputs": None, "errors": {}, "step_errors": {}}
+        if not run or result["problems"]:
+            return result
+        try:
+            outputs = self.run(model)
+        except Exception as exc:
+            result["problems"].append(f"ONNX Runtime: {str(exc).strip().splitlines()[0][:300]}")
+            return result
+        missing = [k for k in self.reference if k not in outputs]
+        if missing:
+            result["problems"].append(f"output '{missing[0]}' disappeared")
+            return result
+        for k, shape in self.output_shapes.items():
+            if outputs[k].shape != shape:
+                result["problems"].append(f"output '{k}' changed shape from {shape} to {outputs[k].shape}")
+        if not np.all([np.all(np.isfinite(v)) for v in outputs.values() if np.issubdtype(v.dtype, np.floating)]):
+            result["problems"].append("outputs contain NaN or Inf")
+        result["outputs"] = outputs
+        result["errors"] = compare_outputs(self.reference, outputs)
+        if previous is not None:
+            result["step_errors"] = compare_outputs(previous, outputs)
+        return result

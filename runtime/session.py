@@ -1,0 +1,81 @@
+"""ONNX Runtime sessions for IR models, files or bytes, with quiet threading and explicit precision.
+
+Thread spinning is off (the machines we measure on are small and noisy). `accuracy_level` sets
+`session.qdq_matmulnbits_accuracy_level`, which decides whether ORT fuses int4 DequantizeLinear+MatMul
+into MatMulNBits with int8 activations (4) or keeps fp32 activations (0 = exact dequantized math).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+_PROTO_LIMIT = 1_800_000_000
+
+
+def session_options(threads: int | None = None, accuracy_level: int | None = None, optimization: str = "all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    if accuracy_level is not None:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    return so
+
+
+def _register_custom_ops(so) -> str | None:
+    """Register our custom-op library if it is built; returns its path or None (then ONNX functions run)."""
+    try:
+        from modelsurgeon.runtime.custom_ops import library_path
+    except ImportError:
+        return None
+    path = library_path()
+    if path:
+        so.register_custom_ops_library(str(path))
+    return path
+
+
+def make_session(model: ir.Model | str | os.PathLike | bytes, providers: Sequence[str] | None = None,
+                 threads: int | None = None, accuracy_level: int | None = None, optimization: str = "all",
+                 custom_ops: bool = True):
+    """An `onnxruntime.InferenceSession` for an IR model, a path or serialized bytes."""
+    import onnxruntime as ort
+
+    so = session_options(threads, accuracy_level, optimization)
+    if custom_ops:
+        _register_custom_ops(so)
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    if isinstance(model, ir.Model):
+        proto = ir.serde.serialize_model(model)
+        if proto.ByteSize() < _PROTO_LIMIT:
+            return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+        with tempfile.TemporaryDirectory() as tmp:  # over the protobuf limit: go through a file
+            path = pathlib.Path(tmp) / "model.onnx"
+            ir.save(model, path, external_data="model.onnx.data")
+            return ort.InferenceSession(str(path), so, providers=providers)
+    if isinstance(model, (bytes, bytearray)):
+        return ort.InferenceSession(bytes(model), so, providers=providers)
+    return ort.InferenceSession(str(model), so, providers=providers)
+
+
+def run_model(model: Any, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None, **session_kwargs) -> dict[str, np.ndarray]:
+    """Run once and return outputs by name."""
+    sess = model if hasattr(model, "run") and hasattr(model, "get_inputs") else make_session(model, **session_kwargs)
+    names = list(output_names) if output_names else [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
