@@ -37,6 +37,10 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"{path}: not a valid ONNX model (no graph); re-export it or check the file is complete")
     _check_external_data(model, path)
     check_domains(model, path.name)
+    if model_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        # Small enough to hold: read external data now, so sessions can be made from bytes and the
+        # output may be written over the folder the data came from.
+        ir.external_data.load_to_model(model)
     return model
 
 
@@ -90,6 +94,9 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
         if src.exists() and out.resolve() == src.resolve():
             raise UserError(f"{out}: is the input model; choose another output path")
     parent = out.parent if str(out.parent) else pathlib.Path(".")
+    blocking = next((a for a in [parent, *parent.parents] if a.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{out}: {blocking} is a file, not a folder; choose another output path")
     if not parent.exists():
         raise UserError(f"{out}: folder {parent} does not exist; create it first or choose another output path")
     if not os.access(parent, os.W_OK):

@@ -61,10 +61,11 @@ def make_session(model: ir.Model | str | os.PathLike | bytes, providers: Sequenc
         _register_custom_ops(so)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     if isinstance(model, ir.Model):
-        proto = ir.serde.serialize_model(model)
-        if proto.ByteSize() < _PROTO_LIMIT:
+        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+        proto = None if external else ir.serde.serialize_model(model)
+        if proto is not None and proto.ByteSize() < _PROTO_LIMIT:
             return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
-        with tempfile.TemporaryDirectory() as tmp:  # over the protobuf limit: go through a file
+        with tempfile.TemporaryDirectory() as tmp:  # over the protobuf limit or external: go through a file
             path = pathlib.Path(tmp) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
             return ort.InferenceSession(str(path), so, providers=providers)

@@ -1,0 +1,5 @@
+import sys
+
+from modelsurgeon.cli import main
+
+sys.exit(main())
