@@ -52,11 +52,12 @@ class ActivationCapture:
 
     def __init__(self, model: ir.Model, names: Sequence[str], providers: Sequence[str] | None = None,
                  accuracy_level: int | None = 0):
-        from modelsurgeon.runtime.session import make_session
+        from modelsurgeon.runtime.session import external_base_dir, make_session
 
         self.names = list(dict.fromkeys(names))
         proto = _with_outputs(model, self.names)
-        self.session = make_session(proto.SerializeToString(), providers=providers, accuracy_level=accuracy_level)
+        self.session = make_session(proto, providers=providers, accuracy_level=accuracy_level,
+                                    base_dir=external_base_dir(model))
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,14 +17,34 @@ _CHECKER_LIMIT = 1_800_000_000
 
 
 def structural_problems(model: ir.Model) -> list[str]:
-    """Problems the ONNX checker and strict shape inference find (empty when the model is well formed)."""
+    """Problems the ONNX checker and strict shape inference find (empty when the model is well formed).
+
+    Weights stored externally, or too big for one protobuf, are checked as typed graph inputs instead: the
+    checker looks at structure, not weight values, and refuses data files it cannot read as plain files."""
     proto = ir.serde.serialize_model(model)
-    if proto.ByteSize() > _CHECKER_LIMIT:
-        for init in proto.graph.initializer:  # the checker needs < 2 GB; weights don't matter to it
-            init.ClearField("raw_data")
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    if external or proto.ByteSize() > _CHECKER_LIMIT:
+        _weights_as_inputs(proto)
+    return _problems(proto, proto)
+
+
+def _weights_as_inputs(proto: onnx.ModelProto) -> None:
+    inputs = {i.name for i in proto.graph.input}
+    kept = []
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024:
+            if t.name not in inputs:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+
+
+def _problems(checkable, proto: onnx.ModelProto) -> list[str]:
     problems = []
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(checkable)
     except Exception as exc:
         problems.append(f"ONNX checker: {str(exc).strip().splitlines()[0]}")
     try:

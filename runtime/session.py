@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Any, Sequence
 
@@ -50,10 +51,46 @@ def _register_custom_ops(so) -> str | None:
     return path
 
 
-def make_session(model: ir.Model | str | os.PathLike | bytes, providers: Sequence[str] | None = None,
+def _external_locations(proto) -> set[str]:
+    import onnx
+
+    return {entry.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for entry in t.external_data if entry.key == "location"}
+
+
+def write_with_external_data(proto, base_dir: str, folder: str | os.PathLike) -> pathlib.Path:
+    """Write `proto` as folder/model.onnx with its external data files (read from `base_dir`) beside it.
+
+    The data files are hard-linked (ORT and the checker refuse paths that leave the model's folder,
+    symlinks included); copied where linking is impossible."""
+    for loc in _external_locations(proto):
+        target = pathlib.Path(folder) / loc
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = pathlib.Path(base_dir, loc).resolve()
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    path = pathlib.Path(folder) / "model.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def external_base_dir(model: ir.Model) -> str | None:
+    """The folder an IR model's external tensors are read from (None when all data is in memory)."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            return value.const_value.base_dir
+    return None
+
+
+def make_session(model, providers: Sequence[str] | None = None,
                  threads: int | None = None, accuracy_level: int | None = None, optimization: str = "all",
-                 custom_ops: bool = True):
-    """An `onnxruntime.InferenceSession` for an IR model, a path or serialized bytes."""
+                 custom_ops: bool = True, base_dir: str | None = None):
+    """An `onnxruntime.InferenceSession` for an IR model, an onnx.ModelProto, a path or serialized bytes.
+
+    A ModelProto whose tensors are external needs `base_dir`, the folder its data files are in."""
+    import onnx
     import onnxruntime as ort
 
     so = session_options(threads, accuracy_level, optimization)
@@ -69,6 +106,13 @@ def make_session(model: ir.Model | str | os.PathLike | bytes, providers: Sequenc
             path = pathlib.Path(tmp) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
             return ort.InferenceSession(str(path), so, providers=providers)
+    if isinstance(model, onnx.ModelProto):
+        if _external_locations(model):
+            if base_dir is None:
+                raise ValueError("a ModelProto with external data needs base_dir")
+            with tempfile.TemporaryDirectory() as tmp:
+                return ort.InferenceSession(str(write_with_external_data(model, base_dir, tmp)), so, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     if isinstance(model, (bytes, bytearray)):
         return ort.InferenceSession(bytes(model), so, providers=providers)
     return ort.InferenceSession(str(model), so, providers=providers)

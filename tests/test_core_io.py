@@ -108,3 +108,21 @@ def test_lower_torch_needs_example_inputs():
 def test_lower_at_opset(opset):
     model = model_io.from_torch(_Net(), (torch.randn(2, 6),), opset=opset)
     assert model.opset_imports[""] == opset
+
+
+def test_models_over_the_threshold_keep_external_data_and_still_run(tmp_path, monkeypatch):
+    """Models too big to hold stay external: verification, capture and MACs go through files, not bytes."""
+    from modelsurgeon.capture import capture
+    from modelsurgeon.calibration import synthesize
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    ir.save(matmul_model(), tmp_path / "big.onnx", external_data="big.onnx.data", size_threshold_bytes=0)
+    model = model_io.load(tmp_path / "big.onnx")
+    assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
+    data = synthesize(model, num_samples=3)
+    got = capture(model, ["y"], data)["y"]
+    np.testing.assert_allclose(got, data.arrays["x"] @ model.graph.initializers["W"].const_value.numpy(), rtol=1e-5)
+    result = modelsurgeon.compile(str(tmp_path / "big.onnx"), "cleanup")
+    assert result.report.rows[0].macs == 64 * 64
+    out = result.save(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").exists()
