@@ -28,9 +28,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    # Defaults are suppressed here and set once on the top-level parser, so that a subcommand's parser does not
+    # reset `modelsurgeon -q compile ...` to the defaults (argparse copies every subparser default over).
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -115,6 +117,7 @@ def cmd_passes(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="modelsurgeon", description="Graph-rewriting compiler for compressed ONNX models.")
     _add_common(parser)
+    parser.set_defaults(debug=False, quiet=False, verbose=False)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="run passes on a model and save the result")
@@ -181,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modelsurgeon: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and friends: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MemoryError:
         if debug:
             raise

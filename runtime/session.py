@@ -48,6 +48,8 @@ def _register_custom_ops(so) -> str | None:
     path = library_path()
     if path:
         so.register_custom_ops_library(str(path))
+        # recorded in the session's own options: custom_ops.session_path(session) reads it back
+        so.add_session_config_entry("modelsurgeon.custom_ops_library", str(path))
     return path
 
 

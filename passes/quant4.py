@@ -1,0 +1,314 @@
+"""quant4: weight-only 4-bit quantization of MatMul/Gemm layers with constant weights (and optionally
+embedding Gathers and the output head).
+
+Changes: each selected MatMul/Gemm (with a following bias Add, Gemm's transB/alpha/beta/bias folded in)
+becomes `com.microsoft.MatMulNBits` (format=matmulnbits, the default; `accuracy_level` 4 = int8 activations
+on CPU), or opset-21 blocked `DequantizeLinear` (int4/uint4) + MatMul (format=qdq, standard ONNX; the model's
+opset is raised to 21). Weights are quantized in blocks of `block` input channels per output channel,
+symmetric or with zero points, by round-to-nearest (rtn), GPTQ (gptq) or AWQ (awq). `embeddings=true` turns
+embedding Gathers into `com.microsoft.GatherBlockQuantized`; `lm_head=true` also quantizes the head (a layer
+whose result goes straight to a graph output). `keep8=N` stores the N layers with the largest relative
+output error at 8 bits instead.
+
+GPTQ and AWQ (and keep8's sensitivity) read calibration statistics layer by layer, in graph order, through
+`LayerwiseRunner`: each group of layers sharing an input (q/k/v, gate/up) sees the outputs of the layers
+already quantized before it; memory holds one group's X^T X. AWQ's input scaling is folded exactly into the
+op producing the input (norm gains, a preceding linear layer's output columns, ...) or, where no exact fold
+exists, applied by one inserted Mul.
+
+Preserves: graph inputs and outputs (names, shapes, types), every other node. Lossy: the manager measures
+the output error. Layers left alone (non-constant weights, unsupported shapes, excluded) are listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from modelsurgeon import quantize as Q
+from modelsurgeon.errors import UserError
+from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
+from modelsurgeon.passes import _quant_graph as G
+
+
+def _check_block(b: int) -> str | None:
+    if b < 16 or b > 256 or b & (b - 1):
+        return "must be a power of two from 16 to 256"
+    return None
+
+
+@dataclasses.dataclass
+class _Layer:
+    lin: G.Linear
+    w_eff: np.ndarray          # the float weight for the layer's current input (AWQ-scaled)
+    bias: np.ndarray | None
+    nodes: list[ir.Node]       # the nodes now computing the layer (replaced together)
+    error: float = 0.0         # relative squared output error at 4 bits (weight error without calibration)
+    bits: int = 4
+
+
+@register_pass
+class Quant4Pass(Pass):
+    name = "quant4"
+    summary = "weight-only 4-bit MatMul/Gemm (MatMulNBits or int4 DequantizeLinear) by RTN, GPTQ or AWQ"
+    stage = Stage.QUANTIZE
+    options = {
+        "block": Option(int, 32, "weights per quantization block along K (16..256, a power of two)", check=_check_block),
+        "symmetric": Option(bool, False, "symmetric blocks (no zero points); default: asymmetric with zero points"),
+        "algo": Option(str, "rtn", "rtn (round to nearest), gptq or awq (the last two need calibration)",
+                       choices=("rtn", "gptq", "awq")),
+        "format": Option(str, "matmulnbits", "matmulnbits (com.microsoft) or qdq (opset-21 int4 DequantizeLinear + MatMul)",
+                         choices=("matmulnbits", "qdq")),
+        "accuracy_level": Option(int, 4, "MatMulNBits accuracy_level: 0 = fp32 compute, 4 = int8 activations (fast on CPU)",
+                                 choices=(0, 1, 2, 3, 4)),
+        "damp": Option(float, 0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal",
+                       check=lambda v: None if 0 < v < 1 else "must be between 0 and 1"),
+        "act_order": Option(bool, True, "GPTQ: quantize input channels by decreasing activation energy"),
+        "clip_search": Option((bool, type(None)), None, "search a clipping ratio per block (default: on for gptq/awq)"),
+        "include": Option(str, "", "only layers whose node or weight name matches one of these patterns ('|'-separated, fnmatch)"),
+        "exclude": Option(str, "", "skip layers whose node or weight name matches one of these patterns"),
+        "keep8": Option(int, 0, "keep the N most error-sensitive layers at 8 bits",
+                        check=lambda v: None if v >= 0 else "must be >= 0"),
+        "embeddings": Option(bool, False, "also quantize embedding Gathers (GatherBlockQuantized, format=matmulnbits)"),
+        "lm_head": Option(bool, False, "also quantize the output head (the layer feeding a graph output)"),
+        "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
+    }
+
+    def validate(self) -> None:
+        c = self.config
+        self.needs_calibration = c["algo"] in ("gptq", "awq") or c["keep8"] > 0
+        if c["clip_search"] is None:
+            c["clip_search"] = c["algo"] in ("gptq", "awq")
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self, model: ir.Model, ctx) -> PassResult:
+        c = self.config
+        include, exclude = G.parse_patterns(c["include"]), G.parse_patterns(c["exclude"])
+        linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits")
+        selected: list[G.Linear] = []
+        for lin in linears:
+            names = (lin.node.name, lin.weight_name)
+            if include and not G.matches(include, *names):
+                skipped.append(f"{lin.name}: not matched by include={c['include']}")
+            elif exclude and G.matches(exclude, *names):
+                skipped.append(f"{lin.name}: excluded by exclude={c['exclude']}")
+            elif not c["lm_head"] and G.is_output_head(lin.node):
+                skipped.append(f"{lin.name}: output head kept in float (lm_head=true quantizes it)")
+            elif lin.shape[0] < 16:
+                skipped.append(f"{lin.name}: K={lin.shape[0]} is below the smallest block (16)")
+            else:
+                selected.append(lin)
+        if c["keep8"] > len(selected):
+            raise UserError(f"quant4: keep8={c['keep8']} but only {len(selected)} layers are quantized; lower keep8")
+
+        namer = G.Namer(model)
+        if c["format"] == "matmulnbits":
+            G.ensure_opset(model, "com.microsoft", 1)
+        else:
+            G.ensure_opset(model, "", 21)
+
+        runner = None
+        if self.needs_calibration and selected:
+            from modelsurgeon.layerwise import LayerwiseRunner
+
+            runner = LayerwiseRunner(model, ctx.require_calibration(self.name), c["batch"], ctx.providers)
+
+        layers: list[_Layer] = []
+        by_node: dict[int, _Layer] = {}
+        awq_folded = awq_mul = 0
+        alphas: list[float] = []
+        groups = G.group_by_input(selected)
+        for group in ctx.progress_bar(groups, desc=f"quant4 {c['algo']}", total=len(groups)):
+            hessian = act = None
+            if runner is not None:
+                hessian, act = _input_statistics(runner, group[0].x.name, group[0].shape[0])
+            scales = None
+            if c["algo"] == "awq":
+                res = Q.awq_search([lin.weight for lin in group], hessian, act, 4, c["block"], c["symmetric"],
+                                   clip_search=c["clip_search"])
+                alphas.append(res.alpha)
+                quantized = res.quantized
+                if res.alpha > 0:
+                    scales = res.scales.astype(np.float64)
+                    folded = self._scale_input(model, namer, group, 1.0 / scales, runner, by_node)
+                    awq_folded += folded
+                    awq_mul += not folded
+                else:
+                    scales = None
+            elif c["algo"] == "gptq":
+                prepared = Q.prepare_gptq(hessian, c["damp"], c["act_order"])  # shared by the group
+                quantized = [Q.gptq(lin.weight, prepared, 4, c["block"], c["symmetric"],
+                                    clip_search=c["clip_search"]) for lin in group]
+            else:
+                quantized = [Q.quantize_rtn(lin.weight, 4, c["block"], c["symmetric"], c["clip_search"], hessian)
+                             for lin in group]
+            for lin, bq in zip(group, quantized):
+                w_eff = lin.weight if scales is None else (lin.weight * scales[:, None]).astype(np.float32)
+                deq = bq.dequantize() if scales is None else bq.dequantize() / scales[:, None]
+                layer = _Layer(lin, w_eff, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []))
+                layer.error = Q.relative_output_error(lin.weight, deq, hessian)
+                self._emit(model, namer, layer, bq)
+                layers.append(layer)
+                for n in layer.nodes:
+                    by_node[id(n)] = layer
+
+        keep8 = sorted(layers, key=lambda l: -l.error)[:c["keep8"]]
+        for layer in keep8:
+            bq = Q.quantize_rtn(layer.w_eff, 8, c["block"], c["symmetric"])
+            layer.bits = 8
+            self._emit(model, namer, layer, bq)
+
+        gathers = 0
+        if c["embeddings"]:
+            gathers = self._quantize_embeddings(model, namer, skipped)
+
+        notes = {
+            "algo": c["algo"], "format": c["format"], "block": c["block"], "symmetric": c["symmetric"],
+            "layers_4bit": sum(l.bits == 4 for l in layers), "layers_8bit": [l.lin.name for l in layers if l.bits == 8],
+            "embeddings": gathers,
+            "layer_rel_error_mean": float(np.mean([np.sqrt(l.error) for l in layers])) if layers else 0.0,
+            "layer_rel_error_max": float(max((np.sqrt(l.error) for l in layers), default=0.0)),
+            "error_basis": "calibration activations" if runner is not None else "weights (no calibration)",
+        }
+        if c["algo"] == "awq":
+            notes.update(awq_folded=awq_folded, awq_inserted_mul=awq_mul,
+                         awq_alpha_mean=float(np.mean(alphas)) if alphas else 0.0)
+        if runner is not None:
+            notes["calibration_segments"] = runner.segments_run
+        return PassResult(model, bool(layers) or gathers > 0, notes=notes, skipped=skipped)
+
+    # ------------------------------------------------------------------------------------------------
+    def _scale_input(self, model, namer, group: list[G.Linear], factor: np.ndarray, runner,
+                     by_node: dict[int, _Layer]) -> bool:
+        """Divide the group's input by s: folded into its producer if exact, else through one new Mul."""
+        x = group[0].x
+        allowed = {id(lin.node) for lin in group}
+        fold = G.plan_channel_scale(model, namer, x, factor, allowed)
+        if fold is not None:
+            fold.apply()
+            if runner is not None:
+                runner.rescale(fold.scaled_values, factor)
+            for node in fold.touched_nodes:  # a quantized producer: its float weight changed too (keep8 uses it)
+                layer = by_node.get(id(node))
+                if layer is not None:
+                    layer.w_eff = (layer.w_eff * factor[None, :]).astype(np.float32)
+                    if layer.bias is not None:
+                        layer.bias = (layer.bias * factor).astype(np.float32)
+            return True
+        inv = G.add_initializer(model, namer, f"{group[0].weight_name}_awq_inv_scale", factor.astype(group[0].dtype))
+        mul = ir.Node("", "Mul", [x, inv], name=namer(f"{group[0].name}_awq_scale"))
+        mul.outputs[0].name = namer(f"{x.name}_awq_scaled")
+        mul.outputs[0].dtype = x.dtype
+        mul.outputs[0].shape = x.shape
+        model.graph.insert_before(group[0].node, mul)
+        for lin in group:
+            lin.node.replace_input_with(0, mul.outputs[0])
+            lin.x = mul.outputs[0]
+        return False
+
+    def _emit(self, model, namer, layer: _Layer, bq: Q.BlockQuantized) -> None:
+        """Replace the layer's current nodes by their quantized form."""
+        c = self.config
+        lin = layer.lin
+        base = lin.weight_name
+        k, n = lin.shape
+        nodes: list[ir.Node] = []
+        tag = f"Q{bq.bits}"
+        if c["format"] == "matmulnbits":
+            b, scales, zp = Q.pack_matmulnbits(bq)
+            inputs = [lin.x, G.add_initializer(model, namer, f"{base}_{tag}", b),
+                      G.add_initializer(model, namer, f"{base}_{tag}_scales", scales.astype(lin.dtype)),
+                      None if zp is None else G.add_initializer(model, namer, f"{base}_{tag}_zero_points", zp),
+                      None,
+                      None if layer.bias is None else G.add_initializer(model, namer, f"{base}_{tag}_bias",
+                                                                         layer.bias.astype(lin.dtype))]
+            while inputs[-1] is None:
+                inputs.pop()
+            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bq.bits),
+                     ir.AttrInt64("block_size", bq.block_size), ir.AttrInt64("accuracy_level", c["accuracy_level"])]
+            node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=namer(f"{lin.name}_{tag}"))
+            node.outputs[0].name = namer(f"{lin.out.name}_{tag}")
+            nodes.append(node)
+        else:
+            values, scales, zp = Q.onnx_blocked(bq)
+            if bq.bits == 4:
+                values = values.astype(ml_dtypes.int4 if bq.symmetric else ml_dtypes.uint4)
+                zp = None if zp is None else zp.astype(ml_dtypes.uint4)
+            dq_in = [G.add_initializer(model, namer, f"{base}_{tag}", ir.tensor(values)),
+                     G.add_initializer(model, namer, f"{base}_{tag}_scales", scales.astype(lin.dtype))]
+            if zp is not None:
+                dq_in.append(G.add_initializer(model, namer, f"{base}_{tag}_zero_points", ir.tensor(zp)))
+            dq = ir.Node("", "DequantizeLinear", dq_in, [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", bq.block_size)],
+                         name=namer(f"{lin.name}_DQ_{tag}"))
+            dq.outputs[0].name = namer(f"{base}_{tag}_dequantized")
+            mm = ir.Node("", "MatMul", [lin.x, dq.outputs[0]], name=namer(f"{lin.name}_{tag}"))
+            mm.outputs[0].name = namer(f"{lin.out.name}_{tag}")
+            nodes += [dq, mm]
+            if layer.bias is not None:
+                bias = G.add_initializer(model, namer, f"{base}_{tag}_bias", layer.bias.astype(lin.dtype))
+                add = ir.Node("", "Add", [mm.outputs[0], bias], name=namer(f"{lin.name}_{tag}_bias"))
+                add.outputs[0].name = namer(f"{lin.out.name}_{tag}_biased")
+                nodes.append(add)
+        if lin.extra_add is not None:
+            add = ir.Node("", "Add", [nodes[-1].outputs[0], lin.extra_add], name=namer(f"{lin.name}_{tag}_c"))
+            nodes.append(add)
+        old_out = layer.nodes[-1].outputs[0]
+        G.replace(model, layer.nodes, old_out, nodes, nodes[-1].outputs[0])
+        layer.nodes = nodes
+
+    def _quantize_embeddings(self, model, namer, skipped: list[str]) -> int:
+        c = self.config
+        count = 0
+        for node in list(model.graph):
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            table = G.const_array(node.inputs[0])
+            label = node.name or node.outputs[0].name
+            if table is None or table.ndim != 2 or table.dtype not in (np.float32, np.float16):
+                continue
+            if c["format"] != "matmulnbits":
+                skipped.append(f"{label}: format=qdq has no standard 4-bit Gather; use format=matmulnbits for embeddings")
+                continue
+            if G.attr(node, "axis", 0) != 0:
+                skipped.append(f"{label}: Gather on axis {G.attr(node, 'axis', 0)} (only row lookups are quantized)")
+                continue
+            v, d = table.shape
+            if d % c["block"]:
+                skipped.append(f"{label}: embedding width {d} is not a multiple of block={c['block']}")
+                continue
+            bq = Q.quantize_rtn(table.astype(np.float32).T, 4, c["block"], c["symmetric"])  # blocks along the width
+            values, scales, zp = Q.onnx_blocked(bq)
+            values = values.T.astype(ml_dtypes.int4 if bq.symmetric else ml_dtypes.uint4)
+            base = node.inputs[0].name
+            inputs = [G.add_initializer(model, namer, f"{base}_Q4", ir.tensor(np.ascontiguousarray(values))), node.inputs[1],
+                      G.add_initializer(model, namer, f"{base}_Q4_scales", np.ascontiguousarray(scales.T).astype(table.dtype))]
+            if zp is not None:
+                inputs.append(G.add_initializer(model, namer, f"{base}_Q4_zero_points",
+                                                ir.tensor(np.ascontiguousarray(zp.T).astype(ml_dtypes.uint4))))
+            gbq = ir.Node("com.microsoft", "GatherBlockQuantized", inputs,
+                          [ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
+                           ir.AttrInt64("block_size", c["block"])], name=namer(f"{label}_Q4"))
+            gbq.outputs[0].name = namer(f"{node.outputs[0].name}_Q4")
+            G.replace(model, [node], node.outputs[0], [gbq], gbq.outputs[0])
+            count += 1
+        return count
+
+
+def _input_statistics(runner, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """H = X^T X / rows ([K, K], float64) and mean |x| per channel over the calibration batches."""
+    h = np.zeros((k, k), np.float64)
+    absum = np.zeros(k, np.float64)
+    rows = 0
+    for batch in runner.values([name]):
+        x = np.asarray(batch[name], np.float32)
+        if x.shape[-1] != k:
+            raise UserError(f"quant4: activation '{name}' has {x.shape[-1]} channels, its layer expects {k}")
+        x = x.reshape(-1, k)
+        h += x.T @ x
+        absum += np.abs(x).sum(axis=0)
+        rows += x.shape[0]
+    rows = max(rows, 1)
+    return h / rows, absum / rows

@@ -1,0 +1,445 @@
+"""`slice`: SliceGPT on the ONNX graph: rotate the residual stream by PCA, then delete its weakest directions.
+
+After `fold-norms` every norm on the stream is a weightless RMS norm, which commutes with orthogonal maps:
+RMS(x Q) = RMS(x) Q. So each block's stream may be expressed in its own orthonormal basis Q:
+- the embedding tables write in basis Q_0; block l reads the attention input (q, k, v rows) in Q_2l, writes the
+  attention output (o columns, bias) in Q_2l+1, reads the MLP input (gate, up rows) in Q_2l+1 and writes the
+  MLP output (down columns, bias) in Q_2l+2; the LM head reads Q_2L;
+- where the basis changes, the residual connection gets a shortcut matrix: h_mid = h_in (Q_2l^T Q_2l+1) + attn,
+  h_out = h_mid (Q_2l+1^T Q_2l+2) + mlp.
+Each Q holds the eigenvectors (descending) of the damped second-moment matrix of the stream at that point,
+measured on calibration data, sequentially (SliceGPT, Ashkboos et al. 2024): a block is measured on inputs that
+already carry the slicing error of the blocks before it. Keeping only the first k columns of every Q deletes the
+directions with least energy; k = d * (1 - sparsity) rounded down to a multiple of 8.
+
+A norm now sees k of the d coordinates. The mean of squares over the kept width must stay the mean over d:
+x / sqrt(sum(x^2)/d + eps) = sqrt(d/k) * x / sqrt(sum(x^2)/k + eps*d/k), so each norm becomes an RMS norm over
+k with epsilon eps*d/k and scale sqrt(d/k) (RMSNormalization from opset 23, else the decomposed form).
+
+Preserved: graph inputs and outputs, every node off the residual stream (attention internals, rotary tables,
+masks). `sparsity=0` is exact (rotation only). Post-norm (BERT-style) models are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from modelsurgeon.analyses.blocks import (Linear, TransformerBlocks, const_array, copy_type, drop_if_unused,
+                                          naming, new_initializer, unique_name)
+from modelsurgeon.errors import UserError
+from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
+from modelsurgeon.passes.fold_norms import opset_of, replace_norm, require_pre_norm
+
+log = logging.getLogger("modelsurgeon")
+
+
+def kept_width(d: int, sparsity: float, multiple: int = 8) -> int:
+    """Columns kept of a d-wide stream: d*(1-sparsity) rounded down to `multiple` (all of them at sparsity 0)."""
+    if sparsity <= 0:
+        return d
+    k = int(d * (1.0 - sparsity) + 1e-9)
+    k -= k % multiple
+    return max(min(multiple, d), min(d, k))
+
+
+def pca(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvectors (columns, by descending eigenvalue) and eigenvalues of a damped second-moment matrix."""
+    h = h + damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
+    try:  # scipy's divide-and-conquer driver is ~10x faster than numpy's here
+        from scipy.linalg import eigh
+    except ImportError:  # pragma: no cover
+        eigh = np.linalg.eigh
+    vals, vecs = eigh(h)
+    order = np.argsort(vals)[::-1]
+    return vecs[:, order], vals[order]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration: the stream at every point, measured block by block on sub-models of the (folded) model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _session(model: ir.Model, graph: ir.Graph):
+    from modelsurgeon.runtime.session import make_session
+
+    sub = ir.Model(graph, ir_version=model.ir_version, producer_name="modelsurgeon-slice")
+    sub.opset_imports.update(model.opset_imports)
+    return make_session(sub, accuracy_level=0)
+
+
+class StreamRunner:
+    """Runs pieces of the model: inputs -> embedding output, and each block's attention and MLP halves."""
+
+    def __init__(self, model: ir.Model, tb: TransformerBlocks):
+        self.model, self.tb = model, tb
+        self.inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+    def _run(self, start: ir.Value | None, end: ir.Value, xs: list[np.ndarray] | None, feeds: list[dict]) -> list[np.ndarray]:
+        graph = ir.convenience.extract(self.model.graph, inputs=([start] if start is not None else []) + self.inputs,
+                                       outputs=[end])
+        for v in [*list(graph.inputs)[:1], *graph.outputs]:  # the legacy exporter leaves intermediate values untyped
+            if v.dtype is None:
+                v.dtype = self.tb.embedding.table.dtype or ir.DataType.FLOAT
+        sess = _session(self.model, graph)
+        names = {i.name for i in sess.get_inputs()}
+        out = []
+        for i, feed in enumerate(feeds):
+            f = {k: v for k, v in feed.items() if k in names}
+            if start is not None:
+                f[start.name] = xs[i]
+            out.append(sess.run([end.name], f)[0])
+        return out
+
+    def embedding(self, feeds):
+        return self._run(None, self.tb.embedding.output, None, feeds)
+
+    def attention(self, block, xs, feeds):
+        return self._run(block.residual_in, block.residual_mid, xs, feeds)
+
+    def mlp(self, block, xs, feeds):
+        return self._run(block.residual_mid, block.residual_out, xs, feeds)
+
+
+def _token_weights(feeds: list[dict], xs: list[np.ndarray]) -> list[np.ndarray | None]:
+    """Per-token 0/1 weights from an attention_mask input (padding is left out of the statistics)."""
+    out = []
+    for feed, x in zip(feeds, xs):
+        mask = next((v for k, v in feed.items() if "mask" in k.lower() and v.ndim == 2), None)
+        if mask is None or np.all(mask != 0):
+            out.append(None)
+            continue
+        m = (np.asarray(mask) != 0).astype(np.float64)
+        out.append(m.reshape(-1) if m.size * x.shape[-1] == x.size else None)
+    return out
+
+
+def second_moment(xs: list[np.ndarray], weights: list[np.ndarray | None]) -> np.ndarray:
+    """sum over tokens of x x^T, in float64 (tokens with weight 0, i.e. padding, left out)."""
+    d = xs[0].shape[-1]
+    rows = [np.asarray(x, np.float64).reshape(-1, d) * (1.0 if w is None else w[:, None]) for x, w in zip(xs, weights)]
+    x2 = np.concatenate(rows)
+    return x2.T @ x2
+
+
+def project(xs: list[np.ndarray], q: np.ndarray, q_all: np.ndarray) -> list[np.ndarray]:
+    """x -> x Q Q^T (the part of the stream that survives slicing, in the original basis).
+
+    Computed as x - (x R) R^T with R the deleted columns of the full rotation `q_all` (fewer flops)."""
+    r = q_all[:, q.shape[1]:]
+    if r.shape[1] == 0:
+        return xs
+    return [(x - (np.asarray(x, np.float64) @ r) @ r.T).astype(x.dtype) for x in xs]
+
+
+def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict], k: int, damp: float,
+                      progress=None) -> tuple[list[np.ndarray], list[float]]:
+    """Q_0 .. Q_2L (d x d each) and the fraction of the stream's energy kept at each point."""
+    runner = StreamRunner(model, tb)
+    xs = runner.embedding(feeds)
+    weights = _token_weights(feeds, xs)
+    qs: list[np.ndarray] = []
+    kept: list[float] = []
+
+    def measure(values: list[np.ndarray]) -> np.ndarray:
+        q, vals = pca(second_moment(values, weights), damp)
+        qs.append(q)
+        kept.append(float(vals[:k].sum() / vals.sum()))
+        return q
+
+    blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: PCA per block", total=len(tb.blocks))
+    q = measure(xs)
+    for block in blocks:
+        mid = runner.attention(block, project(xs, q[:, :k], q), feeds)
+        q = measure(mid)
+        xs = runner.mlp(block, project(mid, q[:, :k], q), feeds)
+        q = measure(xs)
+    return qs, kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graph edits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stream_values(tb: TransformerBlocks) -> list[ir.Value]:
+    """Every value of the residual stream, reshaped views included."""
+    vals = [tb.embedding.output] + [v for b in tb.blocks for v in (b.residual_mid, b.residual_out)]
+    reshapes = {id(n) for n in tb.stream_reshapes}
+    out, seen = [], set()
+    stack = list(vals)
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        out.append(v)
+        stack += [n.outputs[0] for n, i in v.uses() if id(n) in reshapes and i == 0]
+    return out
+
+
+def foreign_readers(tb: TransformerBlocks) -> list[str]:
+    """Readers of the stream that slicing cannot adapt (anything but adds, norms, stream reshapes, Shape)."""
+    allowed = {id(n) for n in tb.stream_reshapes}
+    for b in tb.blocks:
+        allowed |= {id(b.attn_add), id(b.mlp_add)}
+        allowed |= {id(s.node) for s in (b.attn_shortcut, b.mlp_shortcut) if s is not None}
+    for norm in tb.norms():
+        allowed |= {id(n) for n in norm.nodes}
+    found = []
+    for v in stream_values(tb):
+        if v.is_graph_output():
+            found.append(f"'{v.name}' is a graph output")
+        found += [f"'{v.name}' is read by {n.op_type} node '{n.name}'" for n, _ in v.uses()
+                  if id(n) not in allowed and n.op_type != "Shape"]
+    return found
+
+
+def _node(graph: ir.Graph, op: str, inputs: list, name: str, **attrs) -> ir.Node:
+    n = ir.Node("", op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+                name=unique_name(graph, name))
+    n.outputs[0].name = unique_name(graph, name.replace("/", "_"))
+    return n
+
+
+def insert_shortcut(graph: ir.Graph, add: ir.Node, stream: ir.Value, s: np.ndarray, name: str) -> None:
+    """Make the residual Add read `stream @ s` instead of `stream`."""
+    idx = next(i for i, v in enumerate(add.inputs) if v is stream)
+    w = new_initializer(graph, s.astype(np.float32 if stream.dtype != ir.DataType.FLOAT16 else np.float16), f"{name}.Q")
+    mm = _node(graph, "MatMul", [stream, w], f"{name}/shortcut")
+    copy_type(mm.outputs[0], stream)
+    graph.insert_before(add, mm)
+    add.replace_input_with(idx, mm.outputs[0])
+
+
+def _stream_input(add: ir.Node, branch: Linear) -> ir.Value:
+    """The input of a residual Add that is the stream (not the branch's output)."""
+    a, b = add.inputs
+    return b if a is branch.output or _produced_through(a, branch.output) else a
+
+
+def _produced_through(v: ir.Value, target: ir.Value) -> bool:
+    for _ in range(4):
+        if v is target:
+            return True
+        p = v.producer()
+        if p is None or p.op_type not in ("Reshape", "Identity", "Dropout"):
+            return False
+        v = p.inputs[0]
+    return v is target
+
+
+def resize_stream_reshapes(graph: ir.Graph, tb: TransformerBlocks, d: int, k: int) -> None:
+    """Reshapes on the stream whose target shape names d in its last entry now name k."""
+    for node in tb.stream_reshapes:
+        shape_v = node.inputs[1]
+        c = const_array(shape_v)
+        if c is not None:
+            if c.size and int(c.reshape(-1)[-1]) == d:
+                new = c.reshape(-1).copy()
+                new[-1] = k
+                node.replace_input_with(1, new_initializer(graph, new.astype(c.dtype), (shape_v.name or "shape") + ".sliced"))
+                drop_if_unused(graph, shape_v)
+            continue
+        p = shape_v.producer()
+        if p is not None and p.op_type == "Concat" and const_array(p.inputs[-1]) is not None:
+            last = const_array(p.inputs[-1]).reshape(-1)
+            if last.size and int(last[-1]) == d:
+                new_last = last.copy()
+                new_last[-1] = k
+                concat = ir.Node("", "Concat", [*p.inputs[:-1], new_initializer(graph, new_last, "shape_tail.sliced")],
+                                 attributes=[ir.convenience.convert_attribute("axis", 0)],
+                                 name=unique_name(graph, (p.name or "concat") + "_sliced"))
+                concat.outputs[0].name = unique_name(graph, (shape_v.name or "shape") + "_sliced")
+                concat.outputs[0].dtype = ir.DataType.INT64
+                graph.insert_before(node, concat)
+                node.replace_input_with(1, concat.outputs[0])
+            continue
+        raise UserError(f"slice: the residual stream is reshaped by '{node.name}' to a shape computed at run time; "
+                        "re-export the model with a constant hidden size in that reshape")
+
+
+def pin_shape_readers(graph: ir.Graph, values: list[ir.Value], d: int, opset: int) -> int:
+    """Shape nodes reading the stream keep reporting width d (the model computes head reshapes from them)."""
+    count = 0
+    for v in values:
+        for node, _ in list(v.uses()):
+            if node.op_type != "Shape":
+                continue
+            start = node.attributes["start"].value if node.attributes.get("start") is not None else 0
+            end = node.attributes["end"].value if node.attributes.get("end") is not None else None
+            rank = len(v.shape) if v.shape is not None else None
+            if end is not None and (end < 0 or (rank is not None and end < rank)):
+                continue  # the last dimension is not part of it
+            tail = new_initializer(graph, np.asarray([d], np.int64), "stream_width")
+            if start == -1 or (rank is not None and start == rank - 1):
+                replacement = tail
+            else:
+                if opset >= 15:
+                    lead = [_node(graph, "Shape", [v], f"{node.name}_lead", start=int(start), end=-1)]
+                else:  # Shape has no start/end before opset 15
+                    ends = [new_initializer(graph, np.asarray([x], np.int64), f"{node.name}_lead.{w}")
+                            for w, x in (("start", start), ("end", -1))]
+                    lead = [_node(graph, "Shape", [v], f"{node.name}_all")]
+                    lead.append(_node(graph, "Slice", [lead[0].outputs[0], *ends], f"{node.name}_lead"))
+                cat = _node(graph, "Concat", [lead[-1].outputs[0], tail], f"{node.name}_pinned", axis=0)
+                for n in (*lead, cat):
+                    n.outputs[0].dtype = ir.DataType.INT64
+                graph.insert_after(node, [*lead, cat])
+                replacement = cat.outputs[0]
+            ir.convenience.replace_all_uses_with(node.outputs[0], replacement)
+            count += 1
+    return count
+
+
+def _clear_stream_shapes(graph: ir.Graph, d: int) -> None:
+    """Forget the recorded shapes that end in d (slicing changed many of them); shape inference refills them."""
+    outputs = {id(v) for v in graph.outputs}
+    for node in graph:
+        for v in node.outputs:
+            if id(v) in outputs or v.shape is None or not len(v.shape):
+                continue
+            if v.shape[-1] == d:
+                v.shape = None
+
+
+def apply_rotations(model: ir.Model, tb: TransformerBlocks, qs: list[np.ndarray], k: int) -> dict:
+    graph, d = model.graph, tb.d_model
+    opset = opset_of(model)
+    qk = [q[:, :k] for q in qs]
+    values = stream_values(tb)
+    pinned = pin_shape_readers(graph, values, d, opset) if k != d else 0
+    scale = np.full(k, math.sqrt(d / k))
+
+    emb = tb.embedding
+    for gather, table in [(emb.gather, emb.table)] + list(emb.extra_tables):
+        t = const_array(table)
+        gather.replace_input_with(0, new_initializer(graph, (t.astype(np.float64) @ qk[0]).astype(t.dtype), table.name or "table"))
+        drop_if_unused(graph, table)
+    for add, const in emb.added_constants:
+        c = const_array(const)
+        idx = next(i for i, v in enumerate(add.inputs) if v is const)
+        add.replace_input_with(idx, new_initializer(graph, (c.astype(np.float64) @ qk[0]).astype(c.dtype), const.name or "const"))
+        drop_if_unused(graph, const)
+
+    def read_in(lins: list[Linear], q: np.ndarray) -> None:
+        for lin in lins:
+            lin.set_weight(graph, q.T @ lin.weight_matrix().astype(np.float64))
+
+    def write_out(lin: Linear, q: np.ndarray) -> None:
+        lin.set_weight(graph, lin.weight_matrix().astype(np.float64) @ q)
+        b = lin.bias_vector()
+        if b is not None:
+            lin.set_bias(graph, b.astype(np.float64) @ q)
+
+    shortcuts = 0
+    for b in tb.blocks:
+        qa, qm, qb = qk[2 * b.index], qk[2 * b.index + 1], qk[2 * b.index + 2]
+        label = b.scope or f"block{b.index}"
+        attn_stream, mlp_stream = _stream_input(b.attn_add, b.o), _stream_input(b.mlp_add, b.down)
+        read_in(b.attn_inputs, qa)
+        write_out(b.o, qm)
+        read_in(b.mlp_inputs, qm)
+        write_out(b.down, qb)
+        for add, stream, old, q_from, q_to, what in ((b.attn_add, attn_stream, b.attn_shortcut, qa, qm, "attn"),
+                                                     (b.mlp_add, mlp_stream, b.mlp_shortcut, qm, qb, "mlp")):
+            if old is not None:  # a model sliced before: compose with its change of basis
+                old.set_weight(graph, q_from.T @ old.weight_matrix().astype(np.float64) @ q_to)
+            else:
+                insert_shortcut(graph, add, stream, q_from.T @ q_to, f"{label}.{what}_shortcut")
+                shortcuts += 1
+        for norm, what in ((b.attn_norm, "attn_norm"), (b.mlp_norm, "mlp_norm")):
+            replace_norm(graph, norm, norm.epsilon * d / k, scale, opset, f"{label}.{what}.sliced")
+    final = tb.final_norm
+    if final is not None and tb.lm_head is not None:
+        read_in([tb.lm_head], qk[-1])
+        replace_norm(graph, final, final.epsilon * d / k, scale, opset, "final_norm.sliced")
+    elif final is not None:  # the norm's output leaves the model: rotate back to d coordinates before it
+        back = new_initializer(graph, qk[-1].T.astype(np.float32), "final_norm.unrotate")
+        mm = _node(graph, "MatMul", [final.input, back], "final_norm/unrotate")
+        copy_type(mm.outputs[0], final.input)
+        graph.insert_before(final.nodes[0], mm)
+        for n in final.nodes:
+            for i, v in enumerate(n.inputs):
+                if v is final.input:
+                    n.replace_input_with(i, mm.outputs[0])
+    if k != d:
+        resize_stream_reshapes(graph, tb, d, k)
+        _clear_stream_shapes(graph, d)
+    import onnx_ir.passes.common as common
+
+    common.ShapeInferencePass()(model)
+    return {"shortcuts": shortcuts, "shape_readers_pinned": pinned}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_sparsity(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "must be at least 0 and below 1 (e.g. 0.25 deletes a quarter of the width)"
+
+
+@register_pass
+class SlicePass(Pass):
+    name = "slice"
+    summary = "SliceGPT: rotate the residual stream by per-block PCA and delete its weakest dimensions"
+    options = {
+        "sparsity": Option(float, 0.25, "fraction of the residual stream width to delete (0: rotation only, exact)",
+                           check=_check_sparsity),
+        "multiple": Option(int, 8, "round the kept width down to a multiple of this",
+                           check=lambda v: None if v >= 1 else "must be a positive integer"),
+        "damp": Option(float, 0.01, "PCA damping, as a fraction of the mean eigenvalue",
+                       check=lambda v: None if v >= 0 else "must be >= 0"),
+        "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v >= 1 else "must be >= 1"),
+    }
+    requires = ("fold-norms",)
+    analyses = ("blocks",)
+    stage = Stage.STRUCTURE
+    needs_calibration = True
+
+    def run(self, model: ir.Model, ctx) -> PassResult:
+        tb: TransformerBlocks = ctx.analysis("blocks")
+        require_pre_norm(tb, self.name)
+        if tb.problems:
+            raise UserError(f"slice: the block finder stopped early ({tb.problems[0]}); slicing part of a model is "
+                            "not supported")
+        stream_norms = [n for b in tb.blocks for n in (b.attn_norm, b.mlp_norm)]
+        if tb.lm_head is not None:
+            stream_norms.append(tb.final_norm)
+        unfolded = [n for n in stream_norms if n is None or n.kind != "rms" or not n.weightless]
+        if unfolded and all(n is not None for n in unfolded):
+            # e.g. a model sliced before (its norms carry the width correction): fold again, then look again
+            from modelsurgeon.analyses.blocks import find_blocks
+            from modelsurgeon.passes.fold_norms import FoldNormsPass
+
+            FoldNormsPass().run(model, ctx)
+            tb = find_blocks(model)
+            stream_norms = [n for b in tb.blocks for n in (b.attn_norm, b.mlp_norm)]
+            if tb.lm_head is not None:
+                stream_norms.append(tb.final_norm)
+            unfolded = [n for n in stream_norms if n is None or n.kind != "rms" or not n.weightless]
+        if unfolded:
+            raise UserError("slice: some norms still carry a scale or are LayerNorms (fold-norms could not fold them); "
+                            "slice needs every norm on the stream folded")
+        readers = foreign_readers(tb)
+        if readers:
+            raise UserError(f"slice: the residual stream is used outside the blocks ({readers[0]}); "
+                            "export the model without extra hidden-state outputs")
+        calib = ctx.require_calibration(self.name)
+        from modelsurgeon.capture import batch_size_for
+
+        d = tb.d_model
+        k = kept_width(d, self.config["sparsity"], self.config["multiple"])
+        feeds = list(calib.batches(batch_size_for(model, self.config["batch"])))
+        qs, energy = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar)
+        with naming(model.graph):
+            edits = apply_rotations(model, tb, qs, k)
+        notes = {"d_model": d, "kept": k, "blocks": len(tb.blocks), "calibration_tokens": int(sum(
+            next(iter(f.values())).size for f in feeds)), "min_energy_kept": round(min(energy), 4),
+            "mean_energy_kept": round(float(np.mean(energy)), 4), **edits}
+        return PassResult(model, True, notes=notes)

@@ -1,0 +1,307 @@
+"""spquant: group-sparse 4-bit weights with fp32 outliers, run by our `ai.modelsurgeon::SparseQuantMatMul` op.
+
+Changes: each selected MatMul/Gemm (with a following bias Add; Gemm's transB/alpha/beta/bias folded in) becomes
+one SparseQuantMatMul node. Per layer:
+
+1. importance: every group of `block` input channels of every output column is scored by the output energy it
+   carries on the calibration activations, w_g^T H_g w_g (H = X^T X of the layer's input; GQSA-style groups,
+   activation-aware like Wanda/OBS);
+2. the `sparsity` fraction of least important groups is dropped (a per-layer budget, so columns keep different
+   numbers of groups: CSR over groups);
+3. `outliers` (a fraction of K per column, SpQR-style) of the most salient single weights in dropped groups,
+   by H_kk * w^2, are kept exactly in fp32;
+4. masked GPTQ (reusing quant4's parameter search and encoding, `modelsurgeon.quantize`): input channels are
+   visited in order, each rounded to its group's 4-bit grid, to zero in a dropped group, or kept exactly as an
+   outlier, and the error is compensated on the channels not yet visited through the inverse Hessian, so
+   dropping and rounding are corrected together.
+
+Layers where the sparse format does not save at least `min_saving` of MatMulNBits' bytes (e.g. low sparsity)
+fall back to `com.microsoft.MatMulNBits` (plain GPTQ), as do layers with float16 activations. The model also
+gets the op's ONNX function (runtime/sparse_quant_function.py), so it runs on any ONNX Runtime; with our
+library registered ORT runs the native kernel.
+
+Preserves: graph inputs and outputs, every other node. Lossy: the manager measures the output error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from modelsurgeon import quantize as Q
+from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
+from modelsurgeon.passes import _quant_graph as G
+from modelsurgeon.runtime import sparse_quant_function as F
+from modelsurgeon.runtime.sparse_quant_format import SparseQuantWeight, index_dtype, pack_codes
+
+
+def _check_block(b: int) -> str | None:
+    return None if 16 <= b <= 256 and b & (b - 1) == 0 else "must be a power of two from 16 to 256"
+
+
+def _fraction(lo: float, hi: float):
+    return lambda v: None if lo <= v < hi else f"must be in [{lo}, {hi})"
+
+
+@dataclasses.dataclass
+class SparseQuantResult:
+    """One layer compressed: the stored weight and what it decodes to."""
+
+    weight: SparseQuantWeight
+    dense: np.ndarray   # float32 [K, N], what the op computes with
+    kept_fraction: float
+
+
+def group_importance(w: np.ndarray, hessian: np.ndarray, block: int) -> np.ndarray:
+    """[n_blocks, N]: output energy w_g^T H_g w_g of every group (H_g: the group's diagonal block of H)."""
+    k, n = w.shape
+    nb = Q.n_blocks(k, block)
+    scores = np.zeros((nb, n), np.float64)
+    for b in range(nb):
+        lo, hi = b * block, min((b + 1) * block, k)
+        wb = w[lo:hi].astype(np.float64)
+        scores[b] = np.einsum("kn,kl,ln->n", wb, hessian[lo:hi, lo:hi], wb)
+    return scores
+
+
+def choose_groups(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """bool [n_blocks, N]: the (1 - sparsity) fraction of groups with the largest scores (ties broken by order)."""
+    keep = int(round((1.0 - sparsity) * scores.size))
+    mask = np.zeros(scores.size, bool)
+    if keep > 0:
+        mask[np.argsort(-scores.ravel(), kind="stable")[:keep]] = True
+    return mask.reshape(scores.shape)
+
+
+def choose_outliers(w: np.ndarray, hessian_diag: np.ndarray, kept: np.ndarray, block: int, per_column: int) -> np.ndarray:
+    """int64 [N, R]: rows of the `per_column` most salient weights (H_kk w^2) in each column's dropped groups;
+    -1 marks unused slots (a column with fewer dropped weights)."""
+    k, n = w.shape
+    dropped = ~np.repeat(kept, block, axis=0)[:k]  # [K, N]
+    sal = np.where(dropped, hessian_diag[:, None] * w.astype(np.float64) ** 2, -np.inf)
+    r = min(per_column, k)
+    rows = np.argsort(-sal, axis=0, kind="stable")[:r].T  # [N, R]
+    valid = np.take_along_axis(sal.T, rows, axis=1) > -np.inf
+    return np.where(valid, rows, -1)
+
+
+def sparse_gptq(w: np.ndarray, hessian: np.ndarray, kept: np.ndarray, outlier_rows: np.ndarray, block: int,
+                symmetric: bool, damp: float = 0.01, clip_search: bool = True, lazy_batch: int = 128):
+    """GPTQ with a group mask and exact outliers. Returns (codes uint8 [K, N], scales f16-rounded f32 [nb, N],
+    zero points [nb, N], dense result [K, N] float32). Channels are visited in order (groups stay contiguous)."""
+    w = np.asarray(w, np.float64)
+    k, n = w.shape
+    nb = Q.n_blocks(k, block)
+    lazy_batch = max(lazy_batch, block)  # both powers of two: a group never straddles two batches
+    W = w.T.copy()  # [N, K]
+    H = np.array(hessian, np.float64, copy=True)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
+    hinv = Q._inverse_cholesky_upper(H)
+    h_orig = np.asarray(hessian, np.float64)
+    exact = np.zeros((k, n), bool)  # outlier positions: kept exactly
+    cols = np.repeat(np.arange(n), outlier_rows.shape[1])
+    rows = outlier_rows.ravel()
+    exact[rows[rows >= 0], cols[rows >= 0]] = True
+
+    scales = np.zeros((nb, n), np.float32)
+    zeros = np.zeros((nb, n), np.float64)
+    codes = np.zeros((n, k), np.uint8)
+    Qd = np.zeros((n, k), np.float64)
+    for i1 in range(0, k, lazy_batch):
+        i2 = min(i1 + lazy_batch, k)
+        W1 = W[:, i1:i2].copy()
+        Err1 = np.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col // block
+            if col % block == 0:  # first channel of the group: its scale from the compensated weights
+                lo, hi = g * block, min((g + 1) * block, k)
+                current = W1[:, lo - i1:hi - i1]
+                sc, zp = Q.find_params(current.T, 4, symmetric, clip_search, h_orig[lo:hi, lo:hi])
+                scales[g] = sc.astype(np.float16).astype(np.float32)  # the precision the format stores
+                zeros[g] = zp
+            wcol = W1[:, i]
+            q = Q.encode(wcol, scales[g], zeros[g], 4)
+            deq = (q.astype(np.float64) - zeros[g]) * scales[g].astype(np.float64)
+            deq = np.where(kept[g], deq, 0.0)
+            deq = np.where(exact[col], wcol, deq)
+            codes[:, col] = q
+            Qd[:, col] = deq
+            err = (wcol - deq) / Hinv1[i, i]
+            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    return codes.T.copy(), scales, zeros, Qd.T.astype(np.float32)
+
+
+def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block: int, outliers: float,
+                   symmetric: bool, damp: float = 0.01, clip_search: bool = True, bias: np.ndarray | None = None
+                   ) -> SparseQuantResult:
+    """Select, quantize and pack one weight [K, N] into the SparseQuantMatMul format."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    kept = choose_groups(group_importance(w, hessian, block), sparsity)
+    r = max(1, int(round(outliers * k))) if outliers > 0 else 0
+    rows = choose_outliers(w, np.diag(hessian), kept, block, r) if r else np.zeros((n, 0), np.int64)
+    codes, scales, zeros, dense = sparse_gptq(w, hessian, kept, rows, block, symmetric, damp, clip_search)
+    nb = kept.shape[0]
+    col_of, blk_of = np.nonzero(kept.T)  # column-major: sorted by column, then block
+    pad = nb * block - k
+    codes_p = np.concatenate([codes, np.full((pad, n), 8, np.uint8)], axis=0) if pad else codes
+    group_codes = codes_p.reshape(nb, block, n)[blk_of, :, col_of]  # [nnz, block]
+    weight = SparseQuantWeight(
+        K=k, N=n, block=block, packed=pack_codes(group_codes),
+        scales=scales[blk_of, col_of].astype(np.float16),
+        group_ptr=np.concatenate([[0], np.cumsum(kept.sum(axis=0))]).astype(np.int32),
+        group_index=blk_of.astype(index_dtype(nb)),
+        zero_points=None if symmetric else (zeros[blk_of, col_of] - 8).astype(np.int8),
+        bias=None if bias is None else np.asarray(bias, np.float32))
+    if r:
+        valid = rows >= 0
+        safe_rows = np.where(valid, rows, 0)
+        values = np.where(valid, np.take_along_axis(dense.T, safe_rows, axis=1), 0.0)
+        weight.outlier_rows = safe_rows.astype(np.uint16)
+        weight.outlier_values = values.astype(np.float32)
+    return SparseQuantResult(weight, dense, float(kept.mean()))
+
+
+def matmulnbits_bytes(k: int, n: int, block: int, symmetric: bool) -> int:
+    nb = Q.n_blocks(k, block)
+    return n * nb * (block // 2 + 4) + (0 if symmetric else n * -(-nb // 2))
+
+
+@register_pass
+class SparseQuantPass(Pass):
+    name = "spquant"
+    summary = "group-sparse 4-bit weights + fp32 outliers in our SparseQuantMatMul op (MatMulNBits where it does not pay)"
+    stage = Stage.QUANTIZE
+    needs_calibration = True
+    options = {
+        "sparsity": Option(float, 0.5, "fraction of weight groups dropped per layer", check=_fraction(0.0, 1.0)),
+        "block": Option(int, 32, "input channels per group (16..256, a power of two)", check=_check_block),
+        "outliers": Option(float, 0.005, "weights per column kept exactly in fp32, as a fraction of K",
+                           check=_fraction(0.0, 0.25)),
+        "symmetric": Option(bool, True, "symmetric groups (no zero points); false stores an int8 zero point per group"),
+        "accuracy_level": Option(int, 4, "4: int8 activations in the kernel (like MatMulNBits accuracy_level=4); 0: fp32",
+                                 choices=(0, 4)),
+        "min_saving": Option(float, 0.15, "use MatMulNBits for layers where the sparse format saves less than this "
+                             "fraction of MatMulNBits' bytes", check=_fraction(0.0, 1.0)),
+        "damp": Option(float, 0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal", check=_fraction(1e-6, 1.0)),
+        "lm_head": Option(bool, False, "also compress the output head (the layer feeding a graph output)"),
+        "include": Option(str, "", "only layers whose node or weight name matches one of these patterns ('|'-separated)"),
+        "exclude": Option(str, "", "skip layers whose node or weight name matches one of these patterns"),
+        "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
+    }
+
+    def run(self, model: ir.Model, ctx) -> PassResult:
+        c = self.config
+        include, exclude = G.parse_patterns(c["include"]), G.parse_patterns(c["exclude"])
+        linears, skipped = G.find_linears(model, fuse_bias=True)
+        selected: list[G.Linear] = []
+        for lin in linears:
+            names = (lin.node.name, lin.weight_name)
+            if include and not G.matches(include, *names):
+                skipped.append(f"{lin.name}: not matched by include={c['include']}")
+            elif exclude and G.matches(exclude, *names):
+                skipped.append(f"{lin.name}: excluded by exclude={c['exclude']}")
+            elif not c["lm_head"] and G.is_output_head(lin.node):
+                skipped.append(f"{lin.name}: output head kept in float (lm_head=true compresses it)")
+            elif lin.shape[0] < 16:
+                skipped.append(f"{lin.name}: K={lin.shape[0]} is below the smallest block (16)")
+            else:
+                selected.append(lin)
+        if not selected:
+            return PassResult(model, False, notes={"layers_sparse": 0}, skipped=skipped)
+
+        if F.model_opset(model) < F.MIN_OPSET:
+            G.ensure_opset(model, "", F.MIN_OPSET)
+        namer = G.Namer(model)
+        from modelsurgeon.layerwise import LayerwiseRunner
+        from modelsurgeon.passes.quant4 import _input_statistics
+
+        runner = LayerwiseRunner(model, ctx.require_calibration(self.name), c["batch"], ctx.providers)
+        sparse_layers, nbits_layers, errors, kept, bytes_sparse, bytes_nbits = [], [], [], [], 0, 0
+        groups = G.group_by_input(selected)
+        for group in ctx.progress_bar(groups, desc="spquant", total=len(groups)):
+            hessian, _ = _input_statistics(runner, group[0].x.name, group[0].shape[0])
+            for lin in group:
+                k, n = lin.shape
+                reason = self._sparse_blocker(lin)
+                result = None
+                if reason is None:
+                    result = compress_layer(lin.weight, hessian, sparsity=c["sparsity"], block=c["block"],
+                                            outliers=c["outliers"], symmetric=c["symmetric"], damp=c["damp"],
+                                            bias=lin.bias)
+                    if result.weight.nbytes() > (1.0 - c["min_saving"]) * matmulnbits_bytes(k, n, c["block"], c["symmetric"]):
+                        reason = (f"sparse format saves less than {c['min_saving']:.0%} of MatMulNBits' bytes "
+                                  f"at sparsity={c['sparsity']}")
+                if reason is None:
+                    self._emit_sparse(model, namer, lin, result.weight)
+                    sparse_layers.append(lin.name)
+                    kept.append(result.kept_fraction)
+                    bytes_sparse += result.weight.nbytes()
+                    deq = result.dense
+                else:
+                    skipped.append(f"{lin.name}: MatMulNBits instead of SparseQuantMatMul ({reason})")
+                    bq = Q.gptq(lin.weight, hessian, 4, c["block"], c["symmetric"], c["damp"], True, True)
+                    self._emit_nbits(model, namer, lin, bq)
+                    nbits_layers.append(lin.name)
+                    bytes_nbits += matmulnbits_bytes(k, n, c["block"], c["symmetric"])
+                    deq = bq.dequantize()
+                errors.append(math.sqrt(max(Q.relative_output_error(lin.weight, deq, hessian), 0.0)))
+        notes = {
+            "layers_sparse": len(sparse_layers), "layers_matmulnbits": len(nbits_layers),
+            "kept_groups_mean": float(np.mean(kept)) if kept else 0.0,
+            "bytes_sparse": bytes_sparse, "bytes_matmulnbits": bytes_nbits,
+            "layer_rel_error_mean": float(np.mean(errors)), "layer_rel_error_max": float(max(errors)),
+            "calibration_segments": runner.segments_run,
+        }
+        return PassResult(model, True, notes=notes, skipped=skipped)
+
+    def _sparse_blocker(self, lin: G.Linear) -> str | None:
+        """Why a layer cannot use SparseQuantMatMul (None if it can)."""
+        if lin.dtype is not np.float32:
+            return "float16 activations; SparseQuantMatMul takes float32"
+        if self.config["outliers"] > 0 and lin.shape[0] > 65536:
+            return f"K={lin.shape[0]} is above 65536, the outlier row limit"
+        return None
+
+    def _emit_sparse(self, model: ir.Model, namer: G.Namer, lin: G.Linear, weight: SparseQuantWeight) -> None:
+        F.ensure_function(model)
+        prefix = namer(f"{lin.weight_name}_SQ4")
+        node = F.make_node(lin.x, weight, model.graph, prefix, accuracy_level=self.config["accuracy_level"],
+                           output_name=namer(f"{lin.out.name}_SQ4"))
+        self._replace(model, namer, lin, node)
+
+    def _emit_nbits(self, model: ir.Model, namer: G.Namer, lin: G.Linear, bq: Q.BlockQuantized) -> None:
+        G.ensure_opset(model, "com.microsoft", 1)
+        k, n = lin.shape
+        base = lin.weight_name
+        b, scales, zp = Q.pack_matmulnbits(bq)
+        inputs = [lin.x, G.add_initializer(model, namer, f"{base}_Q4", b),
+                  G.add_initializer(model, namer, f"{base}_Q4_scales", scales.astype(lin.dtype)),
+                  None if zp is None else G.add_initializer(model, namer, f"{base}_Q4_zero_points", zp), None,
+                  None if lin.bias is None else G.add_initializer(model, namer, f"{base}_Q4_bias", lin.bias.astype(lin.dtype))]
+        while inputs[-1] is None:
+            inputs.pop()
+        attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4), ir.AttrInt64("block_size", bq.block_size),
+                 ir.AttrInt64("accuracy_level", self.config["accuracy_level"])]
+        node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=namer(f"{lin.name}_Q4"))
+        node.outputs[0].name = namer(f"{lin.out.name}_Q4")
+        self._replace(model, namer, lin, node)
+
+    @staticmethod
+    def _replace(model: ir.Model, namer: G.Namer, lin: G.Linear, node: ir.Node) -> None:
+        nodes = [node]
+        if lin.extra_add is not None:
+            add = ir.Node("", "Add", [node.outputs[0], lin.extra_add], name=namer(f"{lin.name}_c"))
+            nodes.append(add)
+        old = [lin.node] + ([lin.bias_add] if lin.bias_add else [])
+        G.replace(model, old, lin.out, nodes, nodes[-1].outputs[0])

@@ -1,0 +1,394 @@
+// ONNX Runtime registration of ai.modelsurgeon::SparseQuantMatMul through the ORT C API only.
+//
+// The library does not link libonnxruntime: ORT hands us its OrtApiBase in RegisterCustomOps and we
+// ask for API version 17 (ONNX Runtime 1.17, the first with KernelContext_ParallelFor), so one build
+// against the 1.21 headers loads on ORT 1.17 to current. OrtCustomOp::version is 17 for the same
+// reason: newer ORTs read only the fields that version had.
+//
+// Execution providers: kOps lists one OrtCustomOp per EP. The CPU op is always there; a CUDA kernel
+// joins by defining MODELSURGEON_WITH_CUDA and linking a sqmm_cuda.cu that implements
+// msops_sqmm_compute_cuda (same inputs and layout, see sqmm.h); ORT then picks it for nodes placed on
+// the CUDA EP and this CPU kernel elsewhere.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_c_api.h"
+#include "sqmm.h"
+
+#define MSOPS_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace msops {
+namespace {
+
+constexpr uint32_t kApiVersion = 17;
+constexpr const char* kDomain = "ai.modelsurgeon";
+constexpr const char* kOpName = "SparseQuantMatMul";
+const OrtApi* g_api = nullptr;
+
+enum Input { kA = 0, kPacked, kScales, kZeroPoints, kGroupPtr, kGroupIndex, kOutlierRows, kOutlierValues, kBias, kNumInputs };
+
+Isa detect_isa() {
+  const char* forced = std::getenv("MODELSURGEON_SQMM_ISA");
+  Isa best = Isa::kScalar;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
+    best = Isa::kAvx512;
+  if (forced) {  // may only lower the level: a forced path the CPU lacks would crash
+    Isa want = best;
+    if (!std::strcmp(forced, "scalar")) want = Isa::kScalar;
+    else if (!std::strcmp(forced, "avx2")) want = Isa::kAvx2;
+    else if (!std::strcmp(forced, "avx512")) want = Isa::kAvx512;
+    if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+  }
+  return best;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512vnni";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+struct Kernel {
+  int64_t K = 0, N = 0, bits = 4, block = 0, accuracy_level = 4, outliers = 0;
+  Isa isa = Isa::kScalar;
+  std::atomic<const void*> validated{nullptr};  // group_index data already checked
+};
+
+OrtStatus* error(const std::string& msg) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpName) + ": " + msg).c_str());
+}
+
+#define MSOPS_TRY(expr)                  \
+  do {                                   \
+    OrtStatus* _s = (expr);              \
+    if (_s) return _s;                   \
+  } while (0)
+
+struct TensorView {
+  const void* data = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+};
+
+OrtStatus* view(const OrtValue* value, TensorView* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  MSOPS_TRY(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* s = g_api->GetTensorElementType(info, &out->type);
+  if (!s) s = g_api->GetDimensionsCount(info, &rank);
+  if (!s) {
+    out->shape.resize(rank);
+    s = g_api->GetDimensions(info, out->shape.data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  if (s) return s;
+  out->numel = 1;
+  for (int64_t d : out->shape) out->numel *= d;
+  void* data = nullptr;
+  MSOPS_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  out->data = data;
+  return nullptr;
+}
+
+struct Task {
+  const Problem* p;
+  Activations act;
+  Isa isa;
+  int64_t chunk;
+  int8_t* aq;
+  float *af, *ascale, *acorr;
+  int64_t row_chunk;
+};
+
+void prepare_task(void* data, size_t i) {
+  Task* t = static_cast<Task*>(data);
+  const int64_t m0 = static_cast<int64_t>(i) * t->row_chunk, m1 = std::min(t->p->M, m0 + t->row_chunk);
+  if (t->isa == Isa::kAvx512) prepare_rows_avx512(*t->p, t->aq, t->af, t->ascale, t->acorr, m0, m1);
+  else if (t->isa == Isa::kAvx2) prepare_rows_avx2(*t->p, t->aq, t->af, t->ascale, t->acorr, m0, m1);
+  else prepare_rows_scalar(*t->p, t->aq, t->af, t->ascale, t->acorr, m0, m1);
+}
+
+void column_task(void* data, size_t i) {
+  Task* t = static_cast<Task*>(data);
+  const int64_t n0 = static_cast<int64_t>(i) * t->chunk, n1 = std::min(t->p->N, n0 + t->chunk);
+  if (t->isa == Isa::kAvx512) columns_avx512(*t->p, t->act, n0, n1);
+  else if (t->isa == Isa::kAvx2) columns_avx2(*t->p, t->act, n0, n1);
+  else columns_scalar(*t->p, t->act, n0, n1);
+  if (t->isa == Isa::kAvx512) epilogue_avx512(*t->p, n0, n1);
+  else epilogue(*t->p, n0, n1);
+}
+
+// ORT's intra-op thread pool when the running ORT offers it, else inline.
+void parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), size_t total, void* data) {
+  if (total > 1 && g_api->KernelContext_ParallelFor) {
+    OrtStatus* s = g_api->KernelContext_ParallelFor(ctx, fn, total, 0, data);
+    if (!s) return;
+    g_api->ReleaseStatus(s);
+  }
+  for (size_t i = 0; i < total; ++i) fn(data, i);
+}
+
+OrtStatus* validate_structure(const Kernel& k, const Problem& p, int64_t nnz) {
+  if (p.group_ptr[0] != 0 || p.group_ptr[p.N] != nnz) return error("group_ptr must start at 0 and end at the number of kept groups");
+  for (int64_t n = 0; n < p.N; ++n)
+    if (p.group_ptr[n + 1] < p.group_ptr[n]) return error("group_ptr must be non-decreasing");
+  for (int64_t g = 0; g < nnz; ++g) {
+    const int64_t b = p.index_u16 ? static_cast<const uint16_t*>(p.group_index)[g] : static_cast<const int32_t*>(p.group_index)[g];
+    if (b < 0 || b >= p.n_blocks) return error("group_index out of range [0, ceil(K/block))");
+  }
+  for (int64_t i = 0; i < p.N * p.R; ++i)
+    if (p.outlier_rows[i] >= k.K) return error("outlier_rows out of range [0, K)");
+  return nullptr;
+}
+
+OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
+  size_t n_inputs = 0;
+  MSOPS_TRY(g_api->KernelContext_GetInputCount(ctx, &n_inputs));
+  TensorView in[kNumInputs];
+  bool present[kNumInputs] = {};
+  for (size_t i = 0; i < kNumInputs && i < n_inputs; ++i) {
+    const OrtValue* v = nullptr;
+    MSOPS_TRY(g_api->KernelContext_GetInput(ctx, i, &v));
+    if (v) {
+      MSOPS_TRY(view(v, &in[i]));
+      present[i] = true;
+    }
+  }
+  for (int i : {kA, kPacked, kScales, kGroupPtr, kGroupIndex})
+    if (!present[i]) return error("missing required input " + std::to_string(i));
+  Problem p;
+  p.K = k->K; p.N = k->N; p.block = k->block;
+  p.n_blocks = (p.K + p.block - 1) / p.block;
+  p.Kp = p.n_blocks * p.block;
+  p.accuracy_level = k->accuracy_level == 4 ? 4 : 0;
+  const TensorView& A = in[kA];
+  if (A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return error("A must be float");
+  if (A.shape.empty() || A.shape.back() != p.K) return error("the last dimension of A must be K");
+  p.M = p.K ? A.numel / p.K : 0;
+  const int64_t nnz = in[kGroupIndex].numel;
+  if (in[kPacked].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || in[kPacked].numel != nnz * (p.block / 2))
+    return error("packed must be uint8 [kept groups, block/2]");
+  if (in[kScales].numel != nnz) return error("scales must have one value per kept group");
+  if (in[kScales].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) p.scales_f16 = true;
+  else if (in[kScales].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return error("scales must be float16 or float");
+  if (in[kGroupPtr].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kGroupPtr].numel != p.N + 1) return error("group_ptr must be int32 [N + 1]");
+  if (in[kGroupIndex].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16) p.index_u16 = true;
+  else if (in[kGroupIndex].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) return error("group_index must be uint16 or int32");
+  if (present[kZeroPoints]) {
+    if (in[kZeroPoints].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 || in[kZeroPoints].numel != nnz) return error("zero_points must be int8 [kept groups]");
+    p.zero_points = static_cast<const int8_t*>(in[kZeroPoints].data);
+  }
+  if (present[kOutlierRows] != present[kOutlierValues]) return error("outlier_rows and outlier_values come together");
+  if (present[kOutlierRows]) {
+    const TensorView &r = in[kOutlierRows], &v = in[kOutlierValues];
+    p.R = k->outliers;
+    if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || r.numel != 2 * p.N * p.R)
+      return error("outlier_rows must be uint8 [2 * N * outliers] (little-endian uint16 rows)");
+    if (v.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || v.numel != p.N * p.R) return error("outlier_values must be float [N, outliers]");
+    p.outlier_rows = static_cast<const uint16_t*>(r.data);  // x86: little endian
+    p.outlier_values = static_cast<const float*>(v.data);
+  }
+  if (present[kBias]) {
+    if (in[kBias].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || in[kBias].numel != p.N) return error("bias must be float [N]");
+    p.bias = static_cast<const float*>(in[kBias].data);
+  }
+  p.A = static_cast<const float*>(A.data);
+  p.packed = static_cast<const uint8_t*>(in[kPacked].data);
+  p.scales = in[kScales].data;
+  p.group_ptr = static_cast<const int32_t*>(in[kGroupPtr].data);
+  p.group_index = in[kGroupIndex].data;
+
+  if (k->validated.load(std::memory_order_acquire) != p.group_index) {
+    MSOPS_TRY(validate_structure(*k, p, nnz));
+    k->validated.store(p.group_index, std::memory_order_release);
+  }
+
+  std::vector<int64_t> out_shape(A.shape.begin(), A.shape.end() - 1);
+  out_shape.push_back(p.N);
+  OrtValue* out = nullptr;
+  MSOPS_TRY(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out));
+  void* y = nullptr;
+  MSOPS_TRY(g_api->GetTensorMutableData(out, &y));
+  p.Y = static_cast<float*>(y);
+  if (p.M == 0 || p.N == 0) return nullptr;
+
+  // Activations: int8 codes + scales (level 4) or fp32 block sums (level 0), prepared once per call.
+  std::vector<int8_t> aq;
+  std::vector<float> af, ascale, acorr(static_cast<size_t>(p.M * p.n_blocks));
+  Task t{&p, {}, k->isa, 0, nullptr, nullptr, nullptr, acorr.data(), 0};
+  if (p.accuracy_level == 4) {
+    aq.resize(static_cast<size_t>(p.M * p.Kp));
+    ascale.resize(static_cast<size_t>(p.M * p.n_blocks));
+    t.aq = aq.data();
+    t.ascale = ascale.data();
+  } else if (p.Kp != p.K) {
+    af.resize(static_cast<size_t>(p.M * p.Kp));
+    t.af = af.data();
+  }
+  t.row_chunk = std::max<int64_t>(1, std::min<int64_t>(p.M, 8));
+  parallel_for(ctx, prepare_task, static_cast<size_t>((p.M + t.row_chunk - 1) / t.row_chunk), &t);
+  t.act.aq = t.aq;
+  t.act.ascale = t.ascale;
+  t.act.acorr = t.acorr;
+  t.act.af = t.af ? t.af : p.A;
+  std::vector<float> apair;
+  if (p.accuracy_level == 4) {  // (ascale, acorr) side by side: one 8-byte load per group in the AVX-512 loop
+    apair.resize(2 * ascale.size());
+    for (size_t i = 0; i < ascale.size(); ++i) {
+      apair[2 * i] = ascale[i];
+      apair[2 * i + 1] = acorr[i];
+    }
+    t.act.apair = apair.data();
+  }
+  const int64_t tasks = std::min<int64_t>(p.N, 64);
+  t.chunk = (p.N + tasks - 1) / tasks;
+  parallel_for(ctx, column_task, static_cast<size_t>((p.N + t.chunk - 1) / t.chunk), &t);
+  return nullptr;
+}
+
+// ---- OrtCustomOp callbacks ----
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
+  auto* k = new Kernel();
+  auto attr = [&](const char* name, int64_t* v, bool required) -> OrtStatus* {
+    OrtStatus* s = g_api->KernelInfoGetAttribute_int64(info, name, v);
+    if (s && !required) { g_api->ReleaseStatus(s); return nullptr; }
+    return s;
+  };
+  OrtStatus* s = attr("K", &k->K, true);
+  if (!s) s = attr("N", &k->N, true);
+  if (!s) s = attr("block", &k->block, true);
+  if (!s) s = attr("bits", &k->bits, false);
+  if (!s) s = attr("accuracy_level", &k->accuracy_level, false);
+  if (!s) s = attr("outliers", &k->outliers, false);
+  if (!s && k->bits != 4) s = error("only bits=4 is supported");
+  if (!s && (k->block < 2 || k->block % 2)) s = error("block must be even and >= 2");
+  if (!s && (k->K <= 0 || k->N <= 0)) s = error("K and N must be positive");
+  if (!s && k->outliers < 0) s = error("outliers must be >= 0");
+  if (s) { delete k; return s; }
+  k->isa = detect_isa();
+  *out = k;
+  return nullptr;
+}
+OrtStatus* ORT_API_CALL compute_kernel(void* kernel, OrtKernelContext* ctx) { return compute(static_cast<Kernel*>(kernel), ctx); }
+void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
+void* ORT_API_CALL create_kernel_v1(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) { return nullptr; }  // unused (V2)
+void ORT_API_CALL compute_kernel_v1(void*, OrtKernelContext*) {}
+const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
+const char* ORT_API_CALL cpu_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+size_t ORT_API_CALL input_count(const OrtCustomOp*) { return kNumInputs; }
+size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
+ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
+  switch (i) {
+    case kA: case kBias: case kOutlierValues: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    case kPacked: case kOutlierRows: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    case kZeroPoints: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    case kGroupPtr: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // scales float16/float, group_index uint16/int32
+  }
+}
+ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp*, size_t i) {
+  return (i == kZeroPoints || i == kOutlierRows || i == kOutlierValues || i == kBias) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtMemType ORT_API_CALL input_memory_type(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int ORT_API_CALL variadic_min_arity(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL variadic_homogeneity(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL start_version(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL end_version(const OrtCustomOp*) { return 2147483647; }
+
+OrtCustomOp make_op(const char* (ORT_API_CALL* ep)(const OrtCustomOp*)) {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof op);
+  op.version = kApiVersion;
+  op.CreateKernel = create_kernel_v1;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = ep;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type;
+  op.GetOutputTypeCount = output_count;
+  op.KernelCompute = compute_kernel_v1;
+  op.KernelDestroy = destroy_kernel;
+  op.GetInputCharacteristic = input_characteristic;
+  op.GetOutputCharacteristic = output_characteristic;
+  op.GetInputMemoryType = input_memory_type;
+  op.GetVariadicInputMinArity = variadic_min_arity;
+  op.GetVariadicInputHomogeneity = variadic_homogeneity;
+  op.GetVariadicOutputMinArity = variadic_min_arity;
+  op.GetVariadicOutputHomogeneity = variadic_homogeneity;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute_kernel;
+  op.InferOutputShapeFn = nullptr;
+  op.GetStartVersion = start_version;
+  op.GetEndVersion = end_version;
+  return op;
+}
+
+OrtCustomOp g_cpu_op = make_op(cpu_ep);
+#ifdef MODELSURGEON_WITH_CUDA
+const char* ORT_API_CALL cuda_ep(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
+OrtCustomOp g_cuda_op = make_op(cuda_ep);  // its compute is msops_sqmm_compute_cuda (sqmm_cuda.cu)
+#endif
+
+std::once_flag g_once;
+OrtCustomOpDomain* g_domain = nullptr;
+OrtStatus* g_domain_error = nullptr;
+
+}  // namespace
+}  // namespace msops
+
+#ifdef MODELSURGEON_WITH_CUDA
+extern "C" OrtStatus* msops_sqmm_compute_cuda(void* kernel, OrtKernelContext* ctx);
+#endif
+
+MSOPS_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  using namespace msops;
+  const OrtApi* api = api_base->GetApi(kApiVersion);
+  if (!api) {
+    const OrtApi* any = api_base->GetApi(1);
+    return any ? any->CreateStatus(ORT_FAIL, "modelsurgeon custom ops need ONNX Runtime >= 1.17") : nullptr;
+  }
+  g_api = api;
+  std::call_once(g_once, [] {
+    g_domain_error = g_api->CreateCustomOpDomain(kDomain, &g_domain);
+    if (!g_domain_error) g_domain_error = g_api->CustomOpDomain_Add(g_domain, &g_cpu_op);
+#ifdef MODELSURGEON_WITH_CUDA
+    if (!g_domain_error) {
+      g_cuda_op.KernelComputeV2 = msops_sqmm_compute_cuda;
+      g_domain_error = g_api->CustomOpDomain_Add(g_domain, &g_cuda_op);
+    }
+#endif
+  });
+  if (g_domain_error) return g_api->CreateStatus(ORT_FAIL, g_api->GetErrorMessage(g_domain_error));
+  return g_api->AddCustomOpDomain(options, g_domain);
+}
+
+// Build facts for modelsurgeon.runtime.custom_ops.kernel_info() (read through ctypes, no ORT needed).
+MSOPS_EXPORT const char* msops_build_info() {
+  static std::string info;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    info = std::string("{\"op\": \"") + msops::kDomain + "::" + msops::kOpName + "\", \"ort_api_version\": " +
+           std::to_string(msops::kApiVersion) + ", \"isa\": \"" + msops::isa_name(msops::detect_isa()) + "\", \"cuda\": " +
+#ifdef MODELSURGEON_WITH_CUDA
+           "true"
+#else
+           "false"
+#endif
+           + "}";
+  });
+  return info.c_str();
+}

@@ -1,0 +1,73 @@
+// SparseQuantMatMul: Y[..., N] = A[..., K] @ W[K, N] (+ outliers) (+ bias), W stored as kept 4-bit groups.
+//
+// Weight format (see docs/spquant.md; the ONNX function in runtime/sparse_quant_function.py is the
+// executable specification):
+//   K is split into n_blocks = ceil(K / block) groups of `block` rows. For every output column n the kept
+//   groups are g in [group_ptr[n], group_ptr[n+1]) (CSR over groups, column-major), in any block order:
+//     group_index[g]  block id b of group g (uint16 or int32)
+//     packed[g, j]    byte j holds code u[j] (low nibble) and u[j + block/2] (high nibble), j < block/2
+//     scales[g]       float16 or float
+//     zero_points[g]  optional int8 z' in [-8, 7]; the zero point is 8 + z' (8 when absent: symmetric)
+//   W[b*block + i, n] = (u[i] - 8 - z') * scales[g]; rows of dropped groups are zero; rows >= K are padding.
+//   Outliers (optional, R = attribute `outliers` per column): W[rows[n, r], n] += outlier_values[n, r], with
+//   rows little-endian uint16 stored as uint8 [2 * N * R] and outlier_values float [N, R].
+//
+// Activation compute: accuracy_level 4 quantizes A per (row, block) to int8 (symmetric, like
+// MatMulNBits accuracy_level=4) and runs u8 x s8 dot products; accuracy_level 0 keeps A in fp32.
+// Outliers and bias are always applied in fp32.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace msops {
+
+struct Problem {
+  int64_t M = 0, K = 0, N = 0, block = 0, n_blocks = 0, Kp = 0;  // Kp = n_blocks * block
+  int accuracy_level = 4;
+  const float* A = nullptr;         // [M, K]
+  const uint8_t* packed = nullptr;  // [nnz, block/2]
+  const void* scales = nullptr;
+  bool scales_f16 = false;
+  const int8_t* zero_points = nullptr;  // [nnz] or null
+  const int32_t* group_ptr = nullptr;   // [N + 1]
+  const void* group_index = nullptr;    // [nnz]
+  bool index_u16 = false;
+  int64_t R = 0;                            // outliers per column (0: none)
+  const uint16_t* outlier_rows = nullptr;   // [N, R]
+  const float* outlier_values = nullptr;    // [N, R]
+  const float* bias = nullptr;  // [N] or null
+  float* Y = nullptr;           // [M, N]
+};
+
+// Per-call prepared activations. For accuracy_level 4: aq (int8, zero padded to Kp), ascale and
+// acorr = ascale * (sum of the block's int8 codes). For level 0: af (fp32 padded to Kp) and
+// acorr = block sums of af. A group's contribution is sw * (ascale * dot(u, a) - z * acorr).
+struct Activations {
+  const float* af = nullptr;   // [M, Kp]
+  const int8_t* aq = nullptr;  // [M, Kp]
+  const float* ascale = nullptr;  // [M, n_blocks]
+  const float* acorr = nullptr;   // [M, n_blocks]
+  const float* apair = nullptr;   // [M, n_blocks, 2]: (ascale, acorr) interleaved, level 4 only
+};
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Rows [m0, m1): fill the buffers of Activations (level 4: aq/ascale/acorr; level 0: acorr, and af
+// when K is not a multiple of block).
+void prepare_rows_scalar(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1);
+void prepare_rows_avx2(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1);
+void prepare_rows_avx512(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1);
+
+// Columns [n0, n1) of Y for all rows: the quantized part only (outliers and bias come after).
+void columns_scalar(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
+void columns_avx2(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
+void columns_avx512(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
+
+// Columns [n0, n1): add outliers (fp32 A) and bias.
+void epilogue(const Problem& p, int64_t n0, int64_t n1);
+void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1);
+
+float half_to_float(uint16_t h);
+
+}  // namespace msops

@@ -1,0 +1,279 @@
+// AVX-512 (F, BW, VL, DQ, VNNI) SparseQuantMatMul. Compiled with -mavx512* flags; only called when
+// the CPU reports those features at run time. block 32: two groups per zmm (codes of a group are
+// [low nibbles | high nibbles] = 32 consecutive rows, matching 32 consecutive int8 activations);
+// block >= 64 (multiple of 64): one 64-row unit per zmm. Other block sizes use the scalar code.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "sqmm.h"
+
+namespace msops {
+namespace {
+
+// Software prefetch distance in groups for the packed codes stream (block 32: 16 bytes per group). The
+// hardware prefetchers alone leave a single core well below DRAM bandwidth on the one-token path.
+#ifndef MSOPS_PREFETCH_GROUPS
+#define MSOPS_PREFETCH_GROUPS 256
+#endif
+constexpr int64_t kPrefetchGroups = MSOPS_PREFETCH_GROUPS;
+
+template <class ScaleT> inline __m128 load_scales4(const void* s, int64_t g);
+template <> inline __m128 load_scales4<float>(const void* s, int64_t g) { return _mm_loadu_ps(static_cast<const float*>(s) + g); }
+template <> inline __m128 load_scales4<uint16_t>(const void* s, int64_t g) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(s) + g)));
+}
+template <class ScaleT> inline float load_scale1(const void* s, int64_t g);
+template <> inline float load_scale1<float>(const void* s, int64_t g) { return static_cast<const float*>(s)[g]; }
+template <> inline float load_scale1<uint16_t>(const void* s, int64_t g) { return _cvtsh_ss(static_cast<const uint16_t*>(s)[g]); }
+
+template <class IndexT> inline __m128i load_index4(const IndexT* idx);
+template <> inline __m128i load_index4<uint16_t>(const uint16_t* idx) { return _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx))); }
+template <> inline __m128i load_index4<int32_t>(const int32_t* idx) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)); }
+
+inline __m128 zero_points4(const int8_t* zp, int64_t g) {
+  if (!zp) return _mm_set1_ps(8.f);
+  int32_t four;
+  std::memcpy(&four, zp + g, 4);
+  return _mm_add_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four))), _mm_set1_ps(8.f));
+}
+inline float zero_point1(const int8_t* zp, int64_t g) { return 8.f + (zp ? static_cast<float>(zp[g]) : 0.f); }
+
+inline float hsum128(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+
+// Codes of a 32-row group from its 16 packed bytes: [low nibbles | high nibbles] as 32 bytes.
+inline __m256i unpack16(const uint8_t* w) {
+  const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i m = _mm_set1_epi8(0x0f);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(p, m)), _mm_and_si128(_mm_srli_epi16(p, 4), m), 1);
+}
+
+// int8 activations, block == 32.
+template <class ScaleT, class IndexT>
+void int8_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const __m512i shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m512i lo_half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i hi_half = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int8_t* arow = a.aq + m * p.Kp;
+      const float* srow = a.ascale + m * p.n_blocks;
+      const float* crow = a.acorr + m * p.n_blocks;
+      const float* prow = a.apair + m * p.n_blocks * 2;
+      __m512 facc = _mm512_setzero_ps();
+      __m128 cacc = _mm_setzero_ps();
+      int64_t g = g0;
+      for (; g + 4 <= g1; g += 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(p.packed + (g + kPrefetchGroups) * 16), _MM_HINT_T0);
+        const int64_t b0 = idx[g], b1 = idx[g + 1], b2 = idx[g + 2], b3 = idx[g + 3];
+        const __m512i a01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + b0 * 32))),
+                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + b1 * 32)), 1);
+        const __m512i a23 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + b2 * 32))),
+                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + b3 * 32)), 1);
+        const __m512i pw = _mm512_loadu_si512(p.packed + g * 16);
+        const __m512i u01 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_shuffle_i64x2(pw, pw, _MM_SHUFFLE(1, 1, 0, 0)), shifts), nib);
+        const __m512i u23 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_shuffle_i64x2(pw, pw, _MM_SHUFFLE(3, 3, 2, 2)), shifts), nib);
+        const __m512i d01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, a01);
+        const __m512i d23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u23, a23);
+        // (ascale, acorr) of the 4 blocks: two 8-byte loads per pair of groups, then de-interleave
+        const __m128 p01 = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(prow + 2 * b0)),
+                                                      reinterpret_cast<const double*>(prow + 2 * b1)));
+        const __m128 p23 = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(prow + 2 * b2)),
+                                                      reinterpret_cast<const double*>(prow + 2 * b3)));
+        const __m128 sa4 = _mm_shuffle_ps(p01, p23, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m128 ca4 = _mm_shuffle_ps(p01, p23, _MM_SHUFFLE(3, 1, 3, 1));
+        const __m128 sw4 = load_scales4<ScaleT>(p.scales, g);
+        const __m128 s4 = _mm_mul_ps(sw4, sa4);
+        const __m512 s512 = _mm512_castps128_ps512(s4);
+        facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d01), _mm512_permutexvar_ps(lo_half, s512), facc);
+        facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d23), _mm512_permutexvar_ps(hi_half, s512), facc);
+        cacc = _mm_fmadd_ps(_mm_mul_ps(sw4, zero_points4(p.zero_points, g)), ca4, cacc);
+      }
+      float tail = 0.f;
+      for (; g < g1; ++g) {
+        const int64_t b = idx[g];
+        const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack16(p.packed + g * 16),
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + b * 32)));
+        const __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+        const float sw = load_scale1<ScaleT>(p.scales, g);
+        const int32_t di = _mm_cvtsi128_si32(_mm_hadd_epi32(_mm_hadd_epi32(d4, d4), _mm_hadd_epi32(d4, d4)));
+        tail += sw * (srow[b] * static_cast<float>(di) - zero_point1(p.zero_points, g) * crow[b]);
+      }
+      p.Y[m * p.N + n] = _mm512_reduce_add_ps(facc) - hsum128(cacc) + tail;
+    }
+  }
+}
+
+// int8 activations, block a multiple of 64: one 64-row unit per zmm.
+template <class ScaleT, class IndexT>
+void int8_block64(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
+  const int64_t B = p.block, half = B / 2, units = B / 64;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int8_t* arow = a.aq + m * p.Kp;
+      const float* srow = a.ascale + m * p.n_blocks;
+      const float* crow = a.acorr + m * p.n_blocks;
+      __m512 facc = _mm512_setzero_ps();
+      float corr = 0.f;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t b = idx[g];
+        const int8_t* x = arow + b * B;
+        const uint8_t* w = p.packed + g * half;
+        __m512i d = _mm512_setzero_si512();
+        for (int64_t c = 0; c < units; ++c) {
+          const __m512i pw = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32)));
+          const __m512i u = _mm512_and_si512(_mm512_srlv_epi64(pw, shifts), nib);
+          const __m512i xa = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c * 32))),
+                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + half + c * 32)), 1);
+          d = _mm512_dpbusd_epi32(d, u, xa);
+        }
+        const float sw = load_scale1<ScaleT>(p.scales, g);
+        facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sw * srow[b]), facc);
+        corr += sw * zero_point1(p.zero_points, g) * crow[b];
+      }
+      p.Y[m * p.N + n] = _mm512_reduce_add_ps(facc) - corr;
+    }
+  }
+}
+
+// fp32 activations, block a multiple of 32: 16 packed bytes = rows [c, c+16) and [half+c, half+c+16).
+template <class ScaleT, class IndexT>
+void fp32_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
+  const int64_t B = p.block, half = B / 2, chunks = half / 16;
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* arow = a.af + m * p.Kp;
+      const float* crow = a.acorr + m * p.n_blocks;
+      __m512 facc = _mm512_setzero_ps();
+      float corr = 0.f;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t b = idx[g];
+        const float* x = arow + b * B;
+        const uint8_t* w = p.packed + g * half;
+        __m512 t = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __m128i pk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * 16));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(pk, nib)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(pk, 4), nib)));
+          t = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + c * 16), t);
+          t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + half + c * 16), t);
+        }
+        const float sw = load_scale1<ScaleT>(p.scales, g);
+        facc = _mm512_fmadd_ps(t, _mm512_set1_ps(sw), facc);
+        corr += sw * zero_point1(p.zero_points, g) * crow[b];
+      }
+      p.Y[m * p.N + n] = _mm512_reduce_add_ps(facc) - corr;
+    }
+  }
+}
+
+template <class ScaleT, class IndexT>
+void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  if (p.accuracy_level == 4) {
+    if (p.block == 32) return int8_block32<ScaleT, IndexT>(p, a, n0, n1);
+    if (p.block % 64 == 0) return int8_block64<ScaleT, IndexT>(p, a, n0, n1);
+  } else if (p.block % 32 == 0) {
+    return fp32_block32<ScaleT, IndexT>(p, a, n0, n1);
+  }
+  columns_scalar(p, a, n0, n1);
+}
+
+}  // namespace
+
+void columns_avx512(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  if (p.scales_f16) {
+    if (p.index_u16) columns_typed<uint16_t, uint16_t>(p, a, n0, n1);
+    else columns_typed<uint16_t, int32_t>(p, a, n0, n1);
+  } else {
+    if (p.index_u16) columns_typed<float, uint16_t>(p, a, n0, n1);
+    else columns_typed<float, int32_t>(p, a, n0, n1);
+  }
+}
+
+void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.R > 0) {  // 16 outliers per gather from the fp32 activation row
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.A + m * p.K;
+      float* y = p.Y + m * p.N;
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint16_t* rows = p.outlier_rows + n * p.R;
+        const float* vals = p.outlier_values + n * p.R;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t r = 0; r < p.R; r += 16) {
+          const int64_t left = p.R - r;
+          const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+          const __m512i ix = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, rows + r));
+          const __m512 xa = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, ix, x, 4);
+          acc = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(mk, vals + r), acc);
+        }
+        y[n] += _mm512_reduce_add_ps(acc);
+      }
+    }
+  }
+  if (p.bias) {
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t n = n0; n < n1; ++n) p.Y[m * p.N + n] += p.bias[n];
+  }
+}
+
+void prepare_rows_avx512(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1) {
+  const int64_t B = p.block, nb = p.n_blocks;
+  if (B % 16 != 0) return prepare_rows_scalar(p, aq, af, ascale, acorr, m0, m1);
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = p.A + m * p.K;
+    if (af) {
+      std::memcpy(af + m * p.Kp, x, sizeof(float) * p.K);
+      std::memset(af + m * p.Kp + p.K, 0, sizeof(float) * (p.Kp - p.K));
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * B, len = (k0 + B < p.K ? B : p.K - k0);
+      if (p.accuracy_level == 4) {
+        __m512 vmax = _mm512_setzero_ps();
+        for (int64_t k = 0; k < len; k += 16) {
+          const __mmask16 mk = len - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - k)) - 1);
+          vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_maskz_loadu_ps(mk, x + k0 + k), sign));
+        }
+        const float amax = _mm512_reduce_max_ps(vmax);
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        const __m512 vinv = _mm512_set1_ps(inv);
+        int8_t* q = aq + m * p.Kp + k0;
+        __m512i vsum = _mm512_setzero_si512();
+        for (int64_t k = 0; k < B; k += 16) {
+          const int64_t r = len - k;
+          const __mmask16 mk = r >= 16 ? (__mmask16)0xffff : (r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1));
+          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k0 + k), vinv));
+          vsum = _mm512_add_epi32(vsum, v);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(v));
+        }
+        const float sa = amax / 127.f;
+        ascale[m * nb + b] = sa;
+        acorr[m * nb + b] = sa * static_cast<float>(_mm512_reduce_add_epi32(vsum));
+      } else {
+        __m512 vs = _mm512_setzero_ps();
+        for (int64_t k = 0; k < len; k += 16) {
+          const __mmask16 mk = len - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - k)) - 1);
+          vs = _mm512_add_ps(vs, _mm512_maskz_loadu_ps(mk, x + k0 + k));
+        }
+        acorr[m * nb + b] = _mm512_reduce_add_ps(vs);
+      }
+    }
+  }
+}
+
+}  // namespace msops

@@ -1,0 +1,176 @@
+"""The sparse-quant weight format of `ai.modelsurgeon::SparseQuantMatMul`, in numpy: packing, decoding, reference.
+
+A weight W [K, N] is cut into `n_blocks = ceil(K / block)` groups of `block` rows per output column. Only kept
+groups are stored, column by column (CSR over groups):
+
+- `group_ptr` int32 [N+1]: column n owns kept groups `group_ptr[n] : group_ptr[n+1]`;
+- `group_index` uint16 (int32 when n_blocks > 65535) [nnz]: the block id of each kept group;
+- `packed` uint8 [nnz, block/2]: 4-bit codes u in 0..15; byte j holds u[j] (low nibble) and u[j + block/2]
+  (high nibble), so a group's low nibbles are its first half of rows and its high nibbles the second half;
+- `scales` float16 (or float32) [nnz]; `zero_points` optional int8 [nnz] in [-8, 7]: the zero point is 8 + z';
+  absent means symmetric (zero point 8). Value = (u - 8 - z') * scale;
+- optional outliers, a fixed number R per column (node attribute `outliers` = R): `outlier_rows`, row indices as
+  little-endian uint16 stored as bytes, uint8 [2 * N * R] (so K <= 65536), and `outlier_values` float32 [N, R],
+  ADDED to the decoded weight (unused slots: value 0). Bytes and float32 because the ONNX function can only
+  turn an absent input into zeros through ops whose optional inputs have those types (sparse_quant_function.py);
+- optional `bias` float32 [N].
+
+Rows past K (padding of the last block) are ignored. `dense()` decodes a weight exactly as the kernel and the
+ONNX function define it; `reference()` is the numpy matmul they are tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+INPUT_NAMES = ("A", "packed", "scales", "zero_points", "group_ptr", "group_index", "outlier_rows", "outlier_values", "bias")
+OPTIONAL_INPUTS = ("zero_points", "outlier_rows", "outlier_values", "bias")
+
+
+@dataclasses.dataclass
+class SparseQuantWeight:
+    K: int
+    N: int
+    block: int
+    packed: np.ndarray
+    scales: np.ndarray
+    group_ptr: np.ndarray
+    group_index: np.ndarray
+    zero_points: np.ndarray | None = None
+    outlier_rows: np.ndarray | None = None  # [N, R] integer rows (serialized as uint16 bytes by inputs())
+    outlier_values: np.ndarray | None = None  # [N, R]
+    bias: np.ndarray | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.K // self.block)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.group_index.shape[0])
+
+    @property
+    def outliers_per_column(self) -> int:
+        return 0 if self.outlier_rows is None else int(self.outlier_rows.shape[1])
+
+    def inputs(self) -> dict[str, np.ndarray | None]:
+        """The op's weight inputs by name, in the op's layout (None for absent optional inputs)."""
+        rows = None
+        if self.outlier_rows is not None:
+            rows = np.ascontiguousarray(self.outlier_rows.astype("<u2")).view(np.uint8).ravel()
+        values = None if self.outlier_values is None else self.outlier_values.astype(np.float32)
+        return {"packed": self.packed, "scales": self.scales, "zero_points": self.zero_points,
+                "group_ptr": self.group_ptr, "group_index": self.group_index, "outlier_rows": rows,
+                "outlier_values": values, "bias": self.bias}
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.inputs().values() if a is not None))
+
+    def codes(self) -> np.ndarray:
+        """Unpacked 4-bit codes u, uint8 [nnz, block]."""
+        return unpack_codes(self.packed)
+
+    def dense(self) -> np.ndarray:
+        """The decoded weight W [K, N] as float32 (dropped groups are zero; outliers added)."""
+        u = self.codes().astype(np.float32)
+        zp = 8.0 + (self.zero_points.astype(np.float32) if self.zero_points is not None else 0.0)
+        values = (u - np.reshape(zp, (-1, 1))) * self.scales.astype(np.float32)[:, None]
+        cols = np.repeat(np.arange(self.N), np.diff(self.group_ptr.astype(np.int64)))
+        wt = np.zeros((self.N, self.n_blocks, self.block), np.float32)
+        wt[cols, self.group_index.astype(np.int64)] = values
+        wt = wt.reshape(self.N, -1)[:, : self.K]
+        if self.outlier_rows is not None:
+            r = self.outliers_per_column
+            np.add.at(wt, (np.repeat(np.arange(self.N), r), self.outlier_rows.astype(np.int64).ravel()),
+                      self.outlier_values.astype(np.float32).ravel())
+        return np.ascontiguousarray(wt.T)
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [G, block] (values 0..15) -> packed uint8 [G, block/2] (low nibble: first half of the group)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    half = codes.shape[1] // 2
+    if codes.shape[1] % 2 or np.any(codes > 15):
+        raise ValueError("codes must be 0..15 with an even block")
+    return (codes[:, :half] | (codes[:, half:] << 4)).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray) -> np.ndarray:
+    packed = np.asarray(packed, dtype=np.uint8)
+    return np.concatenate([packed & 15, packed >> 4], axis=1)
+
+
+def index_dtype(limit: int) -> type:
+    """uint16 when every index fits (< 65536), else int32."""
+    return np.uint16 if limit <= 65536 else np.int32
+
+
+def reference(A: np.ndarray, weight: SparseQuantWeight, accuracy_level: int = 0) -> np.ndarray:
+    """Y = A @ W (+ bias) in float64 numpy. accuracy_level 4 first rounds A per (row, block) to int8 the way the
+    kernel does (outliers and bias always use fp32 A)."""
+    A = np.asarray(A, dtype=np.float32)
+    w = weight.dense().astype(np.float64)
+    a = A.reshape(-1, weight.K).astype(np.float64)
+    if accuracy_level == 4:
+        a = quantize_activations(A.reshape(-1, weight.K), weight.block).astype(np.float64)
+        if weight.outlier_rows is not None:  # outliers see the unquantized activations
+            sub = dataclasses.replace(weight, outlier_rows=None, outlier_values=None, bias=None)
+            w = sub.dense().astype(np.float64)
+            y = a @ w + _outliers(A.reshape(-1, weight.K), weight)
+            if weight.bias is not None:
+                y = y + weight.bias
+            return y.reshape(*A.shape[:-1], weight.N)
+    y = a @ w
+    if weight.bias is not None:
+        y = y + weight.bias
+    return y.reshape(*A.shape[:-1], weight.N)
+
+
+def _outliers(a: np.ndarray, weight: SparseQuantWeight) -> np.ndarray:
+    o = np.zeros((weight.K, weight.N), np.float64)
+    r = weight.outliers_per_column
+    np.add.at(o, (weight.outlier_rows.astype(np.int64).ravel(), np.repeat(np.arange(weight.N), r)),
+              weight.outlier_values.astype(np.float64).ravel())
+    return a.astype(np.float64) @ o
+
+
+def quantize_activations(a: np.ndarray, block: int) -> np.ndarray:
+    """A [M, K] rounded like the kernel's int8 path: per (row, block) scale max|a|/127, round half to even."""
+    M, K = a.shape
+    nb = -(-K // block)
+    pad = np.zeros((M, nb * block), np.float32)
+    pad[:, :K] = a
+    blocks = pad.reshape(M, nb, block)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv)
+    return (q * (amax / np.float32(127.0))).reshape(M, -1)[:, :K]
+
+
+def random_weight(rng: np.random.Generator, K: int, N: int, block: int, keep: float = 0.5, *, zero_points: bool = False,
+                  outliers: int = 0, bias: bool = False, scale_dtype=np.float16, index_type=None) -> SparseQuantWeight:
+    """A random valid weight (tests and benchmarks): each column keeps a random subset of about `keep` of its groups."""
+    nb = -(-K // block)
+    kept = rng.random((N, nb)) < keep
+    counts = kept.sum(axis=1)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    cols, blocks = np.nonzero(kept)
+    order = np.lexsort((rng.random(len(cols)), cols))  # within a column any block order is valid
+    blocks = blocks[order]
+    nnz = len(blocks)
+    codes = rng.integers(0, 16, size=(nnz, block), dtype=np.uint8)
+    idx_t = index_type or index_dtype(nb)
+    w = SparseQuantWeight(K=K, N=N, block=block, packed=pack_codes(codes),
+                          scales=(rng.random(nnz) * 0.02 + 0.001).astype(scale_dtype),
+                          group_ptr=ptr, group_index=blocks.astype(idx_t))
+    if zero_points:
+        w.zero_points = rng.integers(-8, 8, size=nnz, dtype=np.int8)
+    if outliers:
+        rows = np.stack([rng.choice(K, size=min(outliers, K), replace=False) for _ in range(N)])
+        w.outlier_rows = rows.astype(np.uint16)
+        w.outlier_values = rng.normal(0, 0.2, size=rows.shape).astype(np.float32)
+    if bias:
+        w.bias = rng.normal(size=N).astype(np.float32)
+    return w

@@ -1,0 +1,189 @@
+"""The in-model ONNX function for `ai.modelsurgeon::SparseQuantMatMul`: the op's portable definition and fallback.
+
+Every model that uses the op carries this FunctionProto (same domain and name), so it runs on any ONNX Runtime
+(>= 1.17, opset >= 16) without our library: ORT inlines the function. With the library registered, ORT runs the
+native kernel instead. The body is the format's executable specification (see sparse_quant_format.py):
+
+1. codes: two 256-entry Gather tables turn each packed byte into its low and high code minus 8 (int8); the
+   halves are concatenated -> q [nnz, block]; `DequantizeLinear(q, scales, zero_points, axis=0)` gives
+   (u - 8 - z') * scale;
+2. scatter: the column of every kept group comes from group_ptr (ScatterElements-add of ones at the column
+   starts, then CumSum); the groups are ScatterND'ed into a zero [N * n_blocks, block] matrix -> W^T [N, K];
+3. outliers are ScatterND-added into W^T, then Y = MatMul(A, W) + bias.
+
+Optional inputs. A function cannot test whether an optional input was given (ONNX type inference rejects
+`Optional` on an absent function input), so each optional input is read only where an op's own optional input
+gives the neutral value when absent ("materializers"): zero_points is DequantizeLinear's zero point (0);
+bias and outlier_values are Gemm's C over zero matrices (0); outlier_rows, little-endian uint16 as bytes, is a
+uint8 DequantizeLinear zero point (0). The number of outliers per column is the `outliers` attribute (default 0).
+
+Everything but the MatMul depends only on initializers, so ORT constant-folds it once at session creation: the
+fallback runs an fp32 MatMul over the decoded weight (exact dequantized math, like accuracy_level=0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+from modelsurgeon.runtime.sparse_quant_format import INPUT_NAMES, SparseQuantWeight
+
+DOMAIN = "ai.modelsurgeon"
+OP_NAME = "SparseQuantMatMul"
+DOMAIN_VERSION = 1
+MIN_OPSET = 16  # ScatterElements / ScatterND with reduction="add"
+ATTRIBUTES = ("K", "N", "block", "bits", "accuracy_level")  # plus "outliers" (default 0)
+
+
+def _code_tables() -> tuple[np.ndarray, np.ndarray]:
+    byte = np.arange(256, dtype=np.int16)
+    return (byte & 15).astype(np.int8) - np.int8(8), (byte >> 4).astype(np.int8) - np.int8(8)
+
+
+def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(array), name))
+
+
+def _attr_const(name: str, attr: str) -> onnx.NodeProto:
+    node = helper.make_node("Constant", [], [name])
+    node.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attr))
+    return node
+
+
+def _fill(shape: str, out: str, dtype: int, value) -> onnx.NodeProto:
+    return helper.make_node("ConstantOfShape", [shape], [out], value=helper.make_tensor(out + "_v", dtype, [1], [value]))
+
+
+def function_proto(opset: int) -> onnx.FunctionProto:
+    """The function for a model whose default-domain opset is `opset` (>= 16)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"SparseQuantMatMul's ONNX function needs opset >= {MIN_OPSET}, got {opset}")
+    lo, hi = _code_tables()
+    n = helper.make_node
+    F, I64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [
+        _const("lo_table", lo), _const("hi_table", hi),
+        _attr_const("K_s", "K"), _attr_const("N_s", "N"), _attr_const("B_s", "block"), _attr_const("R_s", "outliers"),
+        _const("c0", np.array([0], np.int64)), _const("c1", np.array([1], np.int64)),
+        _const("cm1", np.array([-1], np.int64)), _const("one_s", np.array(1, np.int64)),
+        _const("two_1d", np.array([2], np.int64)), _const("byte_weights", np.array([[1.0], [256.0]], np.float32)),
+        n("Reshape", ["K_s", "c1"], ["K_1d"]), n("Reshape", ["N_s", "c1"], ["N_1d"]),
+        n("Reshape", ["B_s", "c1"], ["B_1d"]), n("Reshape", ["R_s", "c1"], ["R_1d"]),
+        # 1. codes -> dequantized groups [nnz, block]
+        n("Cast", ["packed"], ["packed_i32"], to=TensorProto.INT32),
+        n("Gather", ["lo_table", "packed_i32"], ["q_lo"]),
+        n("Gather", ["hi_table", "packed_i32"], ["q_hi"]),
+        n("Concat", ["q_lo", "q_hi"], ["q"], axis=1),
+        n("Cast", ["scales"], ["scales_f32"], to=F),
+        n("DequantizeLinear", ["q", "scales_f32", "zero_points"], ["groups"], axis=0),
+        # 2. column of every kept group: ones added at ptr[1:N], cumulative sum
+        n("Cast", ["group_ptr"], ["ptr"], to=I64),
+        n("Slice", ["ptr", "c1", "cm1"], ["col_starts"]),
+        n("Shape", ["group_index"], ["nnz_1d"]),
+        n("Add", ["nnz_1d", "c1"], ["nnz1_1d"]),
+        _fill("nnz1_1d", "marker0", I64, 0),
+        n("Shape", ["col_starts"], ["starts_shape"]),
+        _fill("starts_shape", "ones", I64, 1),
+        n("ScatterElements", ["marker0", "col_starts", "ones"], ["marker"], axis=0, reduction="add"),
+        n("CumSum", ["marker", "c0"], ["col_all"]),
+        n("Slice", ["col_all", "c0", "nnz_1d"], ["col"]),
+        #    flat row of each group in W^T viewed as [N * n_blocks, block]
+        n("Sub", ["B_s", "one_s"], ["B_m1"]), n("Add", ["K_s", "B_m1"], ["K_up"]), n("Div", ["K_up", "B_s"], ["NB_s"]),
+        n("Mul", ["col", "NB_s"], ["col_base"]),
+        n("Cast", ["group_index"], ["bid"], to=I64),
+        n("Add", ["col_base", "bid"], ["flat"]),
+        n("Unsqueeze", ["flat", "c1"], ["flat_2d"]),
+        n("Mul", ["N_s", "NB_s"], ["rows_s"]), n("Reshape", ["rows_s", "c1"], ["rows_1d"]),
+        n("Concat", ["rows_1d", "B_1d"], ["dense_shape"], axis=0),
+        _fill("dense_shape", "dense0", F, 0.0),
+        n("ScatterND", ["dense0", "flat_2d", "groups"], ["dense"]),
+        n("Concat", ["N_1d", "cm1"], ["wt_shape"], axis=0),
+        n("Reshape", ["dense", "wt_shape"], ["wt_padded"]),
+        n("Slice", ["wt_padded", "c0", "K_1d", "c1"], ["wt_groups"]),
+        # 3. outliers (materialized: zeros when absent) added into W^T [N, K]
+        n("Mul", ["N_1d", "R_1d"], ["NR_1d"]), n("Mul", ["NR_1d", "two_1d"], ["NR2_1d"]),
+        _fill("NR2_1d", "row_bytes0", TensorProto.UINT8, 0),
+        _fill("NR2_1d", "minus_ones", F, -1.0),
+        n("DequantizeLinear", ["row_bytes0", "minus_ones", "outlier_rows"], ["row_bytes"], axis=0),
+        n("Concat", ["N_1d", "R_1d", "two_1d"], ["nr2_shape"], axis=0),
+        n("Reshape", ["row_bytes", "nr2_shape"], ["row_bytes_3d"], allowzero=1),
+        n("MatMul", ["row_bytes_3d", "byte_weights"], ["rows_f"]),
+        n("Cast", ["rows_f"], ["rows_i"], to=I64),                       # [N, R, 1]
+        n("Concat", ["N_1d", "c1"], ["n1_shape"], axis=0), _fill("n1_shape", "zeros_n1", F, 0.0),
+        n("Concat", ["c1", "R_1d"], ["r1_shape"], axis=0), _fill("r1_shape", "zeros_1r", F, 0.0),
+        n("Gemm", ["zeros_n1", "zeros_1r", "outlier_values"], ["values_nr"]),   # [N, R]
+        n("Range", ["c0_s", "N_s", "one_s"], ["col_ids"]),
+        n("Concat", ["N_1d", "c1", "c1"], ["n11_shape"], axis=0),
+        n("Reshape", ["col_ids", "n11_shape"], ["col_ids_3d"]),
+        n("Concat", ["N_1d", "R_1d", "c1"], ["nr1_shape"], axis=0),
+        n("Expand", ["col_ids_3d", "nr1_shape"], ["cols_i"]),
+        n("Concat", ["cols_i", "rows_i"], ["o_idx"], axis=2),            # [N, R, 2] = (n, row)
+        n("ScatterND", ["wt_groups", "o_idx", "values_nr"], ["wt"], reduction="add"),
+        n("Transpose", ["wt"], ["w"], perm=[1, 0]),
+        n("MatMul", ["A", "w"], ["y_main"]),
+        # bias (materialized)
+        n("Concat", ["c1", "c1"], ["one_one"], axis=0), _fill("one_one", "zeros_11", F, 0.0),
+        n("Concat", ["c1", "N_1d"], ["one_n"], axis=0), _fill("one_n", "zeros_1n", F, 0.0),
+        n("Gemm", ["zeros_11", "zeros_1n", "bias"], ["bias_1n"]),
+        n("Reshape", ["bias_1n", "cm1"], ["bias_n"]),
+        n("Add", ["y_main", "bias_n"], ["Y"]),
+    ]
+    nodes.insert(0, _const("c0_s", np.array(0, np.int64)))
+    outliers_default = helper.make_attribute("outliers", 0)
+    return helper.make_function(DOMAIN, OP_NAME, list(INPUT_NAMES), ["Y"], nodes,
+                                opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
+                                attribute_protos=[outliers_default])
+
+
+def model_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def ensure_function(model: ir.Model) -> None:
+    """Give `model` the function (for its opset) and the domain import, once."""
+    opset = model_opset(model)
+    if opset < MIN_OPSET:
+        raise ValueError(f"the model's opset {opset} is below {MIN_OPSET}; convert it first (onnx.version_converter)")
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    key = (DOMAIN, OP_NAME, "")
+    if key not in model.functions:
+        model.functions[key] = ir.serde.deserialize_function(function_proto(opset))
+
+
+def make_node(A: ir.Value, weight: SparseQuantWeight, graph: ir.Graph, prefix: str, *, accuracy_level: int = 4,
+              output_name: str | None = None) -> ir.Node:
+    """A SparseQuantMatMul node reading `A`, with the weight's arrays registered as initializers of `graph`
+    (absent optional inputs are left out). The caller inserts the node."""
+    inputs: list[ir.Value | None] = [A]
+    for key, array in weight.inputs().items():
+        if array is None:
+            inputs.append(None)
+            continue
+        value = ir.Value(name=f"{prefix}.{key}", const_value=ir.tensor(np.ascontiguousarray(array), name=f"{prefix}.{key}"))
+        graph.register_initializer(value)
+        inputs.append(value)
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    node = ir.node(OP_NAME, inputs, domain=DOMAIN, name=prefix,
+                   attributes={"K": weight.K, "N": weight.N, "block": weight.block, "bits": 4,
+                               "accuracy_level": accuracy_level,
+                               **({"outliers": weight.outliers_per_column} if weight.outliers_per_column else {})})
+    node.outputs[0].name = output_name or f"{prefix}.out"
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    return node
+
+
+def single_op_model(weight: SparseQuantWeight, *, opset: int = 18, accuracy_level: int = 4,
+                    leading: tuple = ("M",)) -> ir.Model:
+    """A model `Y = SparseQuantMatMul(A)` with A [*leading, K] (tests and benchmarks)."""
+    A = ir.Value(name="A", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([*leading, weight.K]))
+    graph = ir.Graph([A], [], nodes=[], name="sqmm", opset_imports={"": opset})
+    node = make_node(A, weight, graph, "sqmm", accuracy_level=accuracy_level, output_name="Y")
+    graph.append(node)
+    node.outputs[0].shape = ir.Shape([*leading, weight.N])
+    graph.outputs.append(node.outputs[0])
+    model = ir.Model(graph, ir_version=9 if opset <= 20 else 10, producer_name="modelsurgeon")
+    ensure_function(model)
+    return model

@@ -1,0 +1,328 @@
+"""The transformer block finder, `fold-norms` and `slice` (SliceGPT) on reference, legacy-exported and real models.
+
+Exact rewrites are compared with the original model on inputs the passes never saw; lossy slicing is checked
+where the exact answer is known (a residual stream confined to a k-dim subspace slices losslessly to width k,
+which only holds if the norms' epsilon and scale corrections are right) and, on SmolLM2, by perplexity on
+held-out Shakespeare.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import modelsurgeon
+from modelsurgeon.analyses.blocks import const_array, find_blocks
+from modelsurgeon.calibration import synthesize
+from modelsurgeon.errors import UserError
+from modelsurgeon.passes.slice import kept_width
+from modelsurgeon.runtime.session import run_model
+
+REFERENCE = [("llama", 18), ("llama", 23), ("opt", 18), ("opt", 23)]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def _fresh_feeds(model: ir.Model, seed: int = 11) -> dict[str, np.ndarray]:
+    return synthesize(model, num_samples=3, seq_len=21, seed=seed).arrays
+
+
+def _compile(path_or_model, passes: str, **kw):
+    model = ir.load(path_or_model) if not isinstance(path_or_model, ir.Model) else path_or_model
+    return modelsurgeon.compile(model, passes=passes, progress=False, **kw)
+
+
+def _check_same_outputs(original: ir.Model, compiled: ir.Model, tol: float) -> None:
+    feeds = _fresh_feeds(original)
+    ref, got = run_model(original, feeds), run_model(compiled, feeds)
+    assert set(ref) == set(got)
+    for name in ref:
+        assert got[name].shape == ref[name].shape
+        assert _rel(got[name], ref[name]) < tol, (name, _rel(got[name], ref[name]))
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the block finder
+# ---------------------------------------------------------------------------------------------------------------
+
+ROLES = {
+    "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    "opt": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+            "up": "fc1", "down": "fc2"},
+}
+
+
+@pytest.mark.parametrize("kind,opset", REFERENCE)
+def test_block_finder_on_reference_models(reference_onnx, kind, opset):
+    model = ir.load(reference_onnx(kind, opset))
+    tb = find_blocks(model)
+    assert tb.layout == "pre-norm" and len(tb.blocks) == 2 and tb.d_model == 64 and not tb.problems
+    assert tb.embedding.table.name == "embed_tokens.weight"
+    assert [t.name for _, t in tb.embedding.extra_tables] == (["embed_positions.weight"] if kind == "opt" else [])
+    for b in tb.blocks:
+        roles = {role: lin.weight.name for role, lin in b.linears().items()}
+        assert roles == {r: f"layers.{b.index}.{m}.weight.T" for r, m in ROLES[kind].items()}
+        assert b.residual_in is (tb.embedding.output if b.index == 0 else tb.blocks[b.index - 1].residual_out)
+        assert b.residual_mid is b.attn_add.outputs[0] and b.residual_out is b.mlp_add.outputs[0]
+        assert {b.attn_norm.kind, b.mlp_norm.kind} == {"rms" if kind == "llama" else "layer"}
+        assert b.attn_norm.fused == (kind == "opt" or opset == 23)
+        assert b.attn_norm.input is b.residual_in and b.mlp_norm.input is b.residual_mid
+        assert b.k.out_features == (32 if kind == "llama" else 64)  # llama: 2 of 4 heads for k and v (GQA)
+        assert b.attn_shortcut is None and b.mlp_shortcut is None
+        assert b.o.node in b.nodes and b.down.node in b.nodes and b.attn_add in b.nodes
+    assert tb.final_norm is not None and tb.lm_head.input is tb.final_norm.output and tb.lm_head.out_features == 256
+    # OPT ties its head to the embedding: a Transpose of the same initializer the Gather reads
+    assert (tb.lm_head.weight is tb.embedding.table) == (kind == "opt")
+    text = tb.describe()
+    assert "2 pre-norm transformer blocks, d_model 64" in text and "lm head: 64x256" in text
+
+
+def test_block_finder_post_norm_bert_and_refusal(reference_onnx):
+    path = reference_onnx("bert", 18)
+    tb = find_blocks(ir.load(path))
+    assert tb.layout == "post-norm" and len(tb.blocks) == 2 and tb.embedding.norm is not None
+    b = tb.blocks[0]
+    assert b.attn_norm.input is b.attn_add.outputs[0] and b.residual_mid is b.attn_norm.output
+    for passes in ("fold-norms", "slice"):
+        with pytest.raises(UserError, match="post-LayerNorm .*cannot be folded.*needs a pre-norm transformer"):
+            _compile(path, passes)
+
+
+def test_block_finder_finds_nothing_in_a_cnn(reference_onnx):
+    tb = find_blocks(ir.load(reference_onnx("resnet", 18)))
+    assert tb.blocks == [] and "no transformer blocks" in tb.describe()
+    with pytest.raises(UserError, match="no transformer blocks were found"):
+        _compile(reference_onnx("resnet", 18), "slice")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fold-norms and rotation-only slicing: exact
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,opset", REFERENCE)
+def test_fold_norms_is_exact(reference_onnx, kind, opset):
+    path = reference_onnx(kind, opset)
+    result = _compile(path, "fold-norms")
+    _check_same_outputs(ir.load(path), result.model, 1e-5)
+    tb = find_blocks(result.model)
+    assert len(tb.blocks) == 2
+    for norm in tb.norms():
+        assert norm.kind == "rms" and norm.weightless
+    ops = _ops(result.model)
+    assert "LayerNormalization" not in ops and "Reciprocal" not in ops
+    assert ops.count("RMSNormalization") == (5 if opset >= 23 else 0)
+    assert result.report.rows[1].notes["norms_folded"] == 5
+    if kind == "opt":  # the tied embedding was centered for the Gather only; the head got its own copy
+        assert result.report.rows[1].notes["writers_centered"] == 6
+        assert tb.lm_head.weight is not tb.embedding.table
+        table = const_array(tb.embedding.table)
+        assert np.abs(table.mean(axis=1)).max() < 1e-6
+
+
+@pytest.mark.parametrize("kind,opset", REFERENCE)
+def test_slice_rotation_only_is_exact(reference_onnx, kind, opset):
+    path = reference_onnx(kind, opset)
+    model = ir.load(path)
+    calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
+    result = _compile(path, "slice(sparsity=0)", calibration=calib)
+    _check_same_outputs(ir.load(path), result.model, 1e-5)
+    notes = result.report.rows[2].notes
+    assert notes["kept"] == notes["d_model"] == 64 and notes["shortcuts"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# slicing with the stream confined to a subspace: lossless at the subspace's width
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _low_rank_stream_model(kind: str, opset: int, k: int, eps: float) -> ir.Model:
+    """A reference model whose stream writers (embeddings, attention and MLP outputs) write into one k-dim subspace."""
+    import torch
+
+    from modelsurgeon.models import reference
+    from modelsurgeon.models.lowering import lower
+
+    module, example = reference.build(kind, eps=eps)
+    d = module.embed_tokens.weight.shape[1]
+    basis, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(1)))
+    proj = basis @ basis.T
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("embed_tokens.weight", "embed_positions.weight")):
+                p.copy_(p @ proj)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight",
+                                "out_proj.bias", "fc2.bias")):
+                p.copy_(proj @ p)
+    return lower(module, example, opset=opset, input_names=reference.INPUT_NAMES[kind],
+                 output_names=reference.OUTPUT_NAMES[kind], dynamic_shapes=reference._dynamic_shapes(kind))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,opset", [("llama", 18), ("llama", 23), ("opt", 23)])
+def test_slice_is_lossless_when_the_stream_has_low_rank(kind, opset):
+    eps = 0.05  # large, so a norm that forgot the eps * d/k correction would be visibly off
+    model = _low_rank_stream_model(kind, opset, k=48, eps=eps)
+    original = ir.from_proto(ir.to_proto(model))
+    calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
+    result = _compile(model, "slice(sparsity=0.25)", calibration=calib)
+    _check_same_outputs(original, result.model, 1e-5)
+    tb = find_blocks(result.model)
+    assert tb.d_model == 48 and const_array(tb.embedding.table).shape == (256, 48)
+    assert tb.lm_head.in_features == 48 and all(b.o.out_features == 48 and b.q.in_features == 48 for b in tb.blocks)
+    assert all(b.attn_shortcut.in_features == 48 for b in tb.blocks)
+    if opset >= 23:
+        norms = [n for n in result.model.graph if n.op_type == "RMSNormalization"]
+        assert len(norms) == 5
+        for n in norms:
+            assert n.attributes["epsilon"].value == pytest.approx(eps * 64 / 48, rel=1e-6)
+            assert np.allclose(const_array(n.inputs[1]), math.sqrt(64 / 48))
+
+
+def test_slicing_twice_composes_the_shortcuts(reference_onnx):
+    path = reference_onnx("llama", 18)
+    calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
+    once = _compile(path, "slice(sparsity=0.25)", calibration=calib).model
+    twice = _compile(path, "slice(sparsity=0.25),slice(sparsity=0)", calibration=calib).model
+    feeds = _fresh_feeds(once)
+    assert _rel(run_model(twice, feeds)["logits"], run_model(once, feeds)["logits"]) < 1e-5
+    assert len([n for n in twice.graph if n.op_type == "MatMul"]) == len([n for n in once.graph if n.op_type == "MatMul"])
+
+
+def test_slice_error_and_size_grow_and_shrink_with_sparsity(reference_onnx):
+    path = reference_onnx("llama", 18)
+    original = ir.load(path)
+    calib = synthesize(original, num_samples=16, seq_len=16, seed=3)
+    feeds = _fresh_feeds(original)
+    ref = run_model(original, feeds)["logits"]
+    errors, params = [], []
+    for sparsity in (0.1, 0.4):
+        result = _compile(path, f"slice(sparsity={sparsity})", calibration=calib)
+        errors.append(_rel(run_model(result.model, feeds)["logits"], ref))
+        params.append(result.report.rows[-1].parameters)
+        assert result.report.rows[2].notes["kept"] == kept_width(64, sparsity)
+    assert 0 < errors[0] < errors[1] and params[1] < params[0] < result.report.rows[0].parameters
+
+
+def test_kept_width_and_options():
+    assert [kept_width(576, s) for s in (0, 0.1, 0.2, 0.25, 0.3)] == [576, 512, 456, 432, 400]
+    assert kept_width(64, 0.25) == 48 and kept_width(64, 0.99) == 8 and kept_width(64, 0.25, multiple=16) == 48
+    from modelsurgeon.pass_api import get_pass
+
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(UserError, match="sparsity"):
+            get_pass("slice")(sparsity=bad)
+    with pytest.raises(UserError, match="multiple"):
+        get_pass("slice")(multiple=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the legacy (TorchScript) exporter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_module(layernorm: bool):
+    """A two-block decoder written with plain ops: RMSNorm as pow/mean/rsqrt, or nn.LayerNorm; biases when LN."""
+    import torch
+    from torch import nn
+
+    class RMS(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    class Block(nn.Module):
+        def __init__(self, d, heads, ffn):
+            super().__init__()
+            self.heads = heads
+            norm = (lambda: nn.LayerNorm(d)) if layernorm else (lambda: RMS(d))
+            self.n1, self.n2 = norm(), norm()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=layernorm) for _ in range(4))
+            self.gate, self.up, self.down = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=layernorm), \
+                nn.Linear(ffn, d, bias=layernorm)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            y = self.n1(x)
+            q, k, v = (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+            att = (q @ k.transpose(-1, -2)) * (d // self.heads) ** -0.5
+            att = att.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), -1e9).softmax(-1)
+            x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+            y = self.n2(x)
+            mlp = torch.relu(self.up(y)) if layernorm else torch.nn.functional.silu(self.gate(y)) * self.up(y)
+            return x + self.down(mlp)
+
+    class Tiny(nn.Module):
+        def __init__(self, vocab=97, d=32, heads=4, ffn=64):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.blocks = nn.ModuleList(Block(d, heads, ffn) for _ in range(2))
+            self.norm = nn.LayerNorm(d) if layernorm else RMS(d)
+            self.head = nn.Linear(d, vocab, bias=False)
+
+        def forward(self, input_ids):
+            x = self.emb(input_ids)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.norm(x))
+
+    torch.manual_seed(0)
+    module = Tiny().eval()
+    with torch.no_grad():  # non-zero biases (LayerNorms keep ones/zeros: the exporter then shares them)
+        for name, p in module.named_parameters():
+            if name.endswith("bias") and ".n" not in name and "norm" not in name:
+                p.normal_(0, 0.1)
+    return module
+
+
+@pytest.fixture(scope="module")
+def legacy_models(tmp_path_factory):
+    import warnings
+
+    import torch
+
+    out = {}
+    for layernorm, opset in ((False, 17), (True, 14)):  # opset 14: LayerNorm decomposed into ReduceMean/Sub/...
+        path = tmp_path_factory.mktemp("legacy") / f"tiny-{'ln' if layernorm else 'rms'}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_tiny_module(layernorm), (torch.randint(0, 97, (2, 8)),), str(path), dynamo=False,
+                              opset_version=opset, input_names=["input_ids"], output_names=["logits"],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"}})
+        out["ln" if layernorm else "rms"] = path
+    return out
+
+
+@pytest.mark.parametrize("variant", ["rms", "ln"])
+def test_legacy_exporter_models(legacy_models, variant):
+    path = legacy_models[variant]
+    original = ir.load(path)
+    tb = find_blocks(original)
+    assert tb.layout == "pre-norm" and len(tb.blocks) == 2 and tb.d_model == 32 and tb.lm_head is not None
+    assert {n.kind for n in tb.norms()} == {"layer" if variant == "ln" else "rms"}
+    assert not any(n.fused for n in tb.norms())  # decomposed patterns at these opsets
+    b = tb.blocks[0]
+    assert (b.gate is None) == (variant == "ln") and b.q.node.name.startswith("/blocks.0/q/")
+    assert b.k.node.name.startswith("/blocks.0/k/") and b.v.node.name.startswith("/blocks.0/v/")
+    _check_same_outputs(original, _compile(path, "fold-norms").model, 1e-5)
+    calib = synthesize(original, num_samples=8, seq_len=16, seed=3)
+    sliced = _compile(path, "slice(sparsity=0)", calibration=calib).model
+    _check_same_outputs(original, sliced, 1e-5)
+    # the model takes its head reshape width from Shape(stream): slicing pins it to the original width
+    result = _compile(path, "slice(sparsity=0.25)", calibration=calib)
+    assert result.report.rows[2].notes["kept"] == 24 and result.report.rows[2].notes["shape_readers_pinned"] > 0
+    out = run_model(result.model, _fresh_feeds(original))["logits"]
+    assert out.shape == (3, 21, 97) and np.all(np.isfinite(out))

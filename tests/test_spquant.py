@@ -1,0 +1,259 @@
+"""spquant: the SparseQuantMatMul format, its ONNX-function fallback, the native kernel, and the pass."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from modelsurgeon.errors import UserError
+from modelsurgeon.runtime import custom_ops
+from modelsurgeon.runtime.session import make_session, session_options
+from modelsurgeon.runtime.sparse_quant_format import (SparseQuantWeight, pack_codes, random_weight, reference,
+                                                      unpack_codes)
+from modelsurgeon.runtime.sparse_quant_function import OP_NAME, single_op_model
+from modelsurgeon.verify import structural_problems
+
+LIBRARY = custom_ops.library_path()
+needs_library = pytest.mark.skipif(LIBRARY is None, reason="custom-op library not built (see runtime/kernels/_build/build.log)")
+
+# (K, N, block): odd K and N, K below one block, K not a multiple of the block, every block size the kernel has a
+# specialized path for (32; 64/128 as multiples of 64) and the scalar one (16).
+SHAPES = [(77, 13, 32), (300, 33, 64), (129, 7, 16), (1000, 21, 128), (17, 5, 32)]
+# (zero_points, outliers per column, bias, scale dtype, group_index dtype)
+VARIANTS = [(False, 0, False, np.float16, None), (True, 3, True, np.float32, np.int32),
+            (True, 0, False, np.float16, None), (False, 4, True, np.float16, None)]
+
+
+def _weight(seed, shape, variant):
+    K, N, block = shape
+    zp, outliers, bias, scale_dtype, index_type = variant
+    return random_weight(np.random.default_rng(seed), K, N, block, zero_points=zp, outliers=outliers, bias=bias,
+                         scale_dtype=scale_dtype, index_type=index_type)
+
+
+def _run(model, A, *, library: bool, profile: bool = False):
+    """Outputs of a session with or without our library, and the op types ORT executed."""
+    import onnxruntime as ort
+
+    so = session_options()
+    if library:
+        so.register_custom_ops_library(LIBRARY)
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "spquant_profile")
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"A": A})[0]
+    ops = set()
+    if profile:
+        path = sess.end_profiling()
+        with open(path) as f:
+            ops = {e["args"]["op_name"] for e in json.load(f) if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+        os.remove(path)
+    return y, ops
+
+
+def _rel(y, ref):
+    return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+# ------------------------------------------------------------------------------------------------ format
+
+
+def test_pack_roundtrip_and_layout():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(9, 32), dtype=np.uint8)
+    packed = pack_codes(codes)
+    assert packed.shape == (9, 16)
+    assert np.array_equal(unpack_codes(packed), codes)
+    assert packed[0, 0] == codes[0, 0] | (codes[0, 16] << 4)  # low nibble: first half of the group
+
+
+def test_dense_decodes_the_documented_formula():
+    w = SparseQuantWeight(K=5, N=2, block=4, packed=pack_codes(np.array([[8, 9, 7, 15], [0, 8, 8, 8]], np.uint8)),
+                          scales=np.array([0.5, 2.0], np.float16), group_ptr=np.array([0, 1, 2], np.int32),
+                          group_index=np.array([1, 0], np.uint16), zero_points=np.array([0, -1], np.int8),
+                          outlier_rows=np.array([[0], [4]], np.uint16), outlier_values=np.array([[3.0], [0.0]], np.float32))
+    expect = np.zeros((5, 2), np.float32)
+    expect[4, 0] = (8 - 8) * 0.5           # column 0 keeps block 1 = rows 4..7, only row 4 < K
+    expect[0, 0] = 3.0                     # outlier of column 0
+    expect[0:4, 1] = (np.array([0, 8, 8, 8]) - 7) * 2.0  # column 1 keeps block 0 with zero point 8 - 1
+    assert np.array_equal(w.dense(), expect)
+
+
+# ------------------------------------------------------------------------------------------------ ONNX function
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_function_fallback_matches_numpy(shape, variant):
+    w = _weight(1, shape, VARIANTS[variant])
+    model = single_op_model(w, leading=("B", "S"))
+    assert structural_problems(model) == []  # checker + strict shape inference through the function
+    A = np.random.default_rng(2).normal(size=(2, 3, shape[0])).astype(np.float32)
+    y, _ = _run(model, A, library=False)
+    assert y.shape == (2, 3, shape[1])
+    assert _rel(y, reference(A, w)) < 1e-5
+
+
+def test_function_rejects_old_opsets():
+    with pytest.raises(ValueError, match="opset"):
+        single_op_model(_weight(0, SHAPES[0], VARIANTS[0]), opset=15)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+
+@needs_library
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_numpy_on_every_path(isa, shape, monkeypatch):
+    monkeypatch.setenv("MODELSURGEON_SQMM_ISA", isa)  # read when ORT creates the kernel; lowers the path only
+    A = np.random.default_rng(3).normal(size=(4, shape[0])).astype(np.float32)
+    for v, variant in enumerate(VARIANTS):
+        w = _weight(10 + v, shape, variant)
+        for level in (0, 4):
+            y, _ = _run(single_op_model(w, accuracy_level=level), A, library=True)
+            # level 4 is compared with the int8-rounded activations the kernel uses: only fp32 round-off remains
+            assert _rel(y, reference(A, w, accuracy_level=level)) < 2e-5, (isa, shape, variant, level)
+
+
+@needs_library
+def test_int8_activations_stay_close_to_exact_math():
+    w = _weight(4, (1000, 21, 32), VARIANTS[1])
+    A = np.random.default_rng(4).normal(size=(8, 1000)).astype(np.float32)
+    y, _ = _run(single_op_model(w, accuracy_level=4), A, library=True)
+    err = np.linalg.norm(y - reference(A, w)) / np.linalg.norm(reference(A, w))
+    assert 1e-5 < err < 2e-2  # really int8 (not exact), and as close as MatMulNBits accuracy_level=4 gets
+
+
+@needs_library
+def test_same_model_runs_with_and_without_library():
+    w = _weight(5, (300, 33, 32), VARIANTS[1])
+    model = single_op_model(w, accuracy_level=0, leading=("B", "S"))
+    A = np.random.default_rng(5).normal(size=(2, 5, 300)).astype(np.float32)
+    y_kernel, ops_kernel = _run(model, A, library=True, profile=True)
+    y_function, ops_function = _run(model, A, library=False, profile=True)
+    assert ops_kernel == {OP_NAME}                       # ORT ran our kernel ...
+    assert OP_NAME not in ops_function and "MatMul" in ops_function  # ... or the inlined function
+    np.testing.assert_allclose(y_kernel, y_function, rtol=1e-5, atol=1e-5)
+
+
+@needs_library
+def test_session_helper_reports_its_path(monkeypatch):
+    model = single_op_model(_weight(6, SHAPES[0], VARIANTS[0]))
+    assert custom_ops.session_path(make_session(model)) == "kernel"
+    assert custom_ops.session_path(make_session(model, custom_ops=False)) == "function"
+    monkeypatch.setenv(custom_ops.ENV_DISABLE, "1")
+    assert custom_ops.library_path() is None
+    assert custom_ops.session_path(make_session(model)) == "function"
+
+
+@needs_library
+def test_library_facts():
+    info = custom_ops.kernel_info()
+    assert info["op"] == "ai.modelsurgeon::SparseQuantMatMul" and info["ort_api_version"] == 17
+    assert info["isa"] in ("scalar", "avx2", "avx512vnni")
+    import subprocess
+
+    deps = subprocess.run(["ldd", LIBRARY], capture_output=True, text=True).stdout
+    assert "onnxruntime" not in deps  # the ORT C API comes from the loading process, not a link
+
+
+@needs_library
+def test_kernel_rejects_corrupt_indices():
+    w = _weight(7, (77, 13, 32), VARIANTS[0])
+    w.group_index = w.group_index.copy()
+    w.group_index[0] = 50  # n_blocks is 3
+    with pytest.raises(Exception, match="group_index out of range"):
+        _run(single_op_model(w), np.zeros((1, 77), np.float32), library=True)
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+
+
+@pytest.fixture(scope="module")
+def layer_problem():
+    """A weight with structure (some input channels and groups matter more) and correlated activations."""
+    rng = np.random.default_rng(0)
+    k, n = 256, 48
+    mix = rng.normal(size=(k, k)) / np.sqrt(k) + np.eye(k)
+    x = (rng.normal(size=(2048, k)) * np.exp(rng.normal(0, 1, size=k))) @ mix
+    w = (rng.normal(size=(k, n)) * np.exp(rng.normal(0, 0.7, size=(k, 1)))).astype(np.float32)
+    return w, (x.T @ x / len(x)), x
+
+
+def test_compressed_layer_decodes_to_what_gptq_computed(layer_problem):
+    from modelsurgeon.passes.spquant import compress_layer
+
+    w, h, _ = layer_problem
+    for symmetric in (True, False):
+        res = compress_layer(w, h, sparsity=0.5, block=32, outliers=0.01, symmetric=symmetric)
+        assert res.kept_fraction == pytest.approx(0.5)
+        assert res.weight.outliers_per_column == 3
+        np.testing.assert_allclose(res.weight.dense(), res.dense, rtol=0, atol=1e-6)
+
+
+def test_error_compensation_and_outliers_lower_the_layer_error(layer_problem):
+    from modelsurgeon import quantize as Q
+    from modelsurgeon.passes.spquant import choose_groups, compress_layer, group_importance
+
+    w, h, _ = layer_problem
+    err = lambda dense: Q.relative_output_error(w, dense, h)
+    ours = err(compress_layer(w, h, sparsity=0.5, block=32, outliers=0.0, symmetric=False).dense)
+    with_outliers = err(compress_layer(w, h, sparsity=0.5, block=32, outliers=0.02, symmetric=False).dense)
+    # no compensation: the same groups, rounded to nearest, dropped ones zeroed
+    kept = np.repeat(choose_groups(group_importance(w, h, 32), 0.5), 32, axis=0)[:w.shape[0]]
+    naive = err(Q.quantize_rtn(w, 4, 32, False).dequantize() * kept)
+    # magnitude-only importance (no activations), with compensation
+    flat = compress_layer(w, np.diag(np.diag(h)) * 0 + np.eye(w.shape[0]), sparsity=0.5, block=32, outliers=0.0,
+                          symmetric=False).dense
+    assert ours < 0.6 * naive
+    assert with_outliers < ours
+    assert ours < err(flat)
+
+
+@pytest.fixture(scope="module")
+def llama_path():
+    from modelsurgeon.models import reference as ref
+
+    return ref.export("llama")
+
+
+def test_pass_emits_the_op_and_its_function(llama_path):
+    import modelsurgeon
+
+    res = modelsurgeon.compile(str(llama_path), "spquant", progress=False)
+    row = next(r for r in res.report.rows if r.name.startswith("spquant"))
+    nodes = [n for n in res.model.graph.all_nodes() if n.domain == "ai.modelsurgeon"]
+    assert row.notes["layers_sparse"] == len(nodes) > 0
+    assert ("ai.modelsurgeon", OP_NAME, "") in res.model.functions
+    assert res.report.rows[-1].rel_l2 < 1.0
+    # both paths give the same outputs on the compiled model (the verifier ran the kernel when built)
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 256, size=(2, 8)).astype(np.int64)}
+    fb = make_session(res.model, custom_ops=False).run(None, feeds)[0]
+    if LIBRARY:
+        kn = make_session(res.model).run(None, feeds)[0]
+        assert np.linalg.norm(kn - fb) / np.linalg.norm(fb) < 0.05  # int8 activations vs exact fp32 fallback
+
+
+def test_pass_falls_back_to_matmulnbits_where_sparsity_does_not_pay(llama_path):
+    import modelsurgeon
+
+    res = modelsurgeon.compile(str(llama_path), "spquant(sparsity=0.0)", progress=False)
+    ops = {n.op_type for n in res.model.graph.all_nodes()}
+    assert "MatMulNBits" in ops and OP_NAME not in ops and not res.model.functions
+    row = next(r for r in res.report.rows if r.name.startswith("spquant"))
+    assert any("MatMulNBits instead" in s for s in row.skipped)
+
+
+@pytest.mark.parametrize("spec", ["spquant(block=48)", "spquant(sparsity=1.0)", "spquant(outliers=-0.1)",
+                                  "spquant(accuracy_level=2)", "spquant(bogus=1)"])
+def test_bad_options(spec):
+    from modelsurgeon.pipeline import build_pipeline, parse_passes
+
+    with pytest.raises(UserError):
+        build_pipeline(parse_passes(spec))
