@@ -39,22 +39,39 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ = 128
 CALIB_PLAY, EVAL_PLAY = "hamlet", "macbeth"
 
-VARIANTS = {
-    "efficientnet": [("prune channels=0.3", "prune(channels=0.3)"),
-                     ("prune channels=0.3 reconstruct", "prune(channels=0.3,reconstruct=true)"),
-                     ("prune channels=0.3 activation reconstruct", "prune(channels=0.3,importance=activation,reconstruct=true)")],
-    "minilm": [("prune heads=0.25 ffn=0.3", "prune(heads=0.25,ffn=0.3)"),
-               ("prune heads=0.25 ffn=0.3 reconstruct", "prune(heads=0.25,ffn=0.3,reconstruct=true)"),
-               ("prune heads=0.25 ffn=0.3 activation reconstruct", "prune(heads=0.25,ffn=0.3,importance=activation,reconstruct=true)")],
-    "smollm2": [("prune ffn=0.2", "prune(ffn=0.2)"),
-                ("prune ffn=0.2 reconstruct", "prune(ffn=0.2,reconstruct=true)"),
-                ("prune ffn=0.2 activation reconstruct", "prune(ffn=0.2,importance=activation,reconstruct=true)")],
-}
+
+def variants(model: str) -> list[tuple[str, str]]:
+    """(label, prune options): each importance with and without reconstruct."""
+    spec = {"efficientnet": "channels=0.3", "minilm": "heads=0.25,ffn=0.3", "smollm2": "ffn=0.2"}[model]
+    out = []
+    for imp in ("magnitude", "activation"):
+        out.append((f"{spec} {imp}", f"{spec},importance={imp}"))
+        out.append((f"{spec} {imp} reconstruct", f"{spec},importance={imp},reconstruct=true"))
+    if model == "efficientnet":  # how quality depends on the amount, for the most careful method
+        out.append(("channels=0.1 activation reconstruct", "channels=0.1,importance=activation,reconstruct=true"))
+    return out
 
 
 def file_size(path: pathlib.Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def weight_elements(model) -> int:
+    """Elements of every float constant a node reads, ConstantOfShape-filled ones included (the light zoo
+    stores its weights so); each tensor counted once."""
+    from modelsurgeon.analyses.channel_deps import constant_array, is_constant
+
+    seen, total = set(), 0
+    for node in model.graph:
+        for v in node.inputs:
+            if v is None or id(v) in seen or not is_constant(v):
+                continue
+            seen.add(id(v))
+            arr = constant_array(v)
+            if arr is not None and np.issubdtype(arr.dtype, np.floating):
+                total += int(arr.size)
+    return total
 
 
 def light_rows() -> list[dict]:
@@ -72,9 +89,11 @@ def light_rows() -> list[dict]:
             continue
         first, last = res.report.rows[0], res.report.rows[-1]
         notes = res.report.rows[1].notes
+        weights_before = weight_elements(modelsurgeon.load(path))
+        weights_after = weight_elements(res.model)
         rows.append({"model": name, "macs": first.macs, "macs_pruned": last.macs,
-                     "macs_removed": round(1 - last.macs / first.macs, 4), "parameters": first.parameters,
-                     "parameters_pruned": last.parameters, "groups_pruned": notes.get("groups_pruned"),
+                     "macs_removed": round(1 - last.macs / first.macs, 4), "weights": weights_before,
+                     "weights_pruned": weights_after, "weights_removed": round(1 - weights_after / weights_before, 4), "groups_pruned": notes.get("groups_pruned"),
                      "groups_frozen": notes.get("groups_frozen"), "channels_kept": notes.get("channels_kept"),
                      "verified": True, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"[light] {json.dumps(rows[-1])}", flush=True)
@@ -96,17 +115,25 @@ def setup_model(name: str, args, work: pathlib.Path):
     from modelsurgeon.runtime.evaluate import evaluate, sentence_batches
 
     if name == "efficientnet":
+        from modelsurgeon.models import data
+
         dense = pathlib.Path(real.efficientnet_lite0_onnx())
-        photos = np.asarray(real.photos(args.photos), dtype=np.float32)
-        n_cal = len(photos) // 2
-        calib = CalibrationData({"pixels": photos[:n_cal]}, "real.photos (first half)")
+        n = min(args.photos, data.MAX_PHOTOS)
+        names = data.photo_names(n)
+        pixels = np.asarray(real.photos(n, "inception"), dtype=np.float32)  # the model's training preprocessing
+        bases = sorted({nm.split("/")[0] for nm in names})
+        calib_bases = set(bases[::2])  # split by photo, not by crop: no photo is in both halves
+        is_cal = np.array([nm.split("/")[0] in calib_bases for nm in names])
+        calib = CalibrationData({"pixels": pixels[is_cal]}, "real.photos (every other photo, all crops)")
         eval_file = work / "photos.npz"
-        np.savez(eval_file, pixels=photos[n_cal:])
-        note = f"EfficientNet-Lite0: calibration {n_cal} photos, top-1 agreement on the other {len(photos) - n_cal}"
+        np.savez(eval_file, pixels=pixels[~is_cal])
+        note = (f"EfficientNet-Lite0: {n} crops of {len(bases)} real photos ([-1, 1] inputs); calibration on "
+                f"{int(is_cal.sum())} crops of {len(calib_bases)} photos, top-1 agreement on {int((~is_cal).sum())} "
+                "crops of the other photos")
 
         def quality(path):
             m = evaluate(str(path), str(dense), task="classification", data=str(eval_file),
-                         num_samples=len(photos), batch_size=8).metrics
+                         num_samples=int((~is_cal).sum()), batch_size=8).metrics
             return {"top1_agreement": m.get("top1_agreement"), "rel_l2": m.get("rel_l2")}
 
         return dense, calib, None, quality, {"batch": 1}, note
@@ -148,56 +175,81 @@ def setup_model(name: str, args, work: pathlib.Path):
     return dense, str(calib_file), str(tok), quality, {"batch": 1, "seq": SEQ}, note
 
 
+def prune_model(dense: pathlib.Path, options: str, calib, tok, args, name: str):
+    """The prune pass and cleanup, run directly (the manager's per-pass verification and statistics are left
+    out to keep the benchmark short; tests/test_prune.py verifies the same rewrites)."""
+    import modelsurgeon
+    from modelsurgeon.calibration import load_calibration
+    from modelsurgeon.context import PassContext
+    from modelsurgeon.pass_api import get_pass
+
+    model = modelsurgeon.load(dense)
+    data = load_calibration(model, calib, tokenizer=tok, num_samples=args.calib_samples if name == "smollm2" else 10_000,
+                            seq_len=SEQ, warn=False)
+    ctx = PassContext(model=model, calibration=data, progress=False)
+    opts = dict(kv.split("=") for kv in options.split(","))
+    result = get_pass("prune")(**opts).run(model, ctx)
+    get_pass("cleanup")().run(result.model, ctx)
+    return result.model, result.notes
+
+
+def macs_of(path: pathlib.Path, feeds) -> int | None:
+    import modelsurgeon
+    from modelsurgeon.stats import estimate_macs
+
+    return estimate_macs(modelsurgeon.load(path), feeds)
+
+
 def run_model(name: str, args, work: pathlib.Path) -> tuple[list[dict], list[dict], list[str]]:
     import modelsurgeon
-    from modelsurgeon.runtime.benchmark import benchmark
+    from modelsurgeon.runtime.benchmark import bench_feeds, benchmark
 
     dense, calib, tok, quality, lat_kwargs, note = setup_model(name, args, work)
-    rows, timed = [], []
-    t0 = time.perf_counter()
-    base = modelsurgeon.compile(str(dense), "cleanup", verify=False, progress=False)
-    dense_out = work / f"{name}-dense.onnx"
-    base.save(dense_out)
-    row = {"model": name, "variant": "dense", "passes": "", "bytes": file_size(dense_out),
-           "parameters": base.report.rows[-1].parameters, "macs_per_sample": base.report.rows[-1].macs}
-    del base
-    row.update(quality(dense_out))
-    rows.append(row)
-    timed.append(("dense", dense_out))
+    dense_ir = modelsurgeon.load(dense)
+    feeds = bench_feeds(dense_ir, lat_kwargs.get("batch", 1), lat_kwargs.get("seq"))
+    from modelsurgeon.stats import count_parameters
+
+    row = {"model": name, "variant": "dense", "parameters": count_parameters(dense_ir), "bytes": file_size(dense),
+           "macs": macs_of(dense, feeds)}
+    del dense_ir
+    row.update(quality(dense))
+    rows, timed = [row], [("dense", dense)]
+    macs: dict[str, int | None] = {}
     print(f"[{name}] dense: {json.dumps(row)}", flush=True)
-    for label, passes in VARIANTS[name]:
+    for label, options in variants(name):
         t0 = time.perf_counter()
         try:
-            res = modelsurgeon.compile(str(dense), passes, calibration=calib, tokenizer=tok,
-                                       num_samples=args.calib_samples if name == "smollm2" else 10_000,
-                                       seq_len=SEQ, verify=False, progress=False)
+            model, notes = prune_model(dense, options, calib, tok, args, name)
         except Exception as exc:
-            rows.append({"model": name, "variant": label, "passes": passes, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append({"model": name, "variant": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
             print(f"[{name}] {label}: FAILED {exc}", flush=True)
             continue
-        compile_s = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         out = work / f"{name}-{len(rows)}.onnx"
-        res.save(out)
-        final = res.report.rows[-1]
-        notes = res.report.rows[1].notes
-        row = {"model": name, "variant": label, "passes": passes, "bytes": file_size(out),
-               "parameters": final.parameters, "macs_per_sample": final.macs, "compile_s": round(compile_s, 1),
+        modelsurgeon.save(model, out)
+        row = {"model": name, "variant": label, "passes": f"prune({options})", "parameters": count_parameters(model),
+               "bytes": file_size(out), "prune_s": round(seconds, 1),
                "notes": {k: v for k, v in notes.items() if k.endswith("_kept") or k in ("groups_pruned", "layers_refit")}}
-        del res
+        del model
+        amount = options.split(",importance")[0]  # variants with the same amount have the same shapes
+        if amount not in macs:
+            macs[amount] = macs_of(out, feeds)
+        row["macs"] = macs[amount]
+        if len(timed) == 1:  # one latency per shape: the first variant's
+            timed.append((f"pruned {amount}", out))
         row.update(quality(out))
         rows.append(row)
-        if "activation" not in label:
-            timed.append((label, out))
         print(f"[{name}] {label}: {json.dumps({k: v for k, v in row.items() if k != 'passes'})}", flush=True)
     dense_row = rows[0]
-    for row in rows:
-        if "macs_per_sample" in row and dense_row.get("macs_per_sample"):
-            row["macs_ratio"] = round(row["macs_per_sample"] / dense_row["macs_per_sample"], 4)
+    for row in rows[1:]:
+        if "parameters" in row:
             row["parameters_ratio"] = round(row["parameters"] / dense_row["parameters"], 4)
+            if row.get("macs") and dense_row.get("macs"):
+                row["macs_ratio"] = round(row["macs"] / dense_row["macs"], 4)
         if "perplexity" in row and "perplexity" in dense_row:
             row["perplexity_ratio"] = round(row["perplexity"] / dense_row["perplexity"], 4)
     latency = []
-    if not args.no_latency:
+    if not args.no_latency and len(timed) > 1:
         load = os.getloadavg()
         rep = benchmark([str(p) for _, p in timed], labels=[l for l, _ in timed], warmup=2, rounds=args.rounds,
                         **lat_kwargs)
@@ -205,11 +257,6 @@ def run_model(name: str, args, work: pathlib.Path) -> tuple[list[dict], list[dic
             latency.append({"model": name, "variant": r.model, "median_ms": round(r.median_ms, 2),
                             "spread": round(r.spread, 3), "speedup_vs_dense": round(r.speedup, 3),
                             "loadavg_1m_before": round(load[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)})
-        by_label = {l["variant"]: l for l in latency}
-        for row in rows:
-            if row.get("variant") in by_label:
-                row["latency_ms"] = by_label[row["variant"]]["median_ms"]
-                row["speedup_vs_dense"] = by_label[row["variant"]]["speedup_vs_dense"]
     return rows, latency, [note]
 
 
@@ -227,7 +274,7 @@ def markdown(result: dict) -> str:
     lines = []
     if result.get("light"):
         lines.append("### ONNX light zoo, `prune(channels=0.3)` (verified: checker, strict shape inference, ORT run)\n")
-        cols = ["model", "macs", "macs_pruned", "macs_removed", "parameters", "parameters_pruned", "groups_pruned",
+        cols = ["model", "macs", "macs_pruned", "macs_removed", "weights", "weights_pruned", "weights_removed", "groups_pruned",
                 "groups_frozen", "seconds"]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
@@ -244,8 +291,7 @@ def markdown(result: dict) -> str:
                     "smollm2": ["perplexity", "perplexity_ratio"]}
     for model in result["models"]:
         rows = [r for r in result["rows"] if r["model"] == model]
-        cols = ["variant", "parameters", "parameters_ratio", "macs_per_sample", "macs_ratio", *quality_cols[model],
-                "latency_ms", "speedup_vs_dense", "compile_s"]
+        cols = ["variant", "parameters", "parameters_ratio", "macs", "macs_ratio", *quality_cols[model], "prune_s"]
         lines.append(f"### {titles[model]}\n")
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
@@ -254,6 +300,13 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {r['variant']} | failed: {r['error'][:80]} |")
                 continue
             lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lat = [l for l in result["latency"] if l["model"] == model]
+        if lat:
+            lines.append("")
+            lines.append("Latency (" + ("batch 1" if model == "efficientnet" else f"batch 1, {SEQ} tokens") + "): "
+                         + "; ".join(f"{l['variant']} {l['median_ms']} ms (spread {l['spread']:.0%}, speedup "
+                                     f"{l['speedup_vs_dense']:.2f}x)" for l in lat)
+                         + f"; load average {lat[0]['loadavg_1m_before']} -> {lat[0]['loadavg_1m_after']}.")
         lines.append("")
     for note in result["notes"]:
         lines.append(f"- {note}")
@@ -268,7 +321,7 @@ def main() -> int:
     ap.add_argument("--models", default="light,efficientnet,minilm,smollm2")
     ap.add_argument("--eval-samples", type=int, default=16, help="SmolLM2: 128-token windows; MiniLM: x16 sentences")
     ap.add_argument("--calib-samples", type=int, default=16, help="SmolLM2: 128-token windows; MiniLM: x4 sentences")
-    ap.add_argument("--photos", type=int, default=32, help="EfficientNet: photos (half calibration, half evaluation)")
+    ap.add_argument("--photos", type=int, default=90, help="EfficientNet: photo crops (split by photo into calibration and evaluation)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "prune.json"))

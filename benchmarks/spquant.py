@@ -7,12 +7,13 @@ the run time / C. Variants run interleaved, medians are reported, os.getloadavg(
   - fp32 MatMul;
   - MatMulNBits, 4 bits, block 32, symmetric (no zero points), accuracy_level=4 (int8 activations);
   - ours: SparseQuantMatMul, 50% of the 32-weight groups kept, symmetric, fp16 scales, 0.5% fp32 outliers per
-    column, accuracy_level=4; also with its AVX2 path forced (CPUs without AVX-512 VNNI).
+    column, accuracy_level=4; also with its AVX2 path forced (CPUs without AVX-512 VNNI, 1 token) and
+    MatMulNBits vs ours on one thread (1 token), which is less sensitive to other jobs on a shared machine.
 
 Part 2 (end to end, needs the packaged SmolLM2-135M and modelsurgeon.models.real): SmolLM2 after `slice`, then
 `quant4` (GPTQ) alone vs `spquant`: perplexity on Shakespeare text and latency per token / per 128-token prompt.
 
-    python benchmarks/spquant.py [--reps 15] [--skip-e2e] [--out docs/results/spquant.json]
+    python benchmarks/spquant.py [--reps 11] [--skip-e2e] [--skip-kernel] [--out docs/results/spquant.json]
 
 Writes the JSON and docs/spquant.md's result tables (between the BEGIN/END RESULTS markers).
 """
@@ -103,13 +104,13 @@ def sparse_model(rng, K, N, copies):
     return (_model(nodes, inits, K, outs, {"": 18, DOMAIN: 1}, [function_proto(18)]), weights[0].nbytes(), weights[0])
 
 
-def session(model_bytes: bytes, library: bool, isa: str | None = None):
+def session(model_bytes: bytes, library: bool, isa: str | None = None, threads: int | None = None):
     import onnxruntime as ort
 
     from modelsurgeon.runtime.custom_ops import library_path
     from modelsurgeon.runtime.session import session_options
 
-    so = session_options()
+    so = session_options(threads=threads)
     if library:
         so.register_custom_ops_library(library_path())
     old = os.environ.get("MODELSURGEON_SQMM_ISA")
@@ -122,20 +123,35 @@ def session(model_bytes: bytes, library: bool, isa: str | None = None):
             os.environ.pop("MODELSURGEON_SQMM_ISA") if old is None else os.environ.__setitem__("MODELSURGEON_SQMM_ISA", old)
 
 
-def time_interleaved(sessions: dict, feeds_by_m: dict, copies: dict, reps: int) -> dict:
-    """{(name, M): [per-call seconds per rep]}: every rep runs every variant once, in a rotating order."""
-    times = {(name, m): [] for name in sessions for m in feeds_by_m}
-    for name, sess in sessions.items():  # warm up (first run allocates)
-        for feeds in feeds_by_m.values():
-            sess.run(None, feeds)
-    names = list(sessions)
+# variant -> (model kind, threads (None: ORT default = all cores), ISA override, token counts)
+VARIANTS = {
+    "fp32 MatMul": ("fp32", None, None, TOKENS),
+    "MatMulNBits a4": ("nbits", None, None, TOKENS),
+    "ours a4": ("ours", None, None, TOKENS),
+    "ours a4, AVX2 path": ("ours", None, "avx2", [1]),
+    "MatMulNBits a4, 1 thread": ("nbits", 1, None, [1]),
+    "ours a4, 1 thread": ("ours", 1, None, [1]),
+}
+BASELINE = {None: "MatMulNBits a4", 1: "MatMulNBits a4, 1 thread"}
+
+
+def time_interleaved(plan: dict, feeds_by_m: dict, reps: int) -> dict:
+    """{(variant, M): [per-call seconds per rep]}: every rep runs every variant once, in a rotating order."""
+    times = {(name, m): [] for name, (_, _, ms) in plan.items() for m in ms}
+    for name, (sess, _, ms) in plan.items():  # warm up (first runs allocate)
+        for m in ms:
+            sess.run(None, feeds_by_m[m])
+    names = list(plan)
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for m, feeds in feeds_by_m.items():
             for name in order:
+                sess, copies, ms = plan[name]
+                if m not in ms:
+                    continue
                 t0 = time.perf_counter()
-                sessions[name].run(None, feeds)
-                times[(name, m)].append((time.perf_counter() - t0) / copies[name])
+                sess.run(None, feeds)
+                times[(name, m)].append((time.perf_counter() - t0) / copies)
     return times
 
 
@@ -149,49 +165,47 @@ def kernel_benchmark(reps: int) -> dict:
     rng = np.random.default_rng(0)
     results = []
     for K, N in SHAPES:
-        sizes = {}
-        built = {}
         t0 = time.perf_counter()
-        # copy counts from one copy's bytes
-        per_copy = {"fp32 MatMul": K * N * 4, "MatMulNBits a4": N * -(-K // BLOCK) * (BLOCK // 2 + 4),
-                    "ours a4": int(N * -(-K // BLOCK) * KEEP * (BLOCK // 2 + 4) + N * round(OUTLIER_FRACTION * K) * 6)}
-        copies = {k: max(2, math.ceil(target / v)) for k, v in per_copy.items()}
-        built["fp32 MatMul"], sizes["fp32 MatMul"] = fp32_model(rng, K, N, copies["fp32 MatMul"])
-        built["MatMulNBits a4"], sizes["MatMulNBits a4"] = matmulnbits_model(rng, K, N, copies["MatMulNBits a4"])
-        built["ours a4"], sizes["ours a4"], w0 = sparse_model(rng, K, N, copies["ours a4"])
-        sessions = {"fp32 MatMul": session(built["fp32 MatMul"], False),
-                    "MatMulNBits a4": session(built["MatMulNBits a4"], False),
-                    "ours a4": session(built["ours a4"], True),
-                    "ours a4 (avx2 path)": session(built["ours a4"], True, isa="avx2")}
-        copies["ours a4 (avx2 path)"] = copies["ours a4"]
-        sizes["ours a4 (avx2 path)"] = sizes["ours a4"]
+        per_copy = {"fp32": K * N * 4, "nbits": N * -(-K // BLOCK) * (BLOCK // 2 + 4),
+                    "ours": int(N * -(-K // BLOCK) * KEEP * (BLOCK // 2 + 4) + N * round(OUTLIER_FRACTION * K) * 6)}
+        copies = {kind: max(2, math.ceil(target / v)) for kind, v in per_copy.items()}
+        built, sizes = {}, {}
+        built["fp32"], sizes["fp32"] = fp32_model(rng, K, N, copies["fp32"])
+        built["nbits"], sizes["nbits"] = matmulnbits_model(rng, K, N, copies["nbits"])
+        built["ours"], sizes["ours"], w0 = sparse_model(rng, K, N, copies["ours"])
+        plan = {name: (session(built[kind], kind == "ours", isa, threads), copies[kind], ms)
+                for name, (kind, threads, isa, ms) in VARIANTS.items()}
         del built
         setup_s = time.perf_counter() - t0
         feeds = {m: {"A": rng.standard_normal((m, K), np.float32)} for m in TOKENS}
         # correctness of the measured op: copy 0 against numpy (int8-rounded activations, as the kernel computes)
-        y0 = sessions["ours a4"].run(["y0"], feeds[TOKENS[-1]])[0]
-        ref = reference(feeds[TOKENS[-1]]["A"], w0, accuracy_level=4)
-        check = float(np.abs(y0 - ref).max() / np.abs(ref).max())
-        load_before = os.getloadavg()
-        times = time_interleaved(sessions, feeds, copies, reps)
-        load_after = os.getloadavg()
+        checks = {}
         for m in TOKENS:
-            med = {name: statistics.median(times[(name, m)]) for name in sessions}
-            for name in sessions:
+            y0 = plan["ours a4"][0].run(["y0"], feeds[m])[0]
+            ref = reference(feeds[m]["A"], w0, accuracy_level=4)
+            checks[m] = float(np.abs(y0 - ref).max() / np.abs(ref).max())
+        load_before = os.getloadavg()
+        times = time_interleaved(plan, feeds, reps)
+        load_after = os.getloadavg()
+        for name, (kind, threads, _, ms) in VARIANTS.items():
+            for m in ms:
+                med = statistics.median(times[(name, m)])
+                base = statistics.median(times[(BASELINE[threads], m)]) if (BASELINE[threads], m) in times else None
+                fp32 = statistics.median(times[("fp32 MatMul", m)]) if threads is None else None
                 results.append({
-                    "K": K, "N": N, "tokens": m, "variant": name, "copies": copies[name],
-                    "weight_bytes": sizes[name], "median_ms": med[name] * 1e3,
+                    "K": K, "N": N, "tokens": m, "variant": name, "threads": threads or "default",
+                    "copies": copies[kind], "weight_bytes": sizes[kind], "median_ms": med * 1e3,
                     "min_ms": min(times[(name, m)]) * 1e3,
-                    "speedup_vs_matmulnbits": med["MatMulNBits a4"] / med[name],
-                    "speedup_vs_fp32": med["fp32 MatMul"] / med[name],
-                    "GBps": sizes[name] / med[name] / 1e9,
+                    "speedup_vs_matmulnbits": base / med if base else None,
+                    "speedup_vs_fp32": fp32 / med if fp32 else None,
+                    "GBps": sizes[kind] / med / 1e9,
                 })
-        results.append({"K": K, "N": N, "check_rel_max_err_vs_numpy": check, "setup_seconds": setup_s,
+        results.append({"K": K, "N": N, "check_rel_max_err_vs_numpy": checks, "setup_seconds": setup_s,
                         "loadavg_before": load_before, "loadavg_after": load_after})
-        print(f"[{K}x{N}] done; check {check:.1e}; load {load_before} -> {load_after}", file=sys.stderr)
-        del sessions
+        print(f"[{K}x{N}] done; check {checks}; load {load_before} -> {load_after}", file=sys.stderr)
+        del plan
     return {"results": results, "library": kernel_info(), "target_bytes_per_variant": target, "l3_bytes": l3_bytes(),
-            "reps": reps}
+            "reps": reps, "variants": {k: {"threads": v[1], "isa": v[2], "tokens": v[3]} for k, v in VARIANTS.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -205,30 +219,119 @@ def e2e_benchmark(reps: int) -> dict:
     return _e2e(real, reps)
 
 
-def _e2e(real, reps: int) -> dict:  # filled in once the real-model helpers exist
-    return {"skipped": "not implemented"}
+E2E_CALIB_PLAY = "Hamlet"      # calibration text (title substring)
+E2E_EVAL_PLAY = "King Lear"    # perplexity text, a different play
+E2E_SAMPLES, E2E_SEQ = 16, 128
+E2E_SLICE = "slice(sparsity=0.25)"
+E2E_PIPELINES = {"quant4 (gptq, block 32)": "quant4(algo=gptq)", "spquant (50% groups, block 32)": "spquant"}
+
+
+def _play(texts: dict, key: str) -> str:
+    for title, text in texts.items():
+        if key.lower() in title.lower():
+            return text
+    raise SystemExit(f"no play titled like {key!r}")
+
+
+def _e2e(real, reps: int) -> dict:
+    import tempfile
+
+    import modelsurgeon
+    from modelsurgeon.models import data as mdata
+    from modelsurgeon.runtime.evaluate import evaluate
+    from modelsurgeon.runtime.session import make_session
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="spquant_e2e_"))
+    texts = mdata.shakespeare_texts()
+    calib, evaltext = work / "calib.txt", work / "eval.txt"
+    calib.write_text(_play(texts, E2E_CALIB_PLAY))
+    evaltext.write_text(_play(texts, E2E_EVAL_PLAY))
+    tok = str(real.smollm2_tokenizer())
+    src = real.smollm2_onnx()
+    kw = dict(calibration=str(calib), tokenizer=tok, num_samples=E2E_SAMPLES, seq_len=E2E_SEQ, progress=False, verify=False)
+    from modelsurgeon.models.cache import cache_dir
+
+    # the sliced model is the common starting point: compiled once, cached across runs (delete to redo)
+    key = f"{E2E_SLICE}-{E2E_CALIB_PLAY}-{E2E_SAMPLES}x{E2E_SEQ}".replace(" ", "_").replace("(", "_").replace(")", "")
+    sliced_path = cache_dir("bench", "spquant", key) / "model.onnx"
+    compile_s = {}
+    if not sliced_path.exists():
+        t0 = time.perf_counter()
+        modelsurgeon.compile(str(src), E2E_SLICE, **kw).save(sliced_path)
+        compile_s["slice"] = time.perf_counter() - t0
+        print(f"[e2e] sliced in {compile_s['slice']:.0f}s", file=sys.stderr)
+    paths = {"fp32 after slice": sliced_path}
+    for label, passes in E2E_PIPELINES.items():
+        t0 = time.perf_counter()
+        res = modelsurgeon.compile(str(sliced_path), passes, **kw)
+        compile_s[label] = time.perf_counter() - t0
+        out = work / label.split()[0]
+        out.mkdir(parents=True, exist_ok=True)
+        paths[label] = res.save(out / "model.onnx")
+        print(f"[e2e] compiled {label} in {compile_s[label]:.0f}s", file=sys.stderr)
+    rows = []
+    for label, path in paths.items():
+        ev = evaluate(str(path), str(src), task="lm", data=str(evaltext), tokenizer=tok, num_samples=E2E_SAMPLES,
+                      seq_len=E2E_SEQ)
+        size = sum(f.stat().st_size for f in pathlib.Path(path).parent.iterdir() if f.is_file())
+        rows.append({"label": label, "perplexity": ev.metrics.get("perplexity"),
+                     "reference_perplexity": ev.metrics.get("reference_perplexity"),
+                     "kl": ev.metrics.get("kl_mean"), "file_mb": size / 1e6})
+    # latency: interleaved, same run; 1 token and a 128-token prompt per call (no KV cache in this export)
+    sessions = {label: make_session(str(path)) for label, path in paths.items()}
+    from modelsurgeon.runtime.custom_ops import session_path
+
+    rng = np.random.default_rng(0)
+    feeds = {m: {"input_ids": rng.integers(0, 1000, size=(1, m)).astype(np.int64)} for m in (1, 128)}
+    lat = {(label, m): [] for label in sessions for m in feeds}
+    for sess in sessions.values():
+        for f in feeds.values():
+            sess.run(None, f)
+    load_before = os.getloadavg()
+    for rep in range(reps):
+        for m, f in feeds.items():
+            for label, sess in sessions.items():
+                t1 = time.perf_counter()
+                sess.run(None, f)
+                lat[(label, m)].append(time.perf_counter() - t1)
+    for row in rows:
+        row["ms_1"] = statistics.median(lat[(row["label"], 1)]) * 1e3
+        row["ms_128"] = statistics.median(lat[(row["label"], 128)]) * 1e3
+        row["path"] = session_path(sessions[row["label"]])
+    return {"rows": rows, "compile_seconds": compile_s, "calibration": f"{E2E_CALIB_PLAY}, {E2E_SAMPLES}x{E2E_SEQ} tokens",
+            "evaluation": f"{E2E_EVAL_PLAY}, {E2E_SAMPLES}x{E2E_SEQ} tokens", "slice": E2E_SLICE,
+            "pipelines": E2E_PIPELINES, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
 
 
 # ---------------------------------------------------------------------------------------------------- report
 
 
 def markdown(data: dict) -> str:
-    k = data["kernel"]
-    lines = [f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, ONNX Runtime "
-             f"{data['machine']['onnxruntime']}; kernel path `{k['library']['isa']}`; load average "
-             f"{data['loadavg_start'][0]:.2f} at start, {data['loadavg_end'][0]:.2f} at end; {k['reps']} interleaved reps, medians.",
-             "", "| weight [K, N] | tokens | variant | weight MB | copies | median ms/call | GB/s | vs MatMulNBits | vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    k = data.get("kernel") or {"results": [], "library": {"isa": "?"}, "reps": 0}
+    lines = [f"Kernel: `{k.get('command', data['command'])}` ({k.get('seconds', data['seconds']) / 60:.1f} min). Machine: {data['machine']['cpu']}, "
+             f"{data['machine']['cores']} cores, ONNX Runtime {data['machine']['onnxruntime']}; kernel path "
+             f"`{k['library']['isa']}`; load average {data['loadavg_start'][0]:.2f} at start, {data['loadavg_end'][0]:.2f} "
+             f"at end (other jobs shared the 2 cores); {k['reps']} interleaved reps, medians.",
+             "", "| weight [K, N] | tokens | threads | variant | weight MB | copies | median ms/call | GB/s | vs MatMulNBits | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in k["results"]:
         if "variant" not in r:
             continue
-        lines.append(f"| {r['K']}x{r['N']} | {r['tokens']} | {r['variant']} | {r['weight_bytes'] / 1e6:.2f} | {r['copies']} | "
-                     f"{r['median_ms']:.3f} | {r['GBps']:.1f} | {r['speedup_vs_matmulnbits']:.2f}x | {r['speedup_vs_fp32']:.2f}x |")
+        ratio = lambda v: f"{v:.2f}x" if v else "-"
+        lines.append(f"| {r['K']}x{r['N']} | {r['tokens']} | {r.get('threads', 'default')} | {r['variant']} | {r['weight_bytes'] / 1e6:.2f} | {r['copies']} | "
+                     f"{r['median_ms']:.3f} | {r['GBps']:.1f} | {ratio(r['speedup_vs_matmulnbits'])} | {ratio(r['speedup_vs_fp32'])} |")
     e = data.get("e2e", {})
     if e and "skipped" not in e:
-        lines += ["", "| SmolLM2-135M | perplexity | ms/token (1 token) | ms/prompt (128 tokens) | file MB |", "|---|---|---|---|---|"]
+        lines += ["", f"End to end: `{e.get('command', '?')}` ({e.get('seconds', 0) / 60:.1f} min). "
+                  f"SmolLM2-135M after `{e['slice']}`; calibration: {e['calibration']}; perplexity: {e['evaluation']} "
+                  f"(original model: {e['rows'][0]['reference_perplexity']:.2f}); load average {e['loadavg_before'][0]:.2f}.", "",
+                  "| model | perplexity | KL vs original | ms/call, 1 token | ms/call, 128 tokens | files MB | compile s | ORT path |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in e["rows"]:
-            lines.append(f"| {r['label']} | {r['perplexity']:.2f} | {r['ms_1']:.2f} | {r['ms_128']:.1f} | {r['file_mb']:.1f} |")
+            comp = e["compile_seconds"].get(r["label"], e["compile_seconds"].get("slice"))
+            comp = "cached" if comp is None else f"{comp:.0f}"
+            lines.append(f"| {r['label']} | {r['perplexity']:.2f} | {r['kl']:.3f} | {r['ms_1']:.2f} | {r['ms_128']:.1f} | "
+                         f"{r['file_mb']:.1f} | {comp} | {r['path']} |")
     elif e:
         lines += ["", f"End to end: skipped ({e['skipped']})."]
     return "\n".join(lines)
@@ -246,7 +349,7 @@ def write_docs(data: dict, doc: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernel", action="store_true", help="keep the kernel results of an earlier run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "spquant.json"))
@@ -259,8 +362,17 @@ def main(argv=None) -> int:
     data = {"command": "python benchmarks/spquant.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine_info(), "loadavg_start": os.getloadavg()}
     t0 = time.perf_counter()
-    data["kernel"] = previous.get("kernel") if args.skip_kernel else kernel_benchmark(args.reps)
-    data["e2e"] = previous.get("e2e", {"skipped": "--skip-e2e"}) if args.skip_e2e else e2e_benchmark(args.reps)
+    if args.skip_kernel:
+        data["kernel"] = previous.get("kernel")
+    else:
+        data["kernel"] = kernel_benchmark(args.reps)
+        data["kernel"].update(command=data["command"], seconds=time.perf_counter() - t0, loadavg_end=os.getloadavg())
+    t1 = time.perf_counter()
+    if args.skip_e2e:
+        data["e2e"] = previous.get("e2e", {"skipped": "--skip-e2e"})
+    else:
+        data["e2e"] = e2e_benchmark(args.reps)
+        data["e2e"].update(command=data["command"], seconds=time.perf_counter() - t1)
     data["loadavg_end"] = os.getloadavg()
     data["seconds"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)

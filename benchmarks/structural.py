@@ -44,8 +44,8 @@ def variants(model: str) -> list[tuple[str, str, bool]]:
         out.append((f"drop-blocks n={n} angular", f"drop-blocks(n={n},metric=angular)", False))
     out.append(("share groups=2", "share(groups=2)", True))
     out.append(("share groups=2 + lowrank(32)", "share(groups=2,correct=lowrank(32))", True))
-    for ratio in (0.1, 0.2, 0.3):
-        for method in ("svd", "asvd", "svdllm"):
+    for method in ("svd", "asvd", "svdllm"):
+        for ratio in (0.1, 0.2, 0.3):
             out.append((f"lowrank {int(ratio * 100)}% {method}", f"lowrank(ratio={ratio},method={method})",
                         method == "svdllm"))
     out.append(("quant4 rtn b32", "quant4(block=32)", True))
@@ -66,7 +66,7 @@ def file_size(path: pathlib.Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def compile_variant(path: pathlib.Path, passes: str, calibration):
+def compile_variant(path: pathlib.Path, passes: str, calibration, extra: dict):
     """Run a pipeline the way the manager does (requirements, analyses, cleanup) without its per-pass
     verification and statistics: every variant is evaluated in ONNX Runtime right after, which checks that it
     runs, and measured there. Returns (model, the first pass's result)."""
@@ -75,7 +75,7 @@ def compile_variant(path: pathlib.Path, passes: str, calibration):
     from modelsurgeon.pipeline import build_pipeline, parse_passes
 
     model = modelsurgeon.load(path)
-    ctx = PassContext(model=model, calibration=calibration, progress=False)
+    ctx = PassContext(model=model, calibration=calibration, progress=False, extra=extra)
     first = None
     for p in build_pipeline(parse_passes(passes)):
         ctx.model = model
@@ -93,7 +93,7 @@ def run_model(name: str, args, work: pathlib.Path) -> tuple[list[dict], list[dic
     from modelsurgeon.stats import count_parameters
     from modelsurgeon.models import real
     from modelsurgeon.runtime.benchmark import benchmark
-    from modelsurgeon.runtime.evaluate import evaluate, sentence_batches
+    from modelsurgeon.runtime.evaluate import evaluate
 
     notes = []
     if name == "smollm2":
@@ -113,32 +113,36 @@ def run_model(name: str, args, work: pathlib.Path) -> tuple[list[dict], list[dic
             return {"perplexity": m["perplexity"]}
     else:
         dense, tok = pathlib.Path(real.minilm_onnx()), pathlib.Path(real.minilm_tokenizer())
-        dense_ir = modelsurgeon.load(dense)
-        calib_sents = list(real.sentences(args.calib_samples * 4, seed=1))
-        eval_sents = [s for s in real.sentences(args.eval_samples * 16, seed=2) if s not in set(calib_sents)]
-        feeds = sentence_batches(dense_ir, calib_sents, str(tok), SEQ, len(calib_sents))[0]
-        calibration = CalibrationData(feeds, "real.sentences(seed=1)")
-        del dense_ir
+        n_calib, n_eval = args.calib_samples * 4, args.eval_samples * 16
+        pool = real.sentences(n_calib + n_eval, seed=0)
+        calib_sents, eval_sents = pool[:n_calib], pool[n_calib:]
+        calibration = CalibrationData(real.minilm_inputs(calib_sents, max_length=SEQ), "real.sentences")
         eval_file = work / "sentences.txt"
         eval_file.write_text("\n".join(eval_sents) + "\n")
-        notes.append(f"MiniLM: calibration {len(calib_sents)} sentences (seed 1), cosine to the dense model's "
-                     f"sentence embeddings on {len(eval_sents)} other sentences (seed 2)")
+        notes.append(f"MiniLM: calibration {len(calib_sents)} real sentences, cosine to the dense model's "
+                     f"sentence embeddings on {len(eval_sents)} other sentences (real.sentences)")
 
         def quality(path):
             m = evaluate(str(path), str(dense), task="embedding", data=str(eval_file), tokenizer=str(tok),
                          num_samples=len(eval_sents), seq_len=SEQ, batch_size=16).metrics
             return {"cosine_mean": m.get("cosine_mean"), "cosine_min": m.get("cosine_min"),
-                    "spearman": m.get("spearman"), "nn_agreement": m.get("nn_agreement")}
+                    "spearman": m.get("similarity_spearman"), "nn_agreement": m.get("nearest_neighbour_agreement")}
 
     rows, timed = [], []
     dense_ir = modelsurgeon.load(dense)
     calib_data = load_calibration(dense_ir, calibration, tokenizer=str(tok), num_samples=args.calib_samples
                                   if name == "smollm2" else 10_000, seq_len=SEQ, warn=False)
     del dense_ir
+    from modelsurgeon.passes.lowrank import SPECTRA_CACHE, STATS_CACHE
+
+    extra = {STATS_CACHE: {}}
     for label, passes, lat in variants(name):
+        method = passes.split("method=")[1].rstrip(")") if passes.startswith("lowrank") else None
+        if extra.get("method") != method:  # one method's SVDs held at a time (memory)
+            extra.update({SPECTRA_CACHE: {}, "method": method})
         t0 = time.perf_counter()
         try:
-            res = compile_variant(dense, passes, calib_data)
+            res = compile_variant(dense, passes, calib_data, extra)
         except Exception as exc:  # keep going: one failing variant should not hide the others
             rows.append({"model": name, "variant": label, "passes": passes, "error": f"{type(exc).__name__}: {exc}"[:300]})
             print(f"[{name}] {label}: FAILED {exc}", flush=True)
@@ -189,6 +193,8 @@ def run_model(name: str, args, work: pathlib.Path) -> tuple[list[dict], list[dic
         if row.get("variant") in by_label:
             row["latency_ms_b1_s128"] = by_label[row["variant"]]["median_ms"]
             row["speedup_vs_dense"] = by_label[row["variant"]]["speedup_vs_dense"]
+    notes.append("compile_s: load + passes + cleanup; lowrank variants after the first of each method reuse "
+                 "its calibration statistics and SVDs (same model and data)")
     return rows, latency, notes
 
 

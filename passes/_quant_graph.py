@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from typing import Callable
 
 import numpy as np
@@ -23,9 +24,16 @@ _HEAD_TRANSPARENT = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Fla
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of an initializer or Constant output, else None."""
+    """The numpy value of an initializer, a Constant output or a Transpose of one (tied heads), else None."""
     if value is None:
         return None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
+        inner = const_array(producer.inputs[0])
+        if inner is None:
+            return None
+        perm = attr(producer, "perm", None)
+        return np.transpose(inner, perm)
     tensor = value.const_value
     if tensor is None:
         try:
@@ -128,7 +136,10 @@ def find_linears(model: ir.Model, fuse_bias: bool = True) -> tuple[list[Linear],
                 continue
             if fuse_bias:
                 bias, bias_add = _trailing_bias(node, w.shape[1])
-        found.append(Linear(node, x, np.ascontiguousarray(w), wv.name or label, bias, bias_add, extra,
+        wname = wv.name or label
+        if wv.producer() is not None and wv.producer().op_type == "Transpose":
+            wname = f"{wv.producer().inputs[0].name}.T"
+        found.append(Linear(node, x, np.ascontiguousarray(w), wname, bias, bias_add, extra,
                             FLOAT_TYPES[x.dtype]))
     return found, skipped
 
@@ -147,6 +158,29 @@ def _trailing_bias(node: ir.Node, n: int) -> tuple[np.ndarray | None, ir.Node | 
     if c is None or c.size != n or c.shape[-1:] != (n,) or c.ndim > 2 or (out.shape is not None and len(out.shape) < c.ndim):
         return None, None
     return c.reshape(-1).astype(np.float32), add
+
+
+def find_embeddings(model: ir.Model, min_size: int = 4096) -> tuple[list[tuple[ir.Node, np.ndarray]], list[str]]:
+    """Row-lookup Gathers (axis 0) from a constant float 2-D table of >= min_size values, and what was left alone.
+
+    A table another node also reads (e.g. a head tied to the embedding) is left alone: quantizing the lookup
+    alone would store the table twice.
+    """
+    found, skipped = [], []
+    for node in model.graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        table = const_array(node.inputs[0])
+        if table is None or table.ndim != 2 or table.dtype not in (np.float32, np.float16) or table.size < min_size:
+            continue
+        label = node.name or node.outputs[0].name
+        if attr(node, "axis", 0) != 0:
+            skipped.append(f"{label}: Gather on axis {attr(node, 'axis', 0)} (only row lookups are quantized)")
+        elif len(node.inputs[0].uses()) > 1 or node.inputs[0].is_graph_output():
+            skipped.append(f"{label}: its table is also read by other nodes (quantizing the lookup would store it twice)")
+        else:
+            found.append((node, table))
+    return found, skipped
 
 
 def group_by_input(linears: list[Linear]) -> list[list[Linear]]:
@@ -176,12 +210,29 @@ def is_output_head(node: ir.Node) -> bool:
     return False
 
 
+def check_regex(text: str) -> str | None:
+    """Option check: None if `text` is a valid regular expression, else what is wrong."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        return f"not a valid regular expression ({exc})"
+    return None
+
+
+def matches(pattern: str | list[str], *names: str | None) -> bool:
+    """Whether the regular expression is found (re.search) in any of the names (node name, weight name).
+
+    A list (from `parse_patterns`) is matched as fnmatch patterns instead: the older convention, kept for
+    passes/spquant.py until it moves to regular expressions like the other passes.
+    """
+    if isinstance(pattern, list):
+        return any(n and fnmatch.fnmatchcase(n, p) for p in pattern for n in names)
+    return any(n and re.search(pattern, n) for n in names)
+
+
 def parse_patterns(text: str) -> list[str]:
+    """'|'-separated fnmatch patterns (older convention, see `matches`)."""
     return [p.strip() for p in text.replace(";", "|").split("|") if p.strip()]
-
-
-def matches(patterns: list[str], *names: str | None) -> bool:
-    return any(n and fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
 # ---------------------------------------------------------------------------------------------------------

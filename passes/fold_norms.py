@@ -100,6 +100,11 @@ def replace_norm(graph: ir.Graph, norm: Norm, epsilon: float, scale: np.ndarray,
     return y
 
 
+def head_is_tied(tb: TransformerBlocks) -> bool:
+    """True when the LM head reads the embedding table itself (through a Transpose, or Gemm transB)."""
+    return tb.lm_head is not None and tb.embedding is not None and tb.lm_head.weight is tb.embedding.table
+
+
 def norm_readers(norm: Norm) -> list[ir.Node] | None:
     """The nodes reading the norm's output, or None when something other than a node reads it (a graph output)."""
     if norm.output.is_graph_output():
@@ -212,7 +217,10 @@ class FoldNormsPass(Pass):
         for b in tb.blocks:
             plan.append((f"block{b.index}.attn_norm", b.attn_norm, b.attn_inputs))
             plan.append((f"block{b.index}.mlp_norm", b.mlp_norm, b.mlp_inputs))
-        if tb.final_norm is not None:
+        if tb.final_norm is not None and head_is_tied(tb) and tb.final_norm.kind == "rms" and tb.final_norm.bias is None:
+            # folding the scale into the head would untie it from the embedding (a second vocab x d table)
+            skipped.append("final_norm: scale kept, the LM head shares its weight with the embedding")
+        elif tb.final_norm is not None:
             plan.append(("final_norm", tb.final_norm, [tb.lm_head] if tb.lm_head is not None else None))
         for label, norm, linears in plan:
             d = tb.d_model

@@ -15,6 +15,9 @@ keep the weight's float dtype. Layers left alone (weights shared with other node
 save anything, excluded, the LM head unless `head=true`) are listed in the report's skipped list.
 Full rank (`energy=1, only_if_smaller=false`) reproduces the model to float round-off.
 
+Sweeps over one model and calibration set (e.g. several ratios) may reuse the statistics and SVDs: put empty
+dicts under `ctx.extra[STATS_CACHE]` and `ctx.extra[SPECTRA_CACHE]` of the PassContext they share.
+
 `eora(rank=16, quant="quant4(block=32)")` (a QUANTIZE-stage pass) records the float weights and input
 covariances, runs the given quantizing pass, reads back each quantized layer's effective weight (by running
 the node on an identity input, so any format works: MatMulNBits, DequantizeLinear+MatMul, ...), and adds a
@@ -38,8 +41,6 @@ from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 
 SPECTRA_CACHE_BYTES = 1_500_000_000  # keep SVDs between allocation and factoring up to this much, else recompute
-_FLOAT = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64,
-          ir.DataType.BFLOAT16: None}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -153,14 +154,28 @@ class InputStats:
     rows: int
 
 
+STATS_CACHE = "lowrank.input_statistics"  # ctx.extra keys of optional caches, see the module docstring
+SPECTRA_CACHE = "lowrank.spectra"
+
+
 def input_statistics(model: ir.Model, ctx, linears: Iterable[ConstLinear], desc: str = "lowrank: calibrating") -> dict[str, InputStats]:
-    """XᵀX and mean |x| of every distinct layer input, accumulated batch by batch on the calibration data."""
+    """XᵀX and mean |x| of every distinct layer input, accumulated batch by batch on the calibration data.
+
+    Each batch's XᵀX is a float32 product added into float64 sums (relative error ~1e-6, far below the
+    damping the factorizations add). With a dict under `ctx.extra[STATS_CACHE]`, inputs found there are
+    not captured again and new ones are stored (valid only for the same model and calibration data).
+    """
     from modelsurgeon.capture import ActivationCapture, batch_size_for
 
     calib = ctx.calibration
+    cache = ctx.extra.get(STATS_CACHE)
     by_name: dict[str, bool] = {}
     for lin in linears:  # anything with .input (ir.Value) and .trans_a (x is [K, rows])
         by_name[lin.input.name] = lin.trans_a
+    done = {n: cache[n] for n in by_name if cache is not None and n in cache}
+    by_name = {n: t for n, t in by_name.items() if n not in done}
+    if not by_name:
+        return done
     graph_inputs = {v.name for v in model.graph.inputs}
     captured = [n for n in by_name if n not in graph_inputs]
     cap = ActivationCapture(model, captured) if captured else None
@@ -170,15 +185,18 @@ def input_statistics(model: ir.Model, ctx, linears: Iterable[ConstLinear], desc:
         outs = cap.run(feeds) if cap is not None else {}
         for name, trans_a in by_name.items():
             x = feeds[name] if name in graph_inputs else outs[name]
-            x = np.asarray(x, np.float64)
+            x = np.asarray(x, np.float32)
             x = x.T if trans_a else x.reshape(-1, x.shape[-1])
             if name not in acc:
                 acc[name] = [np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0]
             a = acc[name]
             a[0] += x.T @ x
-            a[1] += np.abs(x).sum(0)
+            a[1] += np.abs(x).sum(0, dtype=np.float64)
             a[2] += x.shape[0]
-    return {n: InputStats(c, s / max(r, 1), r) for n, (c, s, r) in acc.items()}
+    new = {n: InputStats(c, s / max(r, 1), r) for n, (c, s, r) in acc.items()}
+    if cache is not None:
+        cache.update(new)
+    return {**done, **new}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -410,26 +428,36 @@ class LowRankPass(Pass):
                 ctx.require_calibration(f"lowrank(method={method})")
             stats = input_statistics(model, ctx, chosen)
 
-        def spec(lin: ConstLinear) -> lm.Spectrum:
-            st = stats[lin.input.name] if stats is not None else None
-            return lm.spectrum(method, lin.w, cov=None if st is None else st.cov,
-                               act_scale=None if st is None else st.mean_abs, damp=cfg["damp"], alpha=cfg["alpha"])
+        whiteners: dict[str, np.ndarray] = {}  # svdllm: one Cholesky factor per distinct input (q/k/v share one)
+        reuse = ctx.extra.get(SPECTRA_CACHE)
 
-        spectra: dict[str, lm.Spectrum] = {}
-        costs: dict[str, lm.Spectrum] = {}
+        def spec(lin: ConstLinear) -> lm.Spectrum:
+            key = (method, cfg["alpha"], cfg["damp"], lin.name, stats is not None)
+            if reuse is not None and key in reuse:
+                return reuse[key]
+            st = stats[lin.input.name] if stats is not None else None
+            chol = None
+            if method == "svdllm":
+                if lin.input.name not in whiteners:
+                    whiteners[lin.input.name] = lm.cholesky_whitener(st.cov, cfg["damp"])
+                chol = whiteners[lin.input.name]
+            s = lm.spectrum(method, lin.w, cov=None if st is None else st.cov, act_scale=None if st is None else
+                            st.mean_abs, damp=cfg["damp"], alpha=cfg["alpha"], chol=chol)
+            if reuse is not None:
+                reuse[key] = s
+            return s
+
+        spectra: dict[str, lm.Spectrum] = {}  # full SVDs kept for factoring (within a memory budget)
+        budgets: list[lm.LayerBudget] = []
         held = 0
-        budgets = []
         for lin in ctx.progress_bar(chosen, desc=f"lowrank: {method} spectra", total=len(chosen)):
             s = spec(lin)
             nbytes = s.u_unscaled.nbytes + s.vt.nbytes
-            if held + nbytes <= SPECTRA_CACHE_BYTES:
+            if reuse is not None or held + nbytes <= SPECTRA_CACHE_BYTES:
                 spectra[lin.name] = s
                 held += nbytes
-            costs[lin.name] = s
-            budgets.append(lm.LayerBudget(lin.name, lin.k, lin.n, s))
-            if lin.name not in spectra:  # keep only the costs; refactor later
-                costs[lin.name] = lm.Spectrum(np.empty((0, 0)), s.s, np.empty((0, 0)), s.cost)
-                budgets[-1].spectrum = costs[lin.name]
+            budgets.append(lm.LayerBudget(lin.name, lin.k, lin.n, s if lin.name in spectra else s.costs_only()))
+        costs = {b.name: b.spectrum for b in budgets}
 
         ranks: dict[str, int] = {}
         if cfg["rank"] is not None:
@@ -449,7 +477,7 @@ class LowRankPass(Pass):
             if cfg["only_if_smaller"] and lm.factor_params(lin.k, lin.n, r) >= lin.k * lin.n:
                 skipped.append(f"{lin.name}: rank {r} would not save parameters on [{lin.k}x{lin.n}]")
                 continue
-            s = spectra.get(lin.name) or spec(lin)
+            s = spectra[lin.name] if lin.name in spectra else spec(lin)
             a, b = s.factors(r)
             factorize(graph, lin, a, b, namer)
             factored.append(f"{lin.name}: [{lin.k}x{lin.n}] -> rank {r}")
@@ -629,6 +657,7 @@ def apply_eora(model: ir.Model, ctx, snapshot: list[LinearSnapshot], rank: int, 
         return {"eora_layers": 0}, ["eora: no quantized MatMul reads a recorded layer input"]
     weights = effective_weights(model, candidates)
     namer = Namer(graph)
+    whiteners: dict[str, lm.EigenWhitener] = {}
     used: set[str] = set()
     corrected, before, after, added = [], [], [], 0
     for node in ctx.progress_bar(candidates, desc="eora: correcting", total=len(candidates)):
@@ -651,7 +680,9 @@ def apply_eora(model: ir.Model, ctx, snapshot: list[LinearSnapshot], rank: int, 
             continue
         used.add(snap.name)
         r = min(rank, *wq.shape)
-        a, b = lm.eora_correction(snap.w, wq, snap.stats.cov, r, damp)
+        if snap.input_name not in whiteners:  # one eigen-decomposition per distinct input (q/k/v share one)
+            whiteners[snap.input_name] = lm.EigenWhitener.from_cov(snap.stats.cov, damp)
+        a, b = lm.eora_correction(snap.w, wq, None, r, whitener=whiteners[snap.input_name])
         cov = snap.stats.cov
         delta = snap.w - wq
         err0 = float(np.einsum("kn,kn->", delta, cov @ delta))

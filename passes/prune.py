@@ -11,8 +11,9 @@ statistics, norm scales, Reshape/Expand shape literals, Slice bounds, Split size
   input activation on the calibration data (magnitude where no consuming layer is known).
 
 `reconstruct=true` refits every layer whose inputs lost channels (MatMul/Gemm with a constant weight, ungrouped
-Conv) by least squares on calibration activations of the original model, bias included when the layer has
-one, so its output is preserved as well as possible.
+Conv), in dependency order, by least squares: its input in the pruned model (upstream layers already refit)
+is mapped onto its output in the original model on the calibration data, bias included when the layer has
+one, damped toward the original weights (see `Refitter`).
 
 Preserves: model input and output shapes (their channels are frozen), everything in frozen groups, and the
 outputs exactly when no channel is removed (ratio 0). Lossy otherwise.
@@ -92,27 +93,26 @@ class PrunePass(Pass):
             return PassResult(model, False, notes, skipped)
         chosen = [g for g in targets if g.leaf in counts]
         stats = None
-        if self.needs_calibration:
-            calib = ctx.require_calibration(self.name)
-            stats = collect_statistics(model, groups, chosen, calib, ctx, gram=self.config["reconstruct"],
-                                       counts=counts)
+        calib = ctx.require_calibration(self.name) if self.needs_calibration else None
+        if self.config["importance"] == "activation":
+            stats = collect_statistics(model, groups, chosen, calib, ctx)
         keep: dict[int, np.ndarray] = {}
         for g in ctx.progress_bar(chosen, desc="prune: ranking channels", total=len(chosen)):
             score = importance(groups, g, self.config["importance"], self.config["norm"], stats)
             keep[g.leaf] = top_k_mask(score, counts[g.leaf])
         plan = PrunePlan(groups, keep)
-        overrides: dict[ir.Value, np.ndarray] = {}
+        refit = None
         if self.config["reconstruct"]:
-            overrides, refit_notes, refit_skipped = refit_consumers(groups, plan, stats, self.config["damp"])
-            notes.update(refit_notes)
-            skipped.extend(refit_skipped)
+            refit = Refitter(model, groups, plan, self.config["damp"])  # reads the original model: before surgery
+            skipped.extend(refit.skipped)
         removed: dict[str, list[int]] = {}
         for g in chosen:
             before_after = removed.setdefault(g.kind, [0, 0])
             before_after[0] += g.size
             before_after[1] += counts[g.leaf]
-        apply_stats = apply_plan(model, plan, overrides)
-        notes.update(apply_stats)
+        notes.update(apply_plan(model, plan))
+        if refit is not None:
+            notes.update(refit.run(model, calib, ctx))
         for kind, (before, after) in removed.items():
             notes[f"{kind}_kept"] = f"{after}/{before}"
         return PassResult(model, True, notes, skipped)
@@ -265,40 +265,23 @@ def _rows(use: WeightUse, x: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray
     return x.reshape(-1, x.shape[-1])
 
 
-def collect_statistics(model: ir.Model, groups: ChannelGroups, chosen: list[ChannelGroup], calib, ctx, *,
-                       gram: bool, counts: dict[int, int]) -> dict:
-    """Per-channel input energy (and Gram matrices for refits) of the layers fed by the chosen groups."""
+def collect_statistics(model: ir.Model, groups: ChannelGroups, chosen: list[ChannelGroup], calib, ctx) -> dict:
+    """Per-channel input energy of the layers fed by the chosen groups (for `importance=activation`)."""
     from modelsurgeon.capture import ActivationCapture, batch_size_for
 
-    leaves = {g.leaf for g in chosen}
-    uses = [u for u in _refit_candidates(groups, leaves) if not (u.role == "conv" and _group_count(u.node) != 1)]
-    names = list(dict.fromkeys(u.data.name for u in uses))
-    stats: dict[str, Any] = {"sumsq": {}, "gram": {}, "sum": {}, "rows": {}}
-    if not names:
+    uses = _refit_candidates(groups, {g.leaf for g in chosen})
+    stats: dict[str, Any] = {"sumsq": {}}
+    by_name = {u.data.name: u for u in uses}
+    if not by_name:
         return stats
-    by_name: dict[str, list[WeightUse]] = {}
-    for u in uses:
-        by_name.setdefault(u.data.name, []).append(u)
-    cap = ActivationCapture(model, names)
-    rng = np.random.default_rng(0)
-    bs = batch_size_for(model, 4)
-    for batch in cap.iterate(calib, bs, progress=ctx.progress_bar, desc="prune: calibrating"):
+    cap = ActivationCapture(model, list(by_name))
+    for batch in cap.iterate(calib, batch_size_for(model, 4), progress=ctx.progress_bar, desc="prune: calibrating"):
         for name, x in batch.items():
-            for u in by_name[name]:
-                x64 = np.asarray(x, dtype=np.float64)
-                axis = u.data_axis % x64.ndim
-                other = tuple(k for k in range(x64.ndim) if k != axis)
-                ss = (x64 * x64).sum(axis=other)
-                stats["sumsq"][u.data] = stats["sumsq"].get(u.data, 0) + ss
-                if gram:
-                    w = constant_array(u.weight)
-                    rows = _rows(u, x64, w.shape)
-                    if len(rows) > MAX_GRAM_ROWS:
-                        rows = rows[rng.choice(len(rows), MAX_GRAM_ROWS, replace=False)]
-                    key = u.node
-                    stats["gram"][key] = stats["gram"].get(key, 0) + rows.T @ rows
-                    stats["sum"][key] = stats["sum"].get(key, 0) + rows.sum(axis=0)
-                    stats["rows"][key] = stats["rows"].get(key, 0) + len(rows)
+            u = by_name[name]
+            x32 = np.asarray(x, dtype=np.float32)
+            axis = u.data_axis % x32.ndim
+            other = tuple(k for k in range(x32.ndim) if k != axis)
+            stats["sumsq"][u.data] = stats["sumsq"].get(u.data, 0) + np.square(x32, dtype=np.float64).sum(axis=other)
     return stats
 
 
@@ -342,64 +325,202 @@ def _solve_spd(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
 
 
-def refit_consumers(groups: ChannelGroups, plan: PrunePlan, stats: dict, damp: float):
-    """Least-squares refits of layers whose inputs lost channels: new weight (and bias) arrays, already pruned."""
-    overrides: dict[ir.Value, np.ndarray] = {}
-    skipped: list[str] = []
-    refit = 0
-    weight_users: dict[ir.Value, int] = {}
-    for u in groups.weight_uses:
-        if u.role in ("matmul", "gemm", "conv"):
-            weight_users[u.weight] = weight_users.get(u.weight, 0) + 1
-    for use in groups.weight_uses:
-        if use.node not in stats.get("gram", {}):
-            continue
-        masks = plan.axis_masks(use.weight)
-        in_mask = masks[use.in_axis]
-        if in_mask is None:
-            continue
-        if weight_users.get(use.weight, 0) > 1 or len(list(use.weight.uses())) > 1:
-            skipped.append(f"{use.node.name}: weight shared by several layers, not refit")
-            continue
-        w = np.asarray(constant_array(use.weight), dtype=np.float64)
-        # weight as a matrix [inputs, outputs]
-        if use.role == "conv":
-            k = math.prod(w.shape[2:])
-            mat = np.moveaxis(w, 0, -1).reshape(w.shape[1] * k, w.shape[0])
-            row_mask = np.repeat(in_mask, k)
-        elif use.in_axis == 0:
-            mat, row_mask = w, in_mask
-        else:
-            mat, row_mask = w.T, in_mask
-        gram = stats["gram"][use.node]
-        ssum = stats["sum"][use.node]
-        n = stats["rows"][use.node]
-        bias_v = _bias_of(use)
-        bias = np.asarray(constant_array(bias_v), dtype=np.float64).reshape(-1) if bias_v is not None else None
-        kept = np.nonzero(row_mask)[0]
-        g_kk = gram[np.ix_(kept, kept)]
-        rhs = gram[kept] @ mat
-        lam = damp * float(np.mean(np.diag(g_kk))) if len(kept) else 0.0
+class Refitter:
+    """Least-squares refits of the layers whose inputs lost channels, one layer at a time in graph order.
+
+    Each layer y = x W (+ b) is refit as argmin ||x' W' + b' - (x W + b)||^2 + lam ||W' - W_kept||^2, where x is
+    the layer's input in the original model and x' its (fewer-channel) input in the pruned model with every
+    earlier layer already refit, on the same calibration samples: the fit absorbs the removed channels and
+    everything pruned upstream, without correcting the same error twice (fitting all layers at once on
+    unrefit inputs does, and diverges on deep residual nets). Both models run once over the calibration data,
+    segment by segment (`SegmentRunner`), so the cost is about two forward passes plus the solves.
+    """
+
+    def __init__(self, model: ir.Model, groups: ChannelGroups, plan: PrunePlan, damp: float):
+        self.plan, self.damp = plan, damp
+        self.skipped: list[str] = []
+        users: dict[ir.Value, int] = {}
+        for u in groups.weight_uses:
+            if u.role in ("matmul", "gemm", "conv"):
+                users[u.weight] = users.get(u.weight, 0) + 1
+        order = {node: i for i, node in enumerate(model.graph)}
+        self.layers: list[WeightUse] = []
+        self.original: dict[ir.Node, tuple[np.ndarray, ir.Value | None, np.ndarray | None]] = {}
+        for u in sorted(_refit_candidates(groups, set(plan.keep)), key=lambda u: order.get(u.node, -1)):
+            if plan.axis_masks(u.weight)[u.in_axis] is None or u.node not in order:
+                continue
+            why = None
+            if u.role == "conv" and _group_count(u.node) != 1:
+                why = "grouped convolution"
+            elif users.get(u.weight, 0) > 1 or len(list(u.weight.uses())) > 1:
+                why = "weight shared by several layers"
+            if why:
+                self.skipped.append(f"{u.node.name}: {why}, not refit")
+                continue
+            bias = _bias_of(u)
+            self.layers.append(u)
+            self.original[u.node] = (np.array(constant_array(u.weight), dtype=np.float64), bias,
+                                     None if bias is None else np.array(constant_array(bias), dtype=np.float64).reshape(-1))
+        # positions in the original node order, and a copy of the original model (the targets)
+        self.original_index = {u.node: order[u.node] for u in self.layers}
+        self._original = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if self.layers else None
+
+    def _matrix(self, u: WeightUse, w: np.ndarray) -> np.ndarray:
+        """The weight as [inputs, outputs] (conv inputs ordered channel, then kernel position)."""
+        if u.role == "conv":
+            return np.moveaxis(w, 0, -1).reshape(w.shape[1] * math.prod(w.shape[2:]), w.shape[0])
+        return w if u.in_axis == 0 else w.T
+
+    def _row_mask(self, u: WeightUse) -> np.ndarray:
+        mask = self.plan.axis_masks(u.weight)[u.in_axis]
+        if u.role == "conv":
+            return np.repeat(mask, math.prod(self.original[u.node][0].shape[2:]))
+        return mask
+
+    def run(self, model: ir.Model, calib, ctx) -> dict[str, Any]:
+        from modelsurgeon.capture import batch_size_for
+        from modelsurgeon.channel_surgery import _Editor
+
+        if not self.layers:
+            return {"layers_refit": 0}
+        editor = _Editor(model)
+        batches = list(calib.batches(batch_size_for(model, 8)))
+        original = SegmentRunner(self._original, batches)
+        pruned = SegmentRunner(model, batches)
+        index = {node: i for i, node in enumerate(model.graph)}
+        rng = np.random.default_rng(0)
+        for u in ctx.progress_bar(self.layers, desc="prune: refitting", total=len(self.layers)):
+            xs = original.advance(self.original_index[u.node], u.data.name)
+            xps = pruned.advance(index[u.node], u.data.name)
+            a: dict[str, Any] = {}
+            w_now_shape = constant_array(u.weight).shape
+            for xo, xpo in zip(xs, xps):
+                x = _rows(u, np.asarray(xo, np.float32), self.original[u.node][0].shape)
+                xp = _rows(u, np.asarray(xpo, np.float32), w_now_shape)
+                if len(x) > MAX_GRAM_ROWS:
+                    pick = rng.choice(len(x), MAX_GRAM_ROWS, replace=False)
+                    x, xp = x[pick], xp[pick]
+                a["g"] = a.get("g", 0) + (xp.T @ xp).astype(np.float64)
+                a["c"] = a.get("c", 0) + (xp.T @ x).astype(np.float64)
+                a["sp"] = a.get("sp", 0) + xp.sum(axis=0, dtype=np.float64)
+                a["s"] = a.get("s", 0) + x.sum(axis=0, dtype=np.float64)
+                a["n"] = a.get("n", 0) + len(x)
+            w_new, b_new = self._solve(u, a)
+            editor.set_constant(u.weight, w_new)
+            if b_new is not None:
+                editor.set_constant(self.original[u.node][1], b_new)
+        return {"layers_refit": len(self.layers)}
+
+    def _solve(self, u: WeightUse, a: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        w, bias_v, bias = self.original[u.node]
+        mat = self._matrix(u, w)
+        kept = np.nonzero(self._row_mask(u))[0]
+        g, c, n = a["g"], a["c"], a["n"]
+        lam = max(self.damp * float(np.mean(np.diag(g))), 1e-12)
+        rhs = c @ mat + lam * mat[kept]  # ridge toward the original weights
+        lhs = g + lam * np.eye(len(kept))
         if bias is not None:
-            s_k = ssum[kept]
-            lhs = np.block([[g_kk + lam * np.eye(len(kept)), s_k[:, None]], [s_k[None, :], np.array([[n]])]])
-            rhs = np.vstack([rhs + np.outer(s_k, bias), (ssum @ mat + n * bias)[None, :]])
-        else:
-            lhs = g_kk + lam * np.eye(len(kept))
+            sp, s = a["sp"], a["s"]
+            lhs = np.block([[lhs, sp[:, None]], [sp[None, :], np.array([[float(n)]])]])
+            rhs = np.vstack([rhs + np.outer(sp, bias), (s @ mat + n * bias)[None, :]])
         sol = _solve_spd(lhs, rhs)
         new_mat = sol[:len(kept)]
-        if use.role == "conv":
-            k_shape = w.shape[2:]
-            new_w = np.moveaxis(new_mat.reshape(int(in_mask.sum()), *k_shape, w.shape[0]), -1, 0)
-        elif use.in_axis == 0:
-            new_w = new_mat
+        if u.role == "conv":
+            c_kept = len(kept) // math.prod(w.shape[2:])
+            new_w = np.moveaxis(new_mat.reshape(c_kept, *w.shape[2:], w.shape[0]), -1, 0)
         else:
-            new_w = new_mat.T
-        dtype = constant_array(use.weight).dtype
-        overrides[use.weight] = plan.prune_array(use.weight, new_w, skip_axes=(use.in_axis,)).astype(dtype)
-        if bias is not None:
-            new_b = sol[len(kept)]
-            b_dtype = constant_array(bias_v).dtype
-            overrides[bias_v] = plan.prune_array(bias_v, new_b.reshape(constant_array(bias_v).shape)).astype(b_dtype)
-        refit += 1
-    return overrides, {"layers_refit": refit}, skipped
+            new_w = new_mat if u.in_axis == 0 else new_mat.T
+        w_out = self.plan.prune_array(u.weight, new_w, skip_axes=(u.in_axis,)).astype(constant_array(u.weight).dtype)
+        if bias is None:
+            return w_out, None
+        arr = constant_array(bias_v)
+        b = sol[len(kept)]
+        out_mask = self.plan.axis_masks(bias_v)[-1]
+        if out_mask is not None:
+            b = b[out_mask]
+        return w_out, b.reshape(arr.shape).astype(arr.dtype)
+
+
+class SegmentRunner:
+    """Runs a model's nodes in consecutive segments over fixed batches, keeping each batch's live values.
+
+    `advance(stop, name)` executes nodes [position, stop) of the graph (one ONNX Runtime session over just
+    those nodes, built when asked, so constants changed since the last call are used) and returns the value
+    `name` for every batch. Values no later node or output needs are dropped, so memory stays at the live set.
+    """
+
+    def __init__(self, model: ir.Model, batches: list[dict[str, np.ndarray]]):
+        self.model = model
+        self.nodes = list(model.graph)
+        graph_inputs = {v.name for v in model.graph.inputs}
+        self.state = [{k: v for k, v in feeds.items() if k in graph_inputs} for feeds in batches]
+        self.pos = 0
+        self.last_use: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for v in _node_inputs(node):
+                self.last_use[v.name] = i
+        for v in model.graph.outputs:
+            self.last_use[v.name] = len(self.nodes)
+
+    def advance(self, stop: int, name: str) -> list[np.ndarray]:
+        if stop > self.pos:
+            self._run(self.nodes[self.pos:stop], stop, name)
+            self.pos = stop
+        return [s[name] for s in self.state]
+
+    def _run(self, nodes: list[ir.Node], stop: int, want: str) -> None:
+        import onnx
+
+        from modelsurgeon.runtime.session import make_session
+
+        produced = {v.name for n in nodes for v in n.outputs if v is not None and v.name}
+        live = self.state[0]
+        inputs, inits, seen = [], [], set()
+        for n in nodes:
+            for v in _node_inputs(n):
+                if v.name in produced or v.name in seen:
+                    continue
+                seen.add(v.name)
+                if v.name in live:
+                    arr = live[v.name]
+                    inputs.append(onnx.helper.make_tensor_value_info(
+                        v.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), [None] * arr.ndim))
+                elif v.const_value is not None:
+                    inits.append(ir.serde.serialize_tensor(v.const_value))
+                    inits[-1].name = v.name
+                else:
+                    raise RuntimeError(f"segment input '{v.name}' is neither computed nor constant")
+        keep = [v for n in nodes for v in n.outputs if v is not None and v.name
+                and (self.last_use.get(v.name, -1) >= stop or v.name == want)]
+        outputs = [onnx.helper.make_empty_tensor_value_info(v.name) if v.dtype is None else
+                   onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in keep]
+        graph = onnx.helper.make_graph([ir.serde.serialize_node(n) for n in nodes], "segment", inputs, outputs, inits)
+        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(k, v) for k, v in
+                                                              self.model.opset_imports.items()])
+        proto.ir_version = self.model.ir_version or 8
+        for f in self.model.functions.values():
+            proto.functions.append(ir.serde.serialize_function(f))
+        session = make_session(proto.SerializeToString())
+        in_names = [i.name for i in session.get_inputs()]
+        out_names = [v.name for v in keep]
+        for st in self.state:
+            results = session.run(out_names, {k: st[k] for k in in_names})
+            st.update(zip(out_names, results))
+            for k in [k for k in st if self.last_use.get(k, -1) < stop and k != want]:
+                del st[k]
+
+
+def _node_inputs(node: ir.Node):
+    """Values a node reads, including those its subgraphs capture from outside."""
+    for v in node.inputs:
+        if v is not None and v.name:
+            yield v
+    for attr in node.attributes.values():
+        graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+        for g in graphs:
+            inner = {v.name for n in ir.traversal.RecursiveGraphIterator(g) for v in n.outputs}
+            inner |= {v.name for v in g.inputs} | set(g.initializers)
+            for n in ir.traversal.RecursiveGraphIterator(g):
+                for v in n.inputs:
+                    if v is not None and v.name and v.name not in inner:
+                        yield v

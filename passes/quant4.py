@@ -68,8 +68,8 @@ class Quant4Pass(Pass):
                        check=lambda v: None if 0 < v < 1 else "must be between 0 and 1"),
         "act_order": Option(bool, True, "GPTQ: quantize input channels by decreasing activation energy"),
         "clip_search": Option((bool, type(None)), None, "search a clipping ratio per block (default: on for gptq/awq)"),
-        "include": Option(str, "", "only layers whose node or weight name matches one of these patterns ('|'-separated, fnmatch)"),
-        "exclude": Option(str, "", "skip layers whose node or weight name matches one of these patterns"),
+        "include": Option(str, "", "regex: only layers whose node or weight name matches (re.search)", check=G.check_regex),
+        "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "keep8": Option(int, 0, "keep the N most error-sensitive layers at 8 bits",
                         check=lambda v: None if v >= 0 else "must be >= 0"),
         "embeddings": Option(bool, False, "also quantize embedding Gathers (GatherBlockQuantized, format=matmulnbits)"),
@@ -80,13 +80,12 @@ class Quant4Pass(Pass):
     def validate(self) -> None:
         c = self.config
         self.needs_calibration = c["algo"] in ("gptq", "awq") or c["keep8"] > 0
-        if c["clip_search"] is None:
-            c["clip_search"] = c["algo"] in ("gptq", "awq")
+        self.clip = c["algo"] in ("gptq", "awq") if c["clip_search"] is None else c["clip_search"]
 
     # ------------------------------------------------------------------------------------------------
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
-        include, exclude = G.parse_patterns(c["include"]), G.parse_patterns(c["exclude"])
+        include, exclude = c["include"], c["exclude"]
         linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits")
         selected: list[G.Linear] = []
         for lin in linears:
@@ -128,7 +127,7 @@ class Quant4Pass(Pass):
             scales = None
             if c["algo"] == "awq":
                 res = Q.awq_search([lin.weight for lin in group], hessian, act, 4, c["block"], c["symmetric"],
-                                   clip_search=c["clip_search"])
+                                   clip_search=self.clip)
                 alphas.append(res.alpha)
                 quantized = res.quantized
                 if res.alpha > 0:
@@ -139,11 +138,13 @@ class Quant4Pass(Pass):
                 else:
                     scales = None
             elif c["algo"] == "gptq":
-                prepared = Q.prepare_gptq(hessian, c["damp"], c["act_order"])  # shared by the group
-                quantized = [Q.gptq(lin.weight, prepared, 4, c["block"], c["symmetric"],
-                                    clip_search=c["clip_search"]) for lin in group]
+                # Output channels are independent in GPTQ: the layers sharing H are quantized as one matrix.
+                joint = Q.gptq(np.concatenate([lin.weight for lin in group], axis=1), hessian, 4, c["block"],
+                               c["symmetric"], c["damp"], c["act_order"], clip_search=self.clip)
+                bounds = np.cumsum([0] + [lin.shape[1] for lin in group])
+                quantized = [joint.columns(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
             else:
-                quantized = [Q.quantize_rtn(lin.weight, 4, c["block"], c["symmetric"], c["clip_search"], hessian)
+                quantized = [Q.quantize_rtn(lin.weight, 4, c["block"], c["symmetric"], self.clip, hessian)
                              for lin in group]
             for lin, bq in zip(group, quantized):
                 w_eff = lin.weight if scales is None else (lin.weight * scales[:, None]).astype(np.float32)
@@ -262,18 +263,12 @@ class Quant4Pass(Pass):
     def _quantize_embeddings(self, model, namer, skipped: list[str]) -> int:
         c = self.config
         count = 0
-        for node in list(model.graph):
-            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
-                continue
-            table = G.const_array(node.inputs[0])
+        found, left = G.find_embeddings(model)
+        skipped.extend(left)
+        for node, table in found:
             label = node.name or node.outputs[0].name
-            if table is None or table.ndim != 2 or table.dtype not in (np.float32, np.float16):
-                continue
             if c["format"] != "matmulnbits":
                 skipped.append(f"{label}: format=qdq has no standard 4-bit Gather; use format=matmulnbits for embeddings")
-                continue
-            if G.attr(node, "axis", 0) != 0:
-                skipped.append(f"{label}: Gather on axis {G.attr(node, 'axis', 0)} (only row lookups are quantized)")
                 continue
             v, d = table.shape
             if d % c["block"]:

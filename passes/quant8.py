@@ -105,13 +105,14 @@ class Quant8Pass(Pass):
         "per_channel": Option(bool, True, "per-output-channel weight scales (else one per tensor)"),
         "symmetric_activations": Option(bool, False, "int8 activations with zero point 0 (default: uint8 with zero point)"),
         "ops": Option(str, "Conv|MatMul|Gemm", "op types to quantize ('|'-separated)"),
-        "include": Option(str, "", "only layers whose node or weight name matches these patterns ('|'-separated)"),
-        "exclude": Option(str, "", "skip layers whose node or weight name matches these patterns"),
+        "include": Option(str, "", "regex: only layers whose node or weight name matches (re.search)", check=G.check_regex),
+        "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
+        "embeddings": Option(bool, True, "also store embedding tables in int8 (per-column scales, dequantized after the Gather)"),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
     }
 
     def validate(self) -> None:
-        ops = tuple(G.parse_patterns(self.config["ops"]))
+        ops = tuple(o.strip() for o in self.config["ops"].split("|") if o.strip())
         bad = [o for o in ops if o not in _TARGETS]
         if bad or not ops:
             raise UserError(f"quant8: ops={self.config['ops']!r}: choose among {'|'.join(_TARGETS)}")
@@ -121,15 +122,17 @@ class Quant8Pass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
         skipped: list[str] = []
-        targets = _targets(model, self._ops, G.parse_patterns(c["include"]), G.parse_patterns(c["exclude"]), skipped)
+        targets = _targets(model, self._ops, c["include"], c["exclude"], skipped)
         namer = G.Namer(model)
+        G.ensure_opset(model, "", 13)  # per-axis DequantizeLinear
+        gathers = self._embeddings(model, namer, skipped) if c["embeddings"] else 0
         if c["dynamic"]:
             count = self._dynamic(model, namer, targets, skipped)
-            return PassResult(model, count > 0, notes={"mode": "dynamic", "layers": count}, skipped=skipped)
+            return PassResult(model, count + gathers > 0, notes={"mode": "dynamic", "layers": count, "embeddings": gathers},
+                              skipped=skipped)
         if not targets:
-            return PassResult(model, False, notes={"mode": "static", "layers": 0}, skipped=skipped)
-        G.ensure_opset(model, "", 13)  # per-axis DequantizeLinear
-
+            return PassResult(model, gathers > 0, notes={"mode": "static", "layers": 0, "embeddings": gathers},
+                              skipped=skipped)
         activations = self._activation_tensors(targets)
         ranges = self._calibrate(model, ctx, activations)
         qparams = {name: Q.activation_qparams(*ranges[name], c["symmetric_activations"]) for name in activations}
@@ -138,7 +141,8 @@ class Quant8Pass(Pass):
             self._insert_qdq(model, namer, value, *qparams[name], all_uses)
         for t in targets:
             self._quantize_weight(model, namer, t)
-        notes = {"mode": "static", "layers": len(targets), "activations": len(activations), "calibrate": c["calibrate"],
+        notes = {"mode": "static", "layers": len(targets), "embeddings": gathers, "activations": len(activations),
+                 "calibrate": c["calibrate"],
                  "samples": ctx.calibration.num_samples if ctx.calibration is not None else 0}
         return PassResult(model, True, notes=notes, skipped=skipped)
 
@@ -212,8 +216,11 @@ class Quant8Pass(Pass):
             amax = float(np.abs(w).max())
             ws = np.array(amax / 127.0 if amax > 0 else 1.0, np.float32)
             wq = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
-        base = node.inputs[1].name
         old_w = node.inputs[1]
+        base = old_w.name
+        if old_w.producer() is not None and old_w.producer().op_type == "Transpose":  # a tied head's W^T
+            base = f"{old_w.producer().inputs[0].name}.T"
+
         wq_v = G.add_initializer(model, namer, f"{base}_int8", wq)
         ws_v = G.add_initializer(model, namer, f"{base}_scale", ws)
         wz_v = G.add_initializer(model, namer, f"{base}_zero_point", np.zeros(ws.shape, np.int8))
@@ -250,6 +257,28 @@ class Quant8Pass(Pass):
                 node.replace_input_with(t.bias_index, bdq.outputs[0])
                 olds.append(bias_v)
         G.drop_unused_initializers(model, olds)
+
+    def _embeddings(self, model, namer, skipped: list[str]) -> int:
+        """Gather(float table) -> Gather(int8 table) -> DequantizeLinear(per-column scales, axis -1)."""
+        found, left = G.find_embeddings(model)
+        skipped.extend(left)
+        count = 0
+        for node, table in found:
+            label = node.name or node.outputs[0].name
+            if table.dtype != np.float32:
+                skipped.append(f"{label}: only float32 embedding tables are stored in int8")
+                continue
+            wq, ws = Q.quantize_per_channel_int8(table, 1)
+            base = node.inputs[0].name
+            table_v = G.add_initializer(model, namer, f"{base}_int8", wq)
+            gather = ir.Node("", "Gather", [table_v, node.inputs[1]], [ir.AttrInt64("axis", 0)], name=namer(f"{label}_int8"))
+            gather.outputs[0].name = namer(f"{node.outputs[0].name}_int8")
+            dq = ir.Node("", "DequantizeLinear", [gather.outputs[0], G.add_initializer(model, namer, f"{base}_scale", ws.astype(table.dtype)),
+                                                  G.add_initializer(model, namer, f"{base}_zero_point", np.zeros(ws.shape, np.int8))],
+                         [ir.AttrInt64("axis", -1)], name=namer(f"{label}_DequantizeLinear"))
+            G.replace(model, [node], node.outputs[0], [gather, dq], dq.outputs[0])
+            count += 1
+        return count
 
     # ------------------------------------------------------------------------------------------------
     def _dynamic(self, model, namer, targets: list[_Target], skipped: list[str]) -> int:

@@ -22,6 +22,7 @@ masks). `sparsity=0` is exact (rotation only). Post-norm (BERT-style) models are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -29,10 +30,10 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.analyses.blocks import (Linear, TransformerBlocks, const_array, copy_type, drop_if_unused,
-                                          naming, new_initializer, unique_name)
+                                          match_linear, naming, new_initializer, unique_name)
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
-from modelsurgeon.passes.fold_norms import opset_of, replace_norm, require_pre_norm
+from modelsurgeon.passes.fold_norms import head_is_tied, opset_of, replace_norm, require_pre_norm
 
 log = logging.getLogger("modelsurgeon")
 
@@ -48,14 +49,30 @@ def kept_width(d: int, sparsity: float, multiple: int = 8) -> int:
 
 def pca(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvectors (columns, by descending eigenvalue) and eigenvalues of a damped second-moment matrix."""
+    import torch
+
     h = h + damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
-    try:  # scipy's divide-and-conquer driver is ~10x faster than numpy's here
-        from scipy.linalg import eigh
-    except ImportError:  # pragma: no cover
-        eigh = np.linalg.eigh
-    vals, vecs = eigh(h)
+    with _one_thread():  # multithreaded eigh is up to 10x slower on a busy machine
+        vals, vecs = torch.linalg.eigh(torch.from_numpy(h))
+    vals, vecs = vals.numpy(), vecs.numpy()
     order = np.argsort(vals)[::-1]
     return vecs[:, order], vals[order]
+
+
+class _one_thread:
+    """Run torch's CPU linear algebra on one thread (restored afterwards)."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.saved)
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,12 +95,18 @@ class StreamRunner:
         self.model, self.tb = model, tb
         self.inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
 
-    def _run(self, start: ir.Value | None, end: ir.Value, xs: list[np.ndarray] | None, feeds: list[dict]) -> list[np.ndarray]:
+    def _run(self, start: ir.Value | None, end: ir.Value, xs: list[np.ndarray] | None, feeds: list[dict],
+             weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Run the piece of the model between `start` and `end` on `xs`; `weights` replaces the weights ([in, out])
+        of the Linears named there."""
         graph = ir.convenience.extract(self.model.graph, inputs=([start] if start is not None else []) + self.inputs,
                                        outputs=[end])
         for v in [*list(graph.inputs)[:1], *graph.outputs]:  # the legacy exporter leaves intermediate values untyped
             if v.dtype is None:
                 v.dtype = self.tb.embedding.table.dtype or ir.DataType.FLOAT
+        for node in list(graph) if weights else ():
+            if node.name in weights:
+                match_linear(node).set_weight(graph, weights[node.name])
         sess = _session(self.model, graph)
         names = {i.name for i in sess.get_inputs()}
         out = []
@@ -97,11 +120,11 @@ class StreamRunner:
     def embedding(self, feeds):
         return self._run(None, self.tb.embedding.output, None, feeds)
 
-    def attention(self, block, xs, feeds):
-        return self._run(block.residual_in, block.residual_mid, xs, feeds)
+    def attention(self, block, xs, feeds, weights=None):
+        return self._run(block.residual_in, block.residual_mid, xs, feeds, weights)
 
-    def mlp(self, block, xs, feeds):
-        return self._run(block.residual_mid, block.residual_out, xs, feeds)
+    def mlp(self, block, xs, feeds, weights=None):
+        return self._run(block.residual_mid, block.residual_out, xs, feeds, weights)
 
 
 def _token_weights(feeds: list[dict], xs: list[np.ndarray]) -> list[np.ndarray | None]:
@@ -117,47 +140,127 @@ def _token_weights(feeds: list[dict], xs: list[np.ndarray]) -> list[np.ndarray |
     return out
 
 
+def _rows(xs: list[np.ndarray], weights: list[np.ndarray | None] | None = None):
+    """All tokens of a batch list as one float64 torch matrix [tokens, d] (padding rows zeroed)."""
+    import torch
+
+    d = xs[0].shape[-1]
+    parts = [np.asarray(x).reshape(-1, d) for x in xs]
+    if weights is not None and any(w is not None for w in weights):
+        parts = [p * (1.0 if w is None else w[:, None].astype(p.dtype)) for p, w in zip(parts, weights)]
+    return torch.from_numpy(np.concatenate(parts)).double()
+
+
 def second_moment(xs: list[np.ndarray], weights: list[np.ndarray | None]) -> np.ndarray:
     """sum over tokens of x x^T, in float64 (tokens with weight 0, i.e. padding, left out)."""
-    d = xs[0].shape[-1]
-    rows = [np.asarray(x, np.float64).reshape(-1, d) * (1.0 if w is None else w[:, None]) for x, w in zip(xs, weights)]
-    x2 = np.concatenate(rows)
-    return x2.T @ x2
+    with _one_thread():
+        x = _rows(xs, weights)
+        return (x.T @ x).numpy()
 
 
 def project(xs: list[np.ndarray], q: np.ndarray, q_all: np.ndarray) -> list[np.ndarray]:
     """x -> x Q Q^T (the part of the stream that survives slicing, in the original basis).
 
     Computed as x - (x R) R^T with R the deleted columns of the full rotation `q_all` (fewer flops)."""
-    r = q_all[:, q.shape[1]:]
+    import torch
+
+    r = torch.from_numpy(np.ascontiguousarray(q_all[:, q.shape[1]:]))
     if r.shape[1] == 0:
         return xs
-    return [(x - (np.asarray(x, np.float64) @ r) @ r.T).astype(x.dtype) for x in xs]
+    with _one_thread():
+        x = _rows(xs)
+        y = (x - (x @ r) @ r.T).numpy()
+    out, start = [], 0
+    for a in xs:
+        n = a.size // a.shape[-1]
+        out.append(y[start:start + n].reshape(a.shape).astype(a.dtype))
+        start += n
+    return out
+
+
+def rms(xs: list[np.ndarray], eps: float) -> list[np.ndarray]:
+    """What a weightless RMS norm makes of each array (float64)."""
+    out = []
+    for x in xs:
+        x = np.asarray(x, np.float64)
+        out.append(x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+    return out
+
+
+def refit_map(sliced: list[np.ndarray], dense: list[np.ndarray], qk: np.ndarray, weights: list, ridge: float) -> np.ndarray:
+    """M (d x d) such that the layers reading a norm, given weights M W, best reproduce the dense model.
+
+    Least squares over calibration tokens: with C the sliced model's normalized stream in kept coordinates
+    (C = N_s Q_k), minimize ||C V - N_d W|| over V: V = (C^T C + ridge)^-1 C^T N_d W, and M = Q_k (C^T C)^-1 C^T N_d.
+    This folds the correlation between kept and deleted directions, and the error of earlier blocks, back in.
+    """
+    import torch
+
+    with _one_thread():
+        c = _rows(sliced, weights) @ torch.from_numpy(np.ascontiguousarray(qk))
+        nd = _rows(dense, weights)
+        g = c.T @ c
+        g += ridge * float(torch.mean(torch.diag(g))) * torch.eye(g.shape[0], dtype=g.dtype)
+        return qk @ torch.linalg.solve(g, c.T @ nd).numpy()
+
+
+@dataclasses.dataclass
+class SlicePlan:
+    """What `compute_rotations` measured: rotations Q_0..Q_2L, and (with correction) per-norm input maps."""
+
+    qs: list[np.ndarray]
+    energy: list[float]
+    attn_maps: list[np.ndarray | None]
+    mlp_maps: list[np.ndarray | None]
+    head_map: np.ndarray | None = None
 
 
 def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict], k: int, damp: float,
-                      progress=None) -> tuple[list[np.ndarray], list[float]]:
-    """Q_0 .. Q_2L (d x d each) and the fraction of the stream's energy kept at each point."""
+                      progress=None, correct: bool = False, ridge: float = 1e-3) -> SlicePlan:
+    """Q_0 .. Q_2L (d x d each), the energy kept at each point and, with `correct`, the refit maps.
+
+    The sliced model is followed in the original basis: each half-block runs (as an ONNX sub-model) on its
+    input projected onto the kept directions, x Q_k Q_k^T, which is exactly what the sliced model computes.
+    With `correct`, the dense model is run alongside and the layers reading each norm are refit (`refit_map`).
+    """
     runner = StreamRunner(model, tb)
     xs = runner.embedding(feeds)
+    dense = xs if correct else None
     weights = _token_weights(feeds, xs)
-    qs: list[np.ndarray] = []
-    kept: list[float] = []
+    plan = SlicePlan([], [], [], [])
 
     def measure(values: list[np.ndarray]) -> np.ndarray:
         q, vals = pca(second_moment(values, weights), damp)
-        qs.append(q)
-        kept.append(float(vals[:k].sum() / vals.sum()))
+        plan.qs.append(q)
+        plan.energy.append(float(vals[:k].sum() / vals.sum()))
         return q
+
+    def refit(sliced, dense_in, q, eps, lins):
+        if not correct:
+            return None, None
+        m = refit_map(rms(sliced, eps), rms(dense_in, eps), q[:, :k], weights, ridge)
+        return m, {lin.node.name: m @ lin.weight_matrix().astype(np.float64) for lin in lins}
 
     blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: PCA per block", total=len(tb.blocks))
     q = measure(xs)
     for block in blocks:
-        mid = runner.attention(block, project(xs, q[:, :k], q), feeds)
+        x_in = project(xs, q[:, :k], q)
+        m, w = refit(x_in, dense, q, block.attn_norm.epsilon, block.attn_inputs)
+        plan.attn_maps.append(m)
+        mid = runner.attention(block, x_in, feeds, w)
+        if correct:
+            dense = runner.attention(block, dense, feeds)
         q = measure(mid)
-        xs = runner.mlp(block, project(mid, q[:, :k], q), feeds)
+        x_mid = project(mid, q[:, :k], q)
+        m, w = refit(x_mid, dense, q, block.mlp_norm.epsilon, block.mlp_inputs)
+        plan.mlp_maps.append(m)
+        xs = runner.mlp(block, x_mid, feeds, w)
+        if correct:
+            dense = runner.mlp(block, dense, feeds)
         q = measure(xs)
-    return qs, kept
+    if correct and tb.lm_head is not None:
+        plan.head_map, _ = refit(project(xs, q[:, :k], q), dense, q, tb.final_norm.epsilon, [])
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,18 +409,27 @@ def _clear_stream_shapes(graph: ir.Graph, d: int) -> None:
                 v.shape = None
 
 
-def apply_rotations(model: ir.Model, tb: TransformerBlocks, qs: list[np.ndarray], k: int) -> dict:
+def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: int) -> dict:
     graph, d = model.graph, tb.d_model
     opset = opset_of(model)
-    qk = [q[:, :k] for q in qs]
+    qk = [q[:, :k] for q in plan.qs]
     values = stream_values(tb)
     pinned = pin_shape_readers(graph, values, d, opset) if k != d else 0
     scale = np.full(k, math.sqrt(d / k))
 
     emb = tb.embedding
+    tied = head_is_tied(tb)
+    head_reader = None
+    if tied:  # the node that reads the shared table for the head: its Transpose, or the Gemm itself
+        head_reader = (tb.lm_head.transpose_node, 0) if tb.lm_head.transpose_node is not None else (tb.lm_head.node, 1)
     for gather, table in [(emb.gather, emb.table)] + list(emb.extra_tables):
         t = const_array(table)
-        gather.replace_input_with(0, new_initializer(graph, (t.astype(np.float64) @ qk[0]).astype(t.dtype), table.name or "table"))
+        value = new_initializer(graph, (t.astype(np.float64) @ qk[0]).astype(t.dtype), table.name or "table")
+        gather.replace_input_with(0, value)
+        if tied and table is emb.table:
+            head_reader[0].replace_input_with(head_reader[1], value)
+            if tb.lm_head.transpose_node is not None:
+                tb.lm_head.transpose_node.outputs[0].shape = None  # now [k, vocab]
         drop_if_unused(graph, table)
     for add, const in emb.added_constants:
         c = const_array(const)
@@ -325,9 +437,10 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, qs: list[np.ndarray]
         add.replace_input_with(idx, new_initializer(graph, (c.astype(np.float64) @ qk[0]).astype(c.dtype), const.name or "const"))
         drop_if_unused(graph, const)
 
-    def read_in(lins: list[Linear], q: np.ndarray) -> None:
+    def read_in(lins: list[Linear], q: np.ndarray, m: np.ndarray | None = None) -> None:
         for lin in lins:
-            lin.set_weight(graph, q.T @ lin.weight_matrix().astype(np.float64))
+            w = lin.weight_matrix().astype(np.float64)
+            lin.set_weight(graph, q.T @ (w if m is None else m @ w))
 
     def write_out(lin: Linear, q: np.ndarray) -> None:
         lin.set_weight(graph, lin.weight_matrix().astype(np.float64) @ q)
@@ -340,9 +453,9 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, qs: list[np.ndarray]
         qa, qm, qb = qk[2 * b.index], qk[2 * b.index + 1], qk[2 * b.index + 2]
         label = b.scope or f"block{b.index}"
         attn_stream, mlp_stream = _stream_input(b.attn_add, b.o), _stream_input(b.mlp_add, b.down)
-        read_in(b.attn_inputs, qa)
+        read_in(b.attn_inputs, qa, plan.attn_maps[b.index])
         write_out(b.o, qm)
-        read_in(b.mlp_inputs, qm)
+        read_in(b.mlp_inputs, qm, plan.mlp_maps[b.index])
         write_out(b.down, qb)
         for add, stream, old, q_from, q_to, what in ((b.attn_add, attn_stream, b.attn_shortcut, qa, qm, "attn"),
                                                      (b.mlp_add, mlp_stream, b.mlp_shortcut, qm, qb, "mlp")):
@@ -354,8 +467,22 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, qs: list[np.ndarray]
         for norm, what in ((b.attn_norm, "attn_norm"), (b.mlp_norm, "mlp_norm")):
             replace_norm(graph, norm, norm.epsilon * d / k, scale, opset, f"{label}.{what}.sliced")
     final = tb.final_norm
-    if final is not None and tb.lm_head is not None:
-        read_in([tb.lm_head], qk[-1])
+    if final is not None and tied:
+        # keep the head tied to the (sliced) embedding table T' = T Q0: logits = y M T'^T, with M the least-squares
+        # fit over the vocabulary of Q^T diag(g) T^T = M T'^T (exact when T's rows lie in the kept directions)
+        t = const_array(tb.embedding.table).astype(np.float64)
+        g = final.scale_vector(d)
+        head = qk[-1].T @ (plan.head_map if plan.head_map is not None else np.eye(d)) @ (g[:, None] * t.T)  # k x V
+        t_kept = t @ qk[0]
+        m = np.linalg.lstsq(t_kept, head.T, rcond=None)[0].T  # k x k
+        y = replace_norm(graph, final, final.epsilon * d / k, scale, opset, "final_norm.sliced")
+        w = new_initializer(graph, m.astype(t.dtype if t.dtype != np.float64 else np.float32), "lm_head.basis")
+        mm = _node(graph, "MatMul", [y, w], "lm_head/basis")
+        copy_type(mm.outputs[0], y)
+        graph.insert_after(y.producer(), mm)
+        tb.lm_head.node.replace_input_with(0, mm.outputs[0])
+    elif final is not None and tb.lm_head is not None:
+        read_in([tb.lm_head], qk[-1], plan.head_map)
         replace_norm(graph, final, final.epsilon * d / k, scale, opset, "final_norm.sliced")
     elif final is not None:  # the norm's output leaves the model: rotate back to d coordinates before it
         back = new_initializer(graph, qk[-1].T.astype(np.float32), "final_norm.unrotate")
@@ -396,6 +523,8 @@ class SlicePass(Pass):
         "damp": Option(float, 0.01, "PCA damping, as a fraction of the mean eigenvalue",
                        check=lambda v: None if v >= 0 else "must be >= 0"),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v >= 1 else "must be >= 1"),
+        "correct": Option(bool, True, "refit the layers that read each norm by least squares against the dense model "
+                                      "(runs the dense model alongside; no effect at sparsity 0)"),
     }
     requires = ("fold-norms",)
     analyses = ("blocks",)
@@ -409,7 +538,7 @@ class SlicePass(Pass):
             raise UserError(f"slice: the block finder stopped early ({tb.problems[0]}); slicing part of a model is "
                             "not supported")
         stream_norms = [n for b in tb.blocks for n in (b.attn_norm, b.mlp_norm)]
-        if tb.lm_head is not None:
+        if tb.lm_head is not None and not head_is_tied(tb):  # a tied head keeps its norm's scale
             stream_norms.append(tb.final_norm)
         unfolded = [n for n in stream_norms if n is None or n.kind != "rms" or not n.weightless]
         if unfolded and all(n is not None for n in unfolded):
@@ -420,7 +549,7 @@ class SlicePass(Pass):
             FoldNormsPass().run(model, ctx)
             tb = find_blocks(model)
             stream_norms = [n for b in tb.blocks for n in (b.attn_norm, b.mlp_norm)]
-            if tb.lm_head is not None:
+            if tb.lm_head is not None and not head_is_tied(tb):
                 stream_norms.append(tb.final_norm)
             unfolded = [n for n in stream_norms if n is None or n.kind != "rms" or not n.weightless]
         if unfolded:
@@ -436,10 +565,16 @@ class SlicePass(Pass):
         d = tb.d_model
         k = kept_width(d, self.config["sparsity"], self.config["multiple"])
         feeds = list(calib.batches(batch_size_for(model, self.config["batch"])))
-        qs, energy = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar)
+        correct = self.config["correct"] and k < d
+        if correct and len({lin.node.name for b in tb.blocks for lin in b.attn_inputs + b.mlp_inputs}) != \
+                sum(len(b.attn_inputs) + len(b.mlp_inputs) for b in tb.blocks):
+            log.warning("slice: projections without unique node names; slicing without the least-squares correction")
+            correct = False
+        plan = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar, correct=correct)
         with naming(model.graph):
-            edits = apply_rotations(model, tb, qs, k)
-        notes = {"d_model": d, "kept": k, "blocks": len(tb.blocks), "calibration_tokens": int(sum(
-            next(iter(f.values())).size for f in feeds)), "min_energy_kept": round(min(energy), 4),
-            "mean_energy_kept": round(float(np.mean(energy)), 4), **edits}
+            edits = apply_rotations(model, tb, plan, k)
+        notes = {"d_model": d, "kept": k, "blocks": len(tb.blocks), "corrected": correct,
+                 "calibration_tokens": int(sum(next(iter(f.values())).size for f in feeds)),
+                 "min_energy_kept": round(min(plan.energy), 4), "mean_energy_kept": round(float(np.mean(plan.energy)), 4),
+                 **edits}
         return PassResult(model, True, notes=notes)

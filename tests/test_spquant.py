@@ -112,13 +112,17 @@ def test_function_rejects_old_opsets():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_numpy_on_every_path(isa, shape, monkeypatch):
     monkeypatch.setenv("MODELSURGEON_SQMM_ISA", isa)  # read when ORT creates the kernel; lowers the path only
-    A = np.random.default_rng(3).normal(size=(4, shape[0])).astype(np.float32)
+    rng = np.random.default_rng(3)
+    # 3 rows: the per-row paths; 19 rows: AVX-512's 16-row tiles (one full, one partial)
+    inputs = [rng.normal(size=(m, shape[0])).astype(np.float32) for m in (3, 19)]
     for v, variant in enumerate(VARIANTS):
         w = _weight(10 + v, shape, variant)
         for level in (0, 4):
-            y, _ = _run(single_op_model(w, accuracy_level=level), A, library=True)
-            # level 4 is compared with the int8-rounded activations the kernel uses: only fp32 round-off remains
-            assert _rel(y, reference(A, w, accuracy_level=level)) < 2e-5, (isa, shape, variant, level)
+            model = single_op_model(w, accuracy_level=level)
+            for A in inputs:
+                y, _ = _run(model, A, library=True)
+                # level 4 is compared with the int8-rounded activations the kernel uses: only fp32 round-off remains
+                assert _rel(y, reference(A, w, accuracy_level=level)) < 2e-5, (isa, shape, variant, level, len(A))
 
 
 @needs_library

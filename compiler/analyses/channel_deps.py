@@ -1192,70 +1192,56 @@ def _resize(b: Builder, node: ir.Node) -> None:
 
 @rule("Conv", "ConvTranspose")
 def _conv(b: Builder, node: ir.Node) -> None:
+    """Conv W [O, C/g, k...], ConvTranspose W [C, O/g, k...]. With g groups, input channels are
+    groups x channels-per-group and so are output channels: the group index is shared by both."""
     x, w = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     xl, wl = b.L(x), b.L(w)
     group = int(_attr(node, "group", 1))
     y = node.outputs[0]
-    shape = b.inferred.get(y.name)
     transpose = node.op_type == "ConvTranspose"
-    # weight: Conv [O, C/g, k...]; ConvTranspose [C, O/g, k...]
-    c_in, o_w = xl[1], wl[0]
-    if transpose:
-        out_per_group = wl[1]
-        cin_total = wl[0]
-    else:
-        in_per_group = wl[1]
+    in_axis, out_axis = (0, 1) if transpose else (1, 0)  # weight axes of input and output channels
+    c_in = xl[1]
     if group == 1:
-        if transpose:
-            b.couple(x, 1, w, 0, "conv input channels")
-            out_ch = wl[1]
-        else:
-            b.couple(x, 1, w, 1, "conv input channels")
-            out_ch = wl[0]
+        b.couple(x, 1, w, in_axis, "conv input channels")
+        out_ch = wl[out_axis]
     else:
         g = b.new(group)
-        if transpose:
-            ipg = b.size(cin_total)
-            if ipg is None or ipg % group:
-                raise RuleError("input channels not divisible by groups")
-            in_struct = b.atoms.make_product([g, b.new(ipg // group)])
-            b.same(cin_total, in_struct, "grouped conv")
-            b.same(c_in, cin_total, "conv input channels")
-            out_ch = b.atoms.make_product([g, out_per_group])
-        else:
-            cin = b.size(c_in)
-            if cin is None or cin % group:
-                raise RuleError("input channels not divisible by groups")
-            b.same(c_in, b.atoms.make_product([g, in_per_group]), "grouped conv input")
-            o = b.size(o_w)
-            if o is None or o % group:
+        cin, per_out = b.size(c_in), b.size(wl[out_axis])
+        if cin is None or cin % group or per_out is None:
+            raise RuleError("input channels not divisible by groups")
+        if transpose:  # W axis 0 holds all input channels, axis 1 the outputs of one group
+            b.same(wl[0], b.atoms.make_product([g, b.new(cin // group)]), "grouped conv input")
+            b.same(c_in, wl[0], "conv input channels")
+            out_ch = b.atoms.make_product([g, wl[1]])
+        else:  # W axis 1 holds the inputs of one group, axis 0 all output channels
+            b.same(c_in, b.atoms.make_product([g, wl[1]]), "grouped conv input")
+            if per_out % group:
                 raise RuleError("output channels not divisible by groups")
-            b.same(o_w, b.atoms.make_product([g, b.new(o // group)]), "grouped conv output")
-            out_ch = o_w
-        b.edge(x, 1, w, 0 if transpose else 1, "grouped conv input channels")
+            b.same(wl[0], b.atoms.make_product([g, b.new(per_out // group)]), "grouped conv output")
+            out_ch = wl[0]
+        b.edge(x, 1, w, in_axis, "grouped conv input channels")
         b.sites.append(Site(node, "group", {"atom": g}))
-        in_pg = b.size(cin_total if transpose else wl[1])
-        if in_pg is not None and in_pg > (group if transpose else 1):  # not depthwise: whole groups are their own kind
+        if cin // group > 1:  # not depthwise: whole groups are a kind of their own
             b.tag(g, "conv_groups")
     if bias is not None:
-        b.couple(bias, 0, w, 1 if transpose else 0, "conv bias")
+        b.edge(bias, 0, y, 1, "conv bias")
         b.same(b.L(bias)[0], out_ch, "conv bias")
+    shape = b.inferred.get(y.name)
     out = [xl[0], out_ch]
     for k in range(2, len(xl)):
         d = shape[k] if shape is not None and len(shape) == len(xl) else None
         out.append(b.new(d, f"{b.where()}: spatial axis"))
     b.set(y, out)
     b.edge(x, 0, y, 0, "identity")
-    b.edge(w, 1 if transpose else 0, y, 1, "conv output channels")
-    b.tag(out_ch, "channels")
-    b.tag(c_in, "channels")
+    b.edge(w, out_axis, y, 1, "conv output channels")
+    for a in (out_ch, c_in, wl[in_axis]):
+        b.tag(a, "channels")
     for k in range(2, len(wl)):
         b.atoms.freeze(wl[k], f"{b.where()}: kernel axis")
         b.not_channels.add((w, k))
-    b.tag(wl[1], "channels")
     if is_constant(w):
-        b.weight_uses.append(WeightUse(node, w, "conv", 0 if transpose else 1, 1 if transpose else 0, x, 1))
+        b.weight_uses.append(WeightUse(node, w, "conv", in_axis, out_axis, x, 1))
 
 
 @rule("BatchNormalization", "InstanceNormalization")

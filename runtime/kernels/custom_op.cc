@@ -27,6 +27,7 @@ namespace msops {
 namespace {
 
 constexpr uint32_t kApiVersion = 17;
+constexpr int64_t kTiledMinRows = 8;  // from this many rows the row-tiled AVX-512 path wins
 constexpr const char* kDomain = "ai.modelsurgeon";
 constexpr const char* kOpName = "SparseQuantMatMul";
 const OrtApi* g_api = nullptr;
@@ -123,7 +124,8 @@ void prepare_task(void* data, size_t i) {
 void column_task(void* data, size_t i) {
   Task* t = static_cast<Task*>(data);
   const int64_t n0 = static_cast<int64_t>(i) * t->chunk, n1 = std::min(t->p->N, n0 + t->chunk);
-  if (t->isa == Isa::kAvx512) columns_avx512(*t->p, t->act, n0, n1);
+  if (t->act.tiles) columns_avx512_tiled(*t->p, t->act, n0, n1);
+  else if (t->isa == Isa::kAvx512) columns_avx512(*t->p, t->act, n0, n1);
   else if (t->isa == Isa::kAvx2) columns_avx2(*t->p, t->act, n0, n1);
   else columns_scalar(*t->p, t->act, n0, n1);
   if (t->isa == Isa::kAvx512) epilogue_avx512(*t->p, n0, n1);
@@ -251,6 +253,23 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
       apair[2 * i + 1] = acorr[i];
     }
     t.act.apair = apair.data();
+  }
+  // Many rows on AVX-512: 16-row tiles share each group's unpacked codes (see columns_avx512_tiled).
+  std::vector<int8_t> atile;
+  std::vector<float> stile, ctile;
+  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && p.M >= kTiledMinRows && p.block % 32 == 0) {
+    const int64_t tiles = (p.M + kTileRows - 1) / kTileRows;
+    atile.resize(static_cast<size_t>(tiles * p.Kp * kTileRows) + 64);
+    stile.resize(static_cast<size_t>(tiles * p.n_blocks * kTileRows) + 16);
+    ctile.resize(stile.size());
+    int8_t* a64 = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(atile.data()) + 63) & ~uintptr_t(63));
+    float* s64 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(stile.data()) + 63) & ~uintptr_t(63));
+    float* c64 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ctile.data()) + 63) & ~uintptr_t(63));
+    tile_rows(p, aq.data(), ascale.data(), acorr.data(), a64, s64, c64, tiles);
+    t.act.tiles = tiles;
+    t.act.atile = a64;
+    t.act.stile = s64;
+    t.act.ctile = c64;
   }
   const int64_t tasks = std::min<int64_t>(p.N, 64);
   t.chunk = (p.N + tasks - 1) / tasks;

@@ -49,7 +49,19 @@ struct Activations {
   const float* ascale = nullptr;  // [M, n_blocks]
   const float* acorr = nullptr;   // [M, n_blocks]
   const float* apair = nullptr;   // [M, n_blocks, 2]: (ascale, acorr) interleaved, level 4 only
+  // Row-tiled copies for many rows (AVX-512, level 4): 16 rows per tile, zero padded.
+  //   atile [tiles, n_blocks, block/4, 16 rows, 4 bytes] holding a + 128 as uint8; stile, ctile [tiles, n_blocks, 16]
+  int64_t tiles = 0;
+  const int8_t* atile = nullptr;
+  const float* stile = nullptr;
+  const float* ctile = nullptr;
 };
+
+constexpr int64_t kTileRows = 16;
+
+// Fill the row-tiled copies from aq/ascale/acorr (rows past M are zero).
+void tile_rows(const Problem& p, const int8_t* aq, const float* ascale, const float* acorr, int8_t* atile, float* stile,
+               float* ctile, int64_t tiles);
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -63,6 +75,8 @@ void prepare_rows_avx512(const Problem& p, int8_t* aq, float* af, float* ascale,
 void columns_scalar(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
 void columns_avx2(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
 void columns_avx512(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
+// Many rows, int8 activations, block a multiple of 32: uses the row-tiled activations.
+void columns_avx512_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
 
 // Columns [n0, n1): add outliers (fp32 A) and bias.
 void epilogue(const Problem& p, int64_t n0, int64_t n1);

@@ -4,6 +4,7 @@
 // block >= 64 (multiple of 64): one 64-row unit per zmm. Other block sizes use the scalar code.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -182,6 +183,62 @@ void fp32_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
   }
 }
 
+// Many rows: for each kept group the codes are unpacked once to signed bytes w = u - 8, and every dword of 4
+// of them is an embedded {1to16} broadcast against the 16-row tile of the matching activations, stored as
+// unsigned a + 128: one vpdpbusd per 4 weights x 16 rows. D = sum (a + 128) w, so
+// sum a (u - z) = D - 128 * sum(w) + (8 - z) * sum(a), and the last term vanishes when symmetric (z = 8).
+template <class ScaleT, class IndexT>
+void int8_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
+  const int64_t B = p.block, half = B / 2, quads = B / 4, nb = p.n_blocks;
+  const __m128i nib = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+  alignas(64) int8_t codes[256];
+  alignas(64) float out[kTileRows];
+  constexpr int64_t kColumnChunk = 8;  // these columns' codes stay in L1/L2 while every row tile passes over them
+  for (int64_t nc = n0; nc < n1; nc += kColumnChunk)
+  for (int64_t t = 0; t < a.tiles; ++t) {
+    const int64_t rows = std::min<int64_t>(kTileRows, p.M - t * kTileRows);
+    const int8_t* at = a.atile + t * nb * quads * kTileRows * 4;
+    const float* st = a.stile + t * nb * kTileRows;
+    const float* ct = a.ctile + t * nb * kTileRows;
+    for (int64_t n = nc; n < std::min(n1, nc + kColumnChunk); ++n) {
+      const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+      __m512 facc = _mm512_setzero_ps();
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t b = idx[g];
+        const uint8_t* w = p.packed + g * half;
+        __m128i usum = _mm_setzero_si128();
+        for (int64_t c = 0; c < half; c += 16) {
+          const __m128i pk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c));
+          const __m128i lo = _mm_and_si128(pk, nib), hi = _mm_and_si128(_mm_srli_epi16(pk, 4), nib);
+          usum = _mm_add_epi64(usum, _mm_add_epi64(_mm_sad_epu8(lo, _mm_setzero_si128()), _mm_sad_epu8(hi, _mm_setzero_si128())));
+          _mm_store_si128(reinterpret_cast<__m128i*>(codes + c), _mm_sub_epi8(lo, eight));
+          _mm_store_si128(reinterpret_cast<__m128i*>(codes + half + c), _mm_sub_epi8(hi, eight));
+        }
+        const int32_t wsum = static_cast<int32_t>(_mm_cvtsi128_si64(usum) + _mm_extract_epi64(usum, 1)) - 8 * static_cast<int32_t>(B);
+        const int8_t* ab = at + b * quads * kTileRows * 4;
+        const int32_t* cw = reinterpret_cast<const int32_t*>(codes);
+        __m512i d0 = _mm512_set1_epi32(-128 * wsum), d1 = _mm512_setzero_si512();
+        __m512i d2 = _mm512_setzero_si512(), d3 = _mm512_setzero_si512();
+        for (int64_t q = 0; q < quads; q += 4) {
+          d0 = _mm512_dpbusd_epi32(d0, _mm512_load_si512(ab + (q + 0) * 64), _mm512_set1_epi32(cw[q + 0]));
+          d1 = _mm512_dpbusd_epi32(d1, _mm512_load_si512(ab + (q + 1) * 64), _mm512_set1_epi32(cw[q + 1]));
+          d2 = _mm512_dpbusd_epi32(d2, _mm512_load_si512(ab + (q + 2) * 64), _mm512_set1_epi32(cw[q + 2]));
+          d3 = _mm512_dpbusd_epi32(d3, _mm512_load_si512(ab + (q + 3) * 64), _mm512_set1_epi32(cw[q + 3]));
+        }
+        const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(d0, d1), _mm512_add_epi32(d2, d3)));
+        const float sw = load_scale1<ScaleT>(p.scales, g);
+        __m512 v = _mm512_mul_ps(d, _mm512_load_ps(st + b * kTileRows));
+        if (p.zero_points)  // (8 - z) * sa * sum(a) = -z' * acorr
+          v = _mm512_fnmadd_ps(_mm512_set1_ps(static_cast<float>(p.zero_points[g])), _mm512_load_ps(ct + b * kTileRows), v);
+        facc = _mm512_fmadd_ps(v, _mm512_set1_ps(sw), facc);
+      }
+      _mm512_store_ps(out, facc);
+      for (int64_t r = 0; r < rows; ++r) p.Y[(t * kTileRows + r) * p.N + n] = out[r];
+    }
+  }
+}
+
 template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.accuracy_level == 4) {
@@ -228,6 +285,16 @@ void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1) {
   if (p.bias) {
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t n = n0; n < n1; ++n) p.Y[m * p.N + n] += p.bias[n];
+  }
+}
+
+void columns_avx512_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  if (p.scales_f16) {
+    if (p.index_u16) int8_tiled<uint16_t, uint16_t>(p, a, n0, n1);
+    else int8_tiled<uint16_t, int32_t>(p, a, n0, n1);
+  } else {
+    if (p.index_u16) int8_tiled<float, uint16_t>(p, a, n0, n1);
+    else int8_tiled<float, int32_t>(p, a, n0, n1);
   }
 }
 

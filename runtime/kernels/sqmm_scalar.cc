@@ -102,6 +102,26 @@ void prepare_rows_scalar(const Problem& p, int8_t* aq, float* af, float* ascale,
   }
 }
 
+void tile_rows(const Problem& p, const int8_t* aq, const float* ascale, const float* acorr, int8_t* atile, float* stile,
+               float* ctile, int64_t tiles) {
+  const int64_t nb = p.n_blocks, quads = p.block / 4;
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const int64_t m = t * kTileRows + r;
+        const int64_t i = (t * nb + b) * kTileRows + r;
+        stile[i] = m < p.M ? ascale[m * nb + b] : 0.f;
+        ctile[i] = m < p.M ? acorr[m * nb + b] : 0.f;
+        for (int64_t q = 0; q < quads; ++q) {
+          int8_t* dst = atile + (((t * nb + b) * quads + q) * kTileRows + r) * 4;
+          // stored as unsigned a + 128 (the u8 operand of vpdpbusd); padding rows are a = 0
+          for (int j = 0; j < 4; ++j)
+            dst[j] = static_cast<int8_t>((m < p.M ? static_cast<uint8_t>(aq[m * p.Kp + b * p.block + q * 4 + j]) : 0u) ^ 0x80u);
+        }
+      }
+    }
+}
+
 void columns_scalar(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.scales_f16) {
     if (p.index_u16) columns_impl<uint16_t, uint16_t>(p, a, n0, n1);

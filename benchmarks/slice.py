@@ -1,0 +1,173 @@
+"""SliceGPT (`slice`) on SmolLM2-135M: parameters, held-out perplexity, ONNX Runtime CPU latency, and `slice,quant4`.
+
+    python benchmarks/slice.py                      # writes docs/results/slice.json and docs/slice.md
+    python benchmarks/slice.py --sparsities 0.25 --no-quant4 --out /tmp/s.json --md ""   # a quick look
+
+Calibration: windows of 128 tokens from one play (default Hamlet); perplexity: windows from another play
+(default Macbeth), next-token NLL over every position but the first of each window. Latency: batch 1 at
+sequence 128 and at one token (no KV cache: a full forward of one token), ORT CPU, spinning off, all models'
+sessions open at once and timed in interleaved rounds (model A, B, C, ..., repeat); medians and the load average
+are recorded, since other processes share the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def perplexity(session, windows: np.ndarray, batch: int = 4) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        ids = windows[i:i + batch]
+        logits = session.run(None, {"input_ids": ids})[0][:, :-1].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(np.take_along_axis(logp, ids[:, 1:, None], -1).sum())
+        count += ids[:, 1:].size
+    return float(np.exp(nll / count))
+
+
+def latencies(sessions: dict[str, object], feeds: dict[str, np.ndarray], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per run of each session, timed in interleaved rounds."""
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
+    ap.add_argument("--calib-play", default="Hamlet")
+    ap.add_argument("--eval-play", default="Macbeth")
+    ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of --seq tokens")
+    ap.add_argument("--eval-windows", type=int, default=48)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds (seq 128); 4x that for one token")
+    ap.add_argument("--options", default="", help="extra slice options, e.g. 'correct=true'")
+    ap.add_argument("--quant4-sparsity", type=float, default=0.25)
+    ap.add_argument("--no-quant4", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "slice.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs" / "slice.md"))
+    args = ap.parse_args(argv)
+
+    import onnx_ir as ir
+
+    import modelsurgeon
+    from modelsurgeon.calibration import from_token_ids, load_tokenizer, tokenize_text
+    from modelsurgeon.models import real
+    from modelsurgeon.runtime.session import make_session
+    from modelsurgeon.stats import count_parameters
+
+    t_start = time.perf_counter()
+    texts = real.shakespeare_texts()
+    tok = load_tokenizer(real.smollm2_tokenizer())
+    dense_path = real.smollm2_onnx()
+    dense = ir.load(dense_path)
+    calib_ids = tokenize_text(texts[args.calib_play], tok, args.calib_samples, args.seq)
+    eval_ids = tokenize_text(texts[args.eval_play], tok, args.eval_windows, args.seq)
+    calib = from_token_ids(dense, calib_ids, f"{args.calib_play} ({len(calib_ids)}x{args.seq} tokens)")
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="slice-bench-"))
+    models: dict[str, dict] = {"dense": {"path": str(dense_path), "sparsity": 0.0, "params": count_parameters(dense)}}
+    del dense
+    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    extra = f",{args.options}" if args.options else ""
+    runs = [(f"slice {s:g}", f"slice(sparsity={s}{extra})", s) for s in sparsities]
+    if not args.no_quant4:
+        runs.append((f"slice {args.quant4_sparsity:g} + quant4", f"slice(sparsity={args.quant4_sparsity}{extra}),quant4",
+                     args.quant4_sparsity))
+        runs.append(("quant4", "quant4", 0.0))
+    for label, passes, s in runs:
+        t0 = time.perf_counter()
+        result = modelsurgeon.compile(str(dense_path), passes=passes, calibration=calib, progress=False, verify=False)
+        seconds = time.perf_counter() - t0
+        path = result.save(tmp / f"{label.replace(' ', '_').replace('+', 'plus')}.onnx")
+        notes = next((r.notes for r in result.report.rows if r.name.startswith("slice")), {})
+        models[label] = {"path": str(path), "sparsity": s, "passes": passes, "compile_s": round(seconds, 1),
+                         "params": result.report.rows[-1].parameters, "file_mb": round(path.stat().st_size / 2**20, 1),
+                         "kept": notes.get("kept"), "energy_kept_mean": notes.get("mean_energy_kept")}
+        print(f"{label}: compiled in {seconds:.0f}s", file=sys.stderr, flush=True)
+        del result
+    models["dense"]["file_mb"] = round(pathlib.Path(dense_path).stat().st_size / 2**20, 1)
+
+    sessions = {k: make_session(v["path"]) for k, v in models.items()}
+    for name, s in sessions.items():
+        models[name]["perplexity"] = round(perplexity(s, eval_ids), 3)
+        print(f"{name}: perplexity {models[name]['perplexity']}", file=sys.stderr, flush=True)
+    load_before = os.getloadavg()
+    lat128 = latencies(sessions, {"input_ids": eval_ids[:1]}, args.rounds)
+    lat1 = latencies(sessions, {"input_ids": eval_ids[:1, :1]}, args.rounds * 4)
+    load_after = os.getloadavg()
+    base = models["dense"]
+    for name, m in models.items():
+        m["latency_seq128_ms"] = round(lat128[name] * 1e3, 2)
+        m["latency_1tok_ms"] = round(lat1[name] * 1e3, 2)
+        m["speedup_seq128"] = round(lat128["dense"] / lat128[name], 3)
+        m["speedup_1tok"] = round(lat1["dense"] / lat1[name], 3)
+        m["ppl_ratio"] = round(m["perplexity"] / base["perplexity"], 3)
+        m["params_ratio"] = round(m["params"] / base["params"], 3)
+        m.pop("path")
+    import onnxruntime
+
+    record = {
+        "command": "python benchmarks/slice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": "SmolLM2-135M-Instruct (fp32 ONNX from the Q4_1 GGUF, opset 18)",
+        "calibration": calib.source, "evaluation": f"{args.eval_play} ({len(eval_ids)}x{args.seq} tokens)",
+        "slice_options": args.options or "defaults", "onnxruntime": onnxruntime.__version__,
+        "cpu_count": os.cpu_count(), "loadavg_before_latency": [round(x, 2) for x in load_before],
+        "loadavg_after_latency": [round(x, 2) for x in load_after], "latency_rounds": args.rounds,
+        "total_seconds": round(time.perf_counter() - t_start, 1), "models": models,
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    if args.md:
+        write_markdown(record, pathlib.Path(args.md), out)
+    return 0
+
+
+def write_markdown(record: dict, path: pathlib.Path, json_path: pathlib.Path) -> None:
+    rows = ["| model | kept width | params | file MB | perplexity | ppl ratio | seq 128 ms | speedup | 1 token ms | speedup | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in record["models"].items():
+        rows.append(f"| {name} | {m.get('kept') or 576} | {m['params'] / 1e6:.1f}M ({m['params_ratio']:.2f}) | "
+                    f"{m['file_mb']} | {m['perplexity']:.2f} | {m['ppl_ratio']:.2f} | {m['latency_seq128_ms']:.1f} | "
+                    f"{m['speedup_seq128']:.2f}x | {m['latency_1tok_ms']:.2f} | {m['speedup_1tok']:.2f}x | "
+                    f"{m.get('compile_s', '-')} |")
+    table = "\n".join(rows)
+    text = path.read_text() if path.exists() else ""
+    start, end = "<!-- results:begin -->", "<!-- results:end -->"
+    block = (f"{start}\nCommand: `{record['command']}` ({record['total_seconds']:.0f} s in all). Calibration: "
+             f"{record['calibration']}; evaluation: {record['evaluation']}; ONNX Runtime {record['onnxruntime']}, "
+             f"{record['cpu_count']} CPU cores, load average {record['loadavg_before_latency']} before and "
+             f"{record['loadavg_after_latency']} after the latency runs (medians of {record['latency_rounds']} "
+             f"interleaved rounds at seq 128, {4 * record['latency_rounds']} at one token). Raw numbers: "
+             f"`{json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}`.\n\n{table}\n{end}")
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
