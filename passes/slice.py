@@ -468,13 +468,13 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
             replace_norm(graph, norm, norm.epsilon * d / k, scale, opset, f"{label}.{what}.sliced")
     final = tb.final_norm
     if final is not None and tied:
-        # keep the head tied to the (sliced) embedding table T' = T Q0: logits = y M T'^T, with M the least-squares
-        # fit over the vocabulary of Q^T diag(g) T^T = M T'^T (exact when T's rows lie in the kept directions)
-        t = const_array(tb.embedding.table).astype(np.float64)
+        # keep the head tied to the (sliced) embedding table T' = T Q0: logits = y M T'^T with M = Q^T diag(g) Q0,
+        # i.e. the head reads the final stream projected onto the embedding's kept directions (exact when T's rows
+        # lie in them). A least-squares fit of M over the vocabulary looks better on paper but weighs every input
+        # direction alike, and measured far worse (SmolLM2-135M at 25%: perplexity 1409 against 272).
+        t = const_array(tb.embedding.table)
         g = final.scale_vector(d)
-        head = qk[-1].T @ (plan.head_map if plan.head_map is not None else np.eye(d)) @ (g[:, None] * t.T)  # k x V
-        t_kept = t @ qk[0]
-        m = np.linalg.lstsq(t_kept, head.T, rcond=None)[0].T  # k x k
+        m = qk[-1].T @ (plan.head_map if plan.head_map is not None else np.eye(d)) @ (g[:, None] * qk[0])  # k x k
         y = replace_norm(graph, final, final.epsilon * d / k, scale, opset, "final_norm.sliced")
         w = new_initializer(graph, m.astype(t.dtype if t.dtype != np.float64 else np.float32), "lm_head.basis")
         mm = _node(graph, "MatMul", [y, w], "lm_head/basis")
