@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds (seq 128); 4x that for one token")
-    ap.add_argument("--options", default="", help="extra slice options, e.g. 'correct=true'")
+    ap.add_argument("--options", default="", help="extra slice options, e.g. 'correct=false,damp=0.05'")
     ap.add_argument("--quant4-sparsity", type=float, default=0.25)
     ap.add_argument("--no-quant4", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "slice.json"))
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="slice-bench-"))
     models: dict[str, dict] = {"dense": {"path": str(dense_path), "sparsity": 0.0, "params": count_parameters(dense)}}
+    from modelsurgeon.analyses.blocks import find_blocks
+
+    d_model = find_blocks(dense).d_model
     del dense
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     extra = f",{args.options}" if args.options else ""
@@ -129,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {
         "command": "python benchmarks/slice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": "SmolLM2-135M-Instruct (fp32 ONNX from the Q4_1 GGUF, opset 18)",
+        "model": "SmolLM2-135M-Instruct (fp32 ONNX export, opset 18)",
         "calibration": calib.source, "evaluation": f"{args.eval_play} ({len(eval_ids)}x{args.seq} tokens)",
-        "slice_options": args.options or "defaults", "onnxruntime": onnxruntime.__version__,
+        "slice_options": args.options or "defaults", "d_model": d_model, "onnxruntime": onnxruntime.__version__,
         "cpu_count": os.cpu_count(), "loadavg_before_latency": [round(x, 2) for x in load_before],
         "loadavg_after_latency": [round(x, 2) for x in load_after], "latency_rounds": args.rounds,
         "total_seconds": round(time.perf_counter() - t_start, 1), "models": models,
@@ -149,7 +152,7 @@ def write_markdown(record: dict, path: pathlib.Path, json_path: pathlib.Path) ->
     rows = ["| model | kept width | params | file MB | perplexity | ppl ratio | seq 128 ms | speedup | 1 token ms | speedup | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in record["models"].items():
-        rows.append(f"| {name} | {m.get('kept') or 576} | {m['params'] / 1e6:.1f}M ({m['params_ratio']:.2f}) | "
+        rows.append(f"| {name} | {m.get('kept') or record.get('d_model', 576)} | {m['params'] / 1e6:.1f}M ({m['params_ratio']:.2f}) | "
                     f"{m['file_mb']} | {m['perplexity']:.2f} | {m['ppl_ratio']:.2f} | {m['latency_seq128_ms']:.1f} | "
                     f"{m['speedup_seq128']:.2f}x | {m['latency_1tok_ms']:.2f} | {m['speedup_1tok']:.2f}x | "
                     f"{m.get('compile_s', '-')} |")

@@ -8,7 +8,6 @@ Not a pass module (the leading underscore keeps `passes/__init__` from importing
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 from typing import Callable
 
@@ -83,6 +82,19 @@ def _rank(value: ir.Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
 
 
+KEEP_FLOAT = "modelsurgeon.keep_float"
+"""Node metadata key: a pass that builds a layer whose weight must stay in float (a residual shortcut matrix of
+`slice`, say) sets it to the reason; quantizing passes leave such nodes alone and report the reason."""
+
+
+def mark_keep_float(node: ir.Node, reason: str) -> None:
+    node.metadata_props[KEEP_FLOAT] = reason
+
+
+def keep_float_reason(node: ir.Node) -> str | None:
+    return node.metadata_props.get(KEEP_FLOAT)
+
+
 def find_linears(model: ir.Model, fuse_bias: bool = True) -> tuple[list[Linear], list[str]]:
     """MatMul/Gemm nodes with a constant 2-D weight, in graph order, and 'node: reason' for the ones left alone."""
     found: list[Linear] = []
@@ -91,6 +103,9 @@ def find_linears(model: ir.Model, fuse_bias: bool = True) -> tuple[list[Linear],
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             continue
         label = node.name or node.outputs[0].name
+        if keep_float_reason(node):
+            skipped.append(f"{label}: kept in float ({keep_float_reason(node)})")
+            continue
         x, wv = node.inputs[0], node.inputs[1]
         w = const_array(wv)
         if w is None:
@@ -219,20 +234,9 @@ def check_regex(text: str) -> str | None:
     return None
 
 
-def matches(pattern: str | list[str], *names: str | None) -> bool:
-    """Whether the regular expression is found (re.search) in any of the names (node name, weight name).
-
-    A list (from `parse_patterns`) is matched as fnmatch patterns instead: the older convention, kept for
-    passes/spquant.py until it moves to regular expressions like the other passes.
-    """
-    if isinstance(pattern, list):
-        return any(n and fnmatch.fnmatchcase(n, p) for p in pattern for n in names)
+def matches(pattern: str, *names: str | None) -> bool:
+    """Whether the regular expression is found (re.search) in any of the names (node name, weight name)."""
     return any(n and re.search(pattern, n) for n in names)
-
-
-def parse_patterns(text: str) -> list[str]:
-    """'|'-separated fnmatch patterns (older convention, see `matches`)."""
-    return [p.strip() for p in text.replace(";", "|").split("|") if p.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------

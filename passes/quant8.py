@@ -45,6 +45,9 @@ def _targets(model: ir.Model, ops: tuple[str, ...], include, exclude, skipped: l
         if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
             continue
         label = node.name or node.outputs[0].name
+        if G.keep_float_reason(node):
+            skipped.append(f"{label}: kept in float ({G.keep_float_reason(node)})")
+            continue
         x, wv = node.inputs[0], node.inputs[1]
         w = G.const_array(wv)
         if w is None:
@@ -289,9 +292,13 @@ class Quant8Pass(Pass):
         for t in targets:
             label = t.node.name or t.node.outputs[0].name
             lin = lin_by_node.get(id(t.node))
-            if t.node.op_type == "Conv" or lin is None:
+            if t.node.op_type == "Conv":
                 skipped.append(f"{label}: dynamic int8 covers MatMul/Gemm only (ORT's ConvInteger is slower than "
                                "float Conv); use static quant8 for Conv")
+                continue
+            if lin is None:
+                skipped.append(f"{label}: not a linear layer with a constant weight (and constant bias, beta 1) that "
+                               "DynamicQuantizeMatMul can take; left in float")
                 continue
             if self.config["per_channel"]:
                 wq, ws = Q.quantize_per_channel_int8(lin.weight, 1)

@@ -33,6 +33,7 @@ from modelsurgeon.analyses.blocks import (Linear, TransformerBlocks, const_array
                                           match_linear, naming, new_initializer, unique_name)
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
+from modelsurgeon.passes._quant_graph import mark_keep_float
 from modelsurgeon.passes.fold_norms import head_is_tied, opset_of, replace_norm, require_pre_norm
 
 log = logging.getLogger("modelsurgeon")
@@ -313,6 +314,7 @@ def insert_shortcut(graph: ir.Graph, add: ir.Node, stream: ir.Value, s: np.ndarr
     idx = next(i for i, v in enumerate(add.inputs) if v is stream)
     w = new_initializer(graph, s.astype(np.float32 if stream.dtype != ir.DataType.FLOAT16 else np.float16), f"{name}.Q")
     mm = _node(graph, "MatMul", [stream, w], f"{name}/shortcut")
+    mark_keep_float(mm, "residual shortcut of slice: its error goes straight into the residual stream")
     copy_type(mm.outputs[0], stream)
     graph.insert_before(add, mm)
     add.replace_input_with(idx, mm.outputs[0])
@@ -478,6 +480,7 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
         y = replace_norm(graph, final, final.epsilon * d / k, scale, opset, "final_norm.sliced")
         w = new_initializer(graph, m.astype(t.dtype if t.dtype != np.float64 else np.float32), "lm_head.basis")
         mm = _node(graph, "MatMul", [y, w], "lm_head/basis")
+        mark_keep_float(mm, "basis change of slice before a tied LM head")
         copy_type(mm.outputs[0], y)
         graph.insert_after(y.producer(), mm)
         tb.lm_head.node.replace_input_with(0, mm.outputs[0])
@@ -530,6 +533,11 @@ class SlicePass(Pass):
     analyses = ("blocks",)
     stage = Stage.STRUCTURE
     needs_calibration = True
+
+    @property
+    def exact(self) -> bool:
+        """Rotation only (sparsity 0): verification then holds the outputs to float tolerance."""
+        return self.config["sparsity"] == 0
 
     def run(self, model: ir.Model, ctx) -> PassResult:
         tb: TransformerBlocks = ctx.analysis("blocks")

@@ -195,14 +195,14 @@ class SparseQuantPass(Pass):
                              "fraction of MatMulNBits' bytes", check=_fraction(0.0, 1.0)),
         "damp": Option(float, 0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal", check=_fraction(1e-6, 1.0)),
         "lm_head": Option(bool, False, "also compress the output head (the layer feeding a graph output)"),
-        "include": Option(str, "", "only layers whose node or weight name matches one of these patterns ('|'-separated)"),
-        "exclude": Option(str, "", "skip layers whose node or weight name matches one of these patterns"),
+        "include": Option(str, "", "regex: only layers whose node or weight name matches (re.search)", check=G.check_regex),
+        "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
     }
 
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
-        include, exclude = G.parse_patterns(c["include"]), G.parse_patterns(c["exclude"])
+        include, exclude = c["include"], c["exclude"]
         linears, skipped = G.find_linears(model, fuse_bias=True)
         selected: list[G.Linear] = []
         for lin in linears:
