@@ -1,6 +1,6 @@
 """prune benchmark: the ONNX light zoo at 30% channels, and three real models with and without `reconstruct`.
 
-- light: every `onnx/backend/test/data/light/*.onnx` graph (constant weights) through `prune(channels=0.3)`
+- light: every `onnx/backend/test/data/light/*.onnx` graph (constant weights) through `prune(channels=0.3,multiple=1)`
   with full verification (checker, strict shape inference, ORT run, output shapes): MACs, parameters.
 - EfficientNet-Lite0 at 30% channels: top-1 agreement with the dense model on real photos not used for
   calibration (`real.photos`), latency at batch 1.
@@ -83,7 +83,7 @@ def light_rows() -> list[dict]:
         name = path.stem.replace("light_", "")
         t0 = time.perf_counter()
         try:
-            res = modelsurgeon.compile(path, "prune(channels=0.3)", progress=False)
+            res = modelsurgeon.compile(path, "prune(channels=0.3,multiple=1)", progress=False)
         except Exception as exc:
             rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
@@ -273,7 +273,7 @@ def _fmt(v) -> str:
 def markdown(result: dict) -> str:
     lines = []
     if result.get("light"):
-        lines.append("### ONNX light zoo, `prune(channels=0.3)` (verified: checker, strict shape inference, ORT run)\n")
+        lines.append("### ONNX light zoo, `prune(channels=0.3,multiple=1)` (verified: checker, strict shape inference, ORT run)\n")
         cols = ["model", "macs", "macs_pruned", "macs_removed", "weights", "weights_pruned", "weights_removed", "groups_pruned",
                 "groups_frozen", "seconds"]
         lines.append("| " + " | ".join(cols) + " |")
@@ -353,14 +353,9 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
-    doc = ROOT / "docs" / "prune.md"
-    if doc.exists():
-        text = doc.read_text()
-        begin, end = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            _, tail = rest.split(end, 1)
-            doc.write_text(head + begin + "\n" + markdown(result) + "\n" + end + tail)
+    from modelsurgeon.runtime.benchmark import write_results_section
+
+    write_results_section(ROOT / "docs" / "prune.md", markdown(result))
     print(markdown(result))
     return 0
 

@@ -157,19 +157,15 @@ def write_markdown(record: dict, path: pathlib.Path, json_path: pathlib.Path) ->
                     f"{m['speedup_seq128']:.2f}x | {m['latency_1tok_ms']:.2f} | {m['speedup_1tok']:.2f}x | "
                     f"{m.get('compile_s', '-')} |")
     table = "\n".join(rows)
-    text = path.read_text() if path.exists() else ""
-    start, end = "<!-- results:begin -->", "<!-- results:end -->"
-    block = (f"{start}\nCommand: `{record['command']}` ({record['total_seconds']:.0f} s in all). Calibration: "
-             f"{record['calibration']}; evaluation: {record['evaluation']}; ONNX Runtime {record['onnxruntime']}, "
-             f"{record['cpu_count']} CPU cores, load average {record['loadavg_before_latency']} before and "
-             f"{record['loadavg_after_latency']} after the latency runs (medians of {record['latency_rounds']} "
-             f"interleaved rounds at seq 128, {4 * record['latency_rounds']} at one token). Raw numbers: "
-             f"`{json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}`.\n\n{table}\n{end}")
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    from modelsurgeon.runtime.benchmark import write_results_section
+
+    write_results_section(path, f"Command: `{record['command']}` ({record['total_seconds']:.0f} s in all). Calibration: "
+                          f"{record['calibration']}; evaluation: {record['evaluation']}; ONNX Runtime "
+                          f"{record['onnxruntime']}, {record['cpu_count']} CPU cores, load average "
+                          f"{record['loadavg_before_latency']} before and {record['loadavg_after_latency']} after the "
+                          f"latency runs (medians of {record['latency_rounds']} interleaved rounds at seq 128, "
+                          f"{4 * record['latency_rounds']} at one token). Raw numbers: "
+                          f"`{json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}`.\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -275,8 +275,8 @@ def _e2e(real, reps: int) -> dict:
                       seq_len=E2E_SEQ)
         size = sum(f.stat().st_size for f in pathlib.Path(path).parent.iterdir() if f.is_file())
         rows.append({"label": label, "perplexity": ev.metrics.get("perplexity"),
-                     "reference_perplexity": ev.metrics.get("reference_perplexity"),
-                     "kl": ev.metrics.get("kl_mean"), "file_mb": size / 1e6})
+                     "reference_perplexity": ev.metrics.get("perplexity_reference"),
+                     "kl": ev.metrics.get("kl_divergence"), "file_mb": size / 1e6})
     # latency: interleaved, same run; 1 token and a 128-token prompt per call (no KV cache in this export)
     sessions = {label: make_session(str(path)) for label, path in paths.items()}
     from modelsurgeon.runtime.custom_ops import session_path
@@ -306,6 +306,10 @@ def _e2e(real, reps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(data: dict) -> str:
     k = data.get("kernel") or {"results": [], "library": {"isa": "?"}, "reps": 0}
     lines = [f"Kernel: `{k.get('command', data['command'])}` ({k.get('seconds', data['seconds']) / 60:.1f} min). Machine: {data['machine']['cpu']}, "
@@ -324,13 +328,13 @@ def markdown(data: dict) -> str:
     if e and "skipped" not in e:
         lines += ["", f"End to end: `{e.get('command', '?')}` ({e.get('seconds', 0) / 60:.1f} min). "
                   f"SmolLM2-135M after `{e['slice']}`; calibration: {e['calibration']}; perplexity: {e['evaluation']} "
-                  f"(original model: {e['rows'][0]['reference_perplexity']:.2f}); load average {e['loadavg_before'][0]:.2f}.", "",
+                  f"(original model: {_num(e['rows'][0]['reference_perplexity'], '.2f')}); load average {e['loadavg_before'][0]:.2f}.", "",
                   "| model | perplexity | KL vs original | ms/call, 1 token | ms/call, 128 tokens | files MB | compile s | ORT path |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in e["rows"]:
             comp = e["compile_seconds"].get(r["label"], e["compile_seconds"].get("slice"))
             comp = "cached" if comp is None else f"{comp:.0f}"
-            lines.append(f"| {r['label']} | {r['perplexity']:.2f} | {r['kl']:.3f} | {r['ms_1']:.2f} | {r['ms_128']:.1f} | "
+            lines.append(f"| {r['label']} | {r['perplexity']:.2f} | {_num(r['kl'], '.3f')} | {r['ms_1']:.2f} | {r['ms_128']:.1f} | "
                          f"{r['file_mb']:.1f} | {comp} | {r['path']} |")
     elif e:
         lines += ["", f"End to end: skipped ({e['skipped']})."]
@@ -338,13 +342,9 @@ def markdown(data: dict) -> str:
 
 
 def write_docs(data: dict, doc: pathlib.Path) -> None:
-    begin, end = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
-    text = doc.read_text() if doc.exists() else f"# spquant\n\n{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{begin}\n{markdown(data)}\n{end}{tail}")
+    from modelsurgeon.runtime.benchmark import write_results_section
+
+    write_results_section(doc, markdown(data))
 
 
 def main(argv=None) -> int:

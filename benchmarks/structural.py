@@ -264,14 +264,9 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
-    doc = ROOT / "docs" / "structural.md"
-    if doc.exists():
-        text = doc.read_text()
-        begin, end = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            _, tail = rest.split(end, 1)
-            doc.write_text(head + begin + "\n" + markdown(result) + "\n" + end + tail)
+    from modelsurgeon.runtime.benchmark import write_results_section
+
+    write_results_section(ROOT / "docs" / "structural.md", markdown(result))
     print(markdown(result))
     return 0
 

@@ -94,6 +94,23 @@ def file_size(path: str | os.PathLike) -> int:
     return total
 
 
+RESULTS_BEGIN, RESULTS_END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
+
+
+def write_results_section(page: str | os.PathLike, body: str, title: str = "Results",
+                          begin: str = RESULTS_BEGIN, end: str = RESULTS_END) -> None:
+    """Put `body` between the `begin` and `end` markers of a docs page (what lay between them goes).
+
+    A page without the markers gets them appended under a `## {title}` heading; a missing page is created."""
+    page = pathlib.Path(page)
+    text = page.read_text() if page.exists() else ""
+    if begin not in text or end not in text.split(begin, 1)[1]:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + f"## {title}\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    page.write_text(f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")
+
+
 def short_labels(models: Sequence[Any]) -> list[str]:
     """File names when they are unique, else the paths as given; `model<i>` for in-memory models."""
     names = [pathlib.Path(m).name if not isinstance(m, ir.Model) else f"model{i}" for i, m in enumerate(models)]

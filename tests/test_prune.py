@@ -122,7 +122,7 @@ def test_pruning_dead_channels_is_exact(reference_onnx, kind, opset, ratios):
     kill(model, keep)
     feeds = reference.example_inputs(kind, batch=2, seq=7) if kind != "resnet" else reference.example_inputs(kind, batch=2)
     ref = outputs(model, feeds)
-    spec = "prune(" + ",".join(f"{k}={v}" for k, v in ratios.items()) + ")"
+    spec = "prune(" + ",".join(f"{k}={v}" for k, v in ratios.items()) + ",multiple=1)"
     result = modelsurgeon.compile(model, spec, progress=False)
     row = result.report.rows[1]
     assert row.modified and row.notes["groups_pruned"] == len(keep)
@@ -169,7 +169,7 @@ LIGHT_MODELS = sorted(p.stem.replace("light_", "") for p in LIGHT.glob("light_*.
 @pytest.mark.parametrize("name", LIGHT_MODELS)
 def test_light_models_lose_macs_and_run(name):
     """30% of channels: the manager verifies checker, strict shape inference, an ORT run and output shapes."""
-    result = modelsurgeon.compile(LIGHT / f"light_{name}.onnx", "prune(channels=0.3)", progress=False)
+    result = modelsurgeon.compile(LIGHT / f"light_{name}.onnx", "prune(channels=0.3,multiple=1)", progress=False)
     before, after = result.report.rows[0].macs, result.report.rows[-1].macs
     assert after <= 0.8 * before, f"{name}: MACs {before} -> {after}"
     out = result.model.graph.outputs[0]
@@ -320,7 +320,7 @@ def test_unknown_op_freezes_and_is_never_elementwise():
     by_member = {m.value.name: g for g in groups.groups for m in g.members if m.axis == 1 and m.value.name in ("W1", "W2")}
     assert not by_member["W1"].prunable and "unknown op LpNormalization" in by_member["W1"].frozen[0]
     assert by_member["W2"].prunable
-    result = modelsurgeon.compile(model, "prune(ffn=0.5)", progress=False)
+    result = modelsurgeon.compile(model, "prune(ffn=0.5,multiple=1)", progress=False)
     assert result.model.graph.initializers["W1"].const_value.shape == (4, 8)
     assert result.model.graph.initializers["W2"].const_value.shape == (8, 4)
     assert any("unknown op LpNormalization" in s for s in result.report.rows[1].skipped)
@@ -337,7 +337,7 @@ def test_shared_initializer_couples_its_users():
     groups = channel_groups(model)
     ffn = [g for g in groups.groups if g.kind == "ffn"]
     assert len(ffn) == 1 and {m.value.name for m in ffn[0].members} == {"W", "V1", "V2"}
-    result = modelsurgeon.compile(model, "prune(ffn=0.25)", progress=False)
+    result = modelsurgeon.compile(model, "prune(ffn=0.25,multiple=1)", progress=False)
     inits = result.model.graph.initializers
     assert inits["W"].const_value.shape == (4, 6) and inits["V1"].const_value.shape == (6, 3)
     assert inits["V2"].const_value.shape == (6, 3)
@@ -361,10 +361,10 @@ def test_options_and_rounding(reference_onnx):
     with pytest.raises(UserError, match=r"\[0, 1\)"):
         modelsurgeon.compile(reference_onnx("mlp"), "prune(ffn=1.5)", progress=False)
     assert keep_count(128, 0.3, 8) == 88 and keep_count(5, 0.99) == 1 and keep_count(6, 0.3, 8) == 4
-    result = modelsurgeon.compile(reference_onnx("opt"), "prune(ffn=0.3,multiple=8)", progress=False)
+    result = modelsurgeon.compile(reference_onnx("opt"), "prune(ffn=0.3)", progress=False)  # default multiple=8
     fc1 = result.model.graph.initializers["layers.0.fc1.weight.T"].const_value
     assert fc1.shape[1] % 8 == 0 and fc1.shape[1] < 256
-    result = modelsurgeon.compile(reference_onnx("mlp"), "prune(ratio=0.99)", progress=False)
+    result = modelsurgeon.compile(reference_onnx("mlp"), "prune(ratio=0.99,multiple=1)", progress=False)
     assert all(min(v.const_value.shape, default=1) >= 1 for v in result.model.graph.initializers.values())
     assert result.report.rows[1].notes["ffn_kept"] == "2/128"  # one unit kept in each of the two layers
 
@@ -409,7 +409,7 @@ def test_activation_importance_follows_activations():
     kept = {}
     for imp in ("magnitude", "activation"):
         model = make_model(nodes, [fvi("x", ["n", 4])], [fvi("y", ["n", 3])], inits)
-        result = modelsurgeon.compile(model, f"prune(ffn=0.5,importance={imp})", calibration={"x": x}, progress=False)
+        result = modelsurgeon.compile(model, f"prune(ffn=0.5,importance={imp},multiple=1)", calibration={"x": x}, progress=False)
         w2_new = result.model.graph.initializers["W2"].const_value.numpy()
         kept[imp] = sorted(int(np.argmin(np.abs(w2 - row).sum(axis=1))) for row in w2_new)
     assert kept == {"magnitude": [0, 1, 2, 3], "activation": [4, 5, 6, 7]}
