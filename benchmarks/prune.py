@@ -320,7 +320,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="light,efficientnet,minilm,smollm2")
     ap.add_argument("--eval-samples", type=int, default=16, help="SmolLM2: 128-token windows; MiniLM: x16 sentences")
-    ap.add_argument("--calib-samples", type=int, default=16, help="SmolLM2: 128-token windows; MiniLM: x4 sentences")
+    ap.add_argument("--calib-samples", type=int, default=64, help="SmolLM2: 128-token windows; MiniLM: x4 sentences")
     ap.add_argument("--photos", type=int, default=90, help="EfficientNet: photo crops (split by photo into calibration and evaluation)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-latency", action="store_true")

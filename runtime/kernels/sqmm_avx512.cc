@@ -69,10 +69,11 @@ void int8_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
       const float* srow = a.ascale + m * p.n_blocks;
       const float* crow = a.acorr + m * p.n_blocks;
       const float* prow = a.apair + m * p.n_blocks * 2;
-      __m512 facc = _mm512_setzero_ps();
-      __m128 cacc = _mm_setzero_ps();
-      int64_t g = g0;
-      for (; g + 4 <= g1; g += 4) {
+      // Independent accumulators (two per step of 4 groups, two steps per iteration): one chain of dependent
+      // FMAs would bound the loop by FMA latency, not by the bytes it streams.
+      __m512 facc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      __m128 cacc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+      auto four_groups = [&](int64_t g, __m512& f01, __m512& f23, __m128& c4) {
         _mm_prefetch(reinterpret_cast<const char*>(p.packed + (g + kPrefetchGroups) * 16), _MM_HINT_T0);
         const int64_t b0 = idx[g], b1 = idx[g + 1], b2 = idx[g + 2], b3 = idx[g + 3];
         const __m512i a01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + b0 * 32))),
@@ -94,10 +95,16 @@ void int8_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
         const __m128 sw4 = load_scales4<ScaleT>(p.scales, g);
         const __m128 s4 = _mm_mul_ps(sw4, sa4);
         const __m512 s512 = _mm512_castps128_ps512(s4);
-        facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d01), _mm512_permutexvar_ps(lo_half, s512), facc);
-        facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d23), _mm512_permutexvar_ps(hi_half, s512), facc);
-        cacc = _mm_fmadd_ps(_mm_mul_ps(sw4, zero_points4(p.zero_points, g)), ca4, cacc);
+        f01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d01), _mm512_permutexvar_ps(lo_half, s512), f01);
+        f23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d23), _mm512_permutexvar_ps(hi_half, s512), f23);
+        c4 = _mm_fmadd_ps(_mm_mul_ps(sw4, zero_points4(p.zero_points, g)), ca4, c4);
+      };
+      int64_t g = g0;
+      for (; g + 8 <= g1; g += 8) {
+        four_groups(g, facc[0], facc[1], cacc[0]);
+        four_groups(g + 4, facc[2], facc[3], cacc[1]);
       }
+      for (; g + 4 <= g1; g += 4) four_groups(g, facc[0], facc[1], cacc[0]);
       float tail = 0.f;
       for (; g < g1; ++g) {
         const int64_t b = idx[g];
@@ -108,7 +115,8 @@ void int8_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
         const int32_t di = _mm_cvtsi128_si32(_mm_hadd_epi32(_mm_hadd_epi32(d4, d4), _mm_hadd_epi32(d4, d4)));
         tail += sw * (srow[b] * static_cast<float>(di) - zero_point1(p.zero_points, g) * crow[b]);
       }
-      p.Y[m * p.N + n] = _mm512_reduce_add_ps(facc) - hsum128(cacc) + tail;
+      const __m512 fsum = _mm512_add_ps(_mm512_add_ps(facc[0], facc[1]), _mm512_add_ps(facc[2], facc[3]));
+      p.Y[m * p.N + n] = _mm512_reduce_add_ps(fsum) - hsum128(_mm_add_ps(cacc[0], cacc[1])) + tail;
     }
   }
 }
