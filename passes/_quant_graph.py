@@ -95,15 +95,18 @@ def keep_float_reason(node: ir.Node) -> str | None:
     return node.metadata_props.get(KEEP_FLOAT)
 
 
-def find_linears(model: ir.Model, fuse_bias: bool = True) -> tuple[list[Linear], list[str]]:
-    """MatMul/Gemm nodes with a constant 2-D weight, in graph order, and 'node: reason' for the ones left alone."""
+def find_linears(model: ir.Model, fuse_bias: bool = True,
+                 protected: list[Linear] | None = None) -> tuple[list[Linear], list[str]]:
+    """MatMul/Gemm nodes with a constant 2-D weight, in graph order, and 'node: reason' for the ones left alone.
+
+    Nodes marked `keep_float` are left alone too, unless `protected` is a list: then they go there instead."""
     found: list[Linear] = []
     skipped: list[str] = []
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             continue
         label = node.name or node.outputs[0].name
-        if keep_float_reason(node):
+        if keep_float_reason(node) and protected is None:
             skipped.append(f"{label}: kept in float ({keep_float_reason(node)})")
             continue
         x, wv = node.inputs[0], node.inputs[1]
@@ -154,8 +157,8 @@ def find_linears(model: ir.Model, fuse_bias: bool = True) -> tuple[list[Linear],
         wname = wv.name or label
         if wv.producer() is not None and wv.producer().op_type == "Transpose":
             wname = f"{wv.producer().inputs[0].name}.T"
-        found.append(Linear(node, x, np.ascontiguousarray(w), wname, bias, bias_add, extra,
-                            FLOAT_TYPES[x.dtype]))
+        lin = Linear(node, x, np.ascontiguousarray(w), wname, bias, bias_add, extra, FLOAT_TYPES[x.dtype])
+        (protected if keep_float_reason(node) else found).append(lin)
     return found, skipped
 
 

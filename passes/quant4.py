@@ -72,6 +72,9 @@ class Quant4Pass(Pass):
         "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "keep8": Option(int, 0, "keep the N most error-sensitive layers at 8 bits",
                         check=lambda v: None if v >= 0 else "must be >= 0"),
+        "protected_bits": Option(int, 8, "layers another pass marked as precision-sensitive (slice's residual shortcuts, "
+                                 "its basis change before a tied head): 8 = 8-bit blocks, 32 = keep them in float",
+                                 choices=(8, 32)),
         "embeddings": Option(bool, False, "also quantize embedding Gathers (GatherBlockQuantized, format=matmulnbits)"),
         "lm_head": Option(bool, False, "also quantize the output head (the layer feeding a graph output)"),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
@@ -86,7 +89,11 @@ class Quant4Pass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
         include, exclude = c["include"], c["exclude"]
-        linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits")
+        protected: list[G.Linear] = []
+        linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits", protected=protected)
+        if c["protected_bits"] == 32:
+            skipped += [f"{lin.name}: kept in float ({G.keep_float_reason(lin.node)})" for lin in protected]
+            protected = []
         selected: list[G.Linear] = []
         for lin in linears:
             names = (lin.node.name, lin.weight_name)
@@ -162,13 +169,21 @@ class Quant4Pass(Pass):
             layer.bits = 8
             self._emit(model, namer, layer, bq)
 
+        for lin in protected:  # precision-sensitive: 8-bit round to nearest (their error goes straight downstream)
+            layer = _Layer(lin, lin.weight, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []), bits=8)
+            bq = Q.quantize_rtn(lin.weight, 8, c["block"], c["symmetric"])
+            layer.error = Q.relative_output_error(lin.weight, bq.dequantize(), None)
+            self._emit(model, namer, layer, bq)
+            layers.append(layer)
+
         gathers = 0
         if c["embeddings"]:
             gathers = self._quantize_embeddings(model, namer, skipped)
 
         notes = {
             "algo": c["algo"], "format": c["format"], "block": c["block"], "symmetric": c["symmetric"],
-            "layers_4bit": sum(l.bits == 4 for l in layers), "layers_8bit": [l.lin.name for l in layers if l.bits == 8],
+            "layers_4bit": sum(l.bits == 4 for l in layers), "layers_8bit": [l.lin.name for l in layers if l.bits == 8 and id(l.lin) not in {id(p) for p in protected}],
+            "protected_8bit": len(protected),
             "embeddings": gathers,
             "layer_rel_error_mean": float(np.mean([np.sqrt(l.error) for l in layers])) if layers else 0.0,
             "layer_rel_error_max": float(max((np.sqrt(l.error) for l in layers), default=0.0)),

@@ -374,17 +374,27 @@ def test_smollm2_slice_keeps_the_tied_head_useful(smollm2, shakespeare):
     assert perplexity(sliced) < 3 * base
 
 
-def test_quantizers_leave_the_shortcuts_and_head_basis_in_float(reference_onnx):
-    """slice marks its residual shortcuts and the tied head's basis change; quant4 and quant8 skip them and say so.
+def test_quantizers_protect_the_shortcuts_and_head_basis(reference_onnx):
+    """slice marks its residual shortcuts and the tied head's basis change as precision-sensitive: quant4 stores them
+    at 8 bits (or in float with protected_bits=32), quant8 leaves them in float, and the report says so.
     (4-bit shortcuts put their error straight into the stream: SmolLM2 at 25% went from 243 to 1729 perplexity.)"""
     path = reference_onnx("llama", 18, tie=True)
     calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
-    for quant in ("quant4", "quant8"):
-        result = _compile(path, f"slice(sparsity=0.25),{quant}", calibration=calib)
+    marked = 2 * 2 + 1  # two shortcuts per block, one basis change
+
+    def kept_float(result):
         kept = [n for n in result.model.graph if n.op_type == "MatMul" and n.name.endswith(("/shortcut", "lm_head/basis"))]
-        assert len(kept) == 2 * 2 + 1  # two shortcuts per block, one basis change
         assert all(n.inputs[1].is_initializer() for n in kept)
         skipped = [s for row in result.report.rows for s in row.skipped if "kept in float (" in s and "of slice" in s]
         assert sorted(s.split(":")[0] for s in skipped) == sorted(n.name for n in kept)
-        quantized = {"quant4": "MatMulNBits", "quant8": "DequantizeLinear"}[quant]
+        return kept
+
+    for spec, quantized in (("quant4(protected_bits=32)", "MatMulNBits"), ("quant8", "DequantizeLinear")):
+        result = _compile(path, f"slice(sparsity=0.25),{spec}", calibration=calib)
+        assert len(kept_float(result)) == marked
         assert any(n.op_type == quantized for n in result.model.graph)  # the other layers were quantized
+    result = _compile(path, "slice(sparsity=0.25),quant4", calibration=calib)
+    assert kept_float(result) == []
+    bits = [a.value for n in result.model.graph if n.op_type == "MatMulNBits" for a in n.attributes.values() if a.name == "bits"]
+    assert bits.count(8) == marked and bits.count(4) == len(bits) - marked
+    assert result.report.rows[-2].notes["protected_8bit"] == marked
