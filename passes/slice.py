@@ -242,23 +242,20 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
         m = refit_map(rms(sliced, eps), rms(dense_in, eps), q[:, :k], weights, ridge)
         return m, {lin.node.name: m @ lin.weight_matrix().astype(np.float64) for lin in lins}
 
+    def half_block(run, block, xs, dense, q, norm, lins, maps):
+        """One half-block on its sliced input (and the dense model alongside): its output, dense output, next Q."""
+        x = project(xs, q[:, :k], q)
+        m, w = refit(x, dense, q, norm.epsilon, lins)
+        maps.append(m)
+        out = run(block, x, feeds, w)
+        return out, (run(block, dense, feeds) if correct else None), measure(out)
+
     blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: PCA per block", total=len(tb.blocks))
     q = measure(xs)
     for block in blocks:
-        x_in = project(xs, q[:, :k], q)
-        m, w = refit(x_in, dense, q, block.attn_norm.epsilon, block.attn_inputs)
-        plan.attn_maps.append(m)
-        mid = runner.attention(block, x_in, feeds, w)
-        if correct:
-            dense = runner.attention(block, dense, feeds)
-        q = measure(mid)
-        x_mid = project(mid, q[:, :k], q)
-        m, w = refit(x_mid, dense, q, block.mlp_norm.epsilon, block.mlp_inputs)
-        plan.mlp_maps.append(m)
-        xs = runner.mlp(block, x_mid, feeds, w)
-        if correct:
-            dense = runner.mlp(block, dense, feeds)
-        q = measure(xs)
+        mid, dense, q = half_block(runner.attention, block, xs, dense, q, block.attn_norm, block.attn_inputs,
+                                   plan.attn_maps)
+        xs, dense, q = half_block(runner.mlp, block, mid, dense, q, block.mlp_norm, block.mlp_inputs, plan.mlp_maps)
     if correct and tb.lm_head is not None:
         plan.head_map, _ = refit(project(xs, q[:, :k], q), dense, q, tb.final_norm.epsilon, [])
     return plan
