@@ -102,6 +102,7 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
     Nodes marked `keep_float` are left alone too, unless `protected` is a list: then they go there instead."""
     found: list[Linear] = []
     skipped: list[str] = []
+    products = 0
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             continue
@@ -112,7 +113,7 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
         x, wv = node.inputs[0], node.inputs[1]
         w = const_array(wv)
         if w is None:
-            skipped.append(f"{label}: weight is not a constant (activation x activation product)")
+            products += 1  # attention scores and mixing: nothing to quantize, one summary line below
             continue
         if x is None or x.dtype not in FLOAT_TYPES:
             skipped.append(f"{label}: activation type {x.dtype if x is not None else None} is not float32/float16")
@@ -159,7 +160,13 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
             wname = f"{wv.producer().inputs[0].name}.T"
         lin = Linear(node, x, np.ascontiguousarray(w), wname, bias, bias_add, extra, FLOAT_TYPES[x.dtype])
         (protected if keep_float_reason(node) else found).append(lin)
+    if products:
+        skipped.append(activation_products_note(products))
     return found, skipped
+
+
+def activation_products_note(count: int) -> str:
+    return f"{count} MatMul/Gemm of two activations (attention scores and mixing): no constant weight to quantize"
 
 
 def _trailing_bias(node: ir.Node, n: int) -> tuple[np.ndarray | None, ir.Node | None]:
