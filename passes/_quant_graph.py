@@ -115,8 +115,10 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
         if w is None:
             products += 1  # attention scores and mixing: nothing to quantize, one summary line below
             continue
-        if x is None or x.dtype not in FLOAT_TYPES:
-            skipped.append(f"{label}: activation type {x.dtype if x is not None else None} is not float32/float16")
+        # MatMul and Gemm take both inputs of one type: an untyped activation (legacy exports, new values) has the weight's
+        x_dtype = None if x is None else (x.dtype if x.dtype is not None else wv.dtype)
+        if x_dtype not in FLOAT_TYPES:
+            skipped.append(f"{label}: activation type {x_dtype} is not float32/float16")
             continue
         if w.dtype not in (np.float32, np.float16, np.float64):
             skipped.append(f"{label}: weight type {w.dtype} is not a float type")
@@ -158,7 +160,7 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
         wname = wv.name or label
         if wv.producer() is not None and wv.producer().op_type == "Transpose":
             wname = f"{wv.producer().inputs[0].name}.T"
-        lin = Linear(node, x, np.ascontiguousarray(w), wname, bias, bias_add, extra, FLOAT_TYPES[x.dtype])
+        lin = Linear(node, x, np.ascontiguousarray(w), wname, bias, bias_add, extra, FLOAT_TYPES[x_dtype])
         (protected if keep_float_reason(node) else found).append(lin)
     if products:
         skipped.append(activation_products_note(products))
@@ -206,6 +208,18 @@ def find_embeddings(model: ir.Model, min_size: int = 4096) -> tuple[list[tuple[i
         else:
             found.append((node, table))
     return found, skipped
+
+
+def refresh_inputs(group: list[Linear]) -> None:
+    """Point each layer at its node's current input: a producer quantized earlier in the same pass (the first factor
+    of a lowrank pair, say) was replaced by a new node writing a new value."""
+    for lin in group:
+        lin.x = lin.node.inputs[0]
+
+
+def layer_input(nodes: list[ir.Node]) -> ir.Value:
+    """The activation input of the node computing a layer (MatMul, Gemm or MatMulNBits among `nodes`)."""
+    return next(n.inputs[0] for n in nodes if n.op_type in ("MatMul", "Gemm", "MatMulNBits"))
 
 
 def group_by_input(linears: list[Linear]) -> list[list[Linear]]:

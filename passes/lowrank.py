@@ -278,6 +278,7 @@ def factorize(graph: ir.Graph, lin: ConstLinear, a: np.ndarray, b: np.ndarray, n
     bv = add_initializer(graph, namer, f"{base}.lowrank_B", b.astype(lin.dtype))
     mid = ir.Value(name=namer(f"{base}.lowrank_mid"))
     out = ir.Value(name=namer(f"{base}.lowrank_out"))
+    mid.dtype = out.dtype = av.const_value.dtype  # typed, so later passes (quant4) see float activations
     if node.op_type == "MatMul":
         first = ir.Node("", "MatMul", [lin.input, av], outputs=[mid], name=namer(f"{base}.lowrank_0"))
         second = ir.Node("", "MatMul", [mid, bv], outputs=[out], name=namer(f"{base}.lowrank_1"))
@@ -309,6 +310,7 @@ def add_lowrank_branch(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndar
     mid = ir.Value(name=namer(f"{base}.eora_mid"))
     corr = ir.Value(name=namer(f"{base}.eora_correction"))
     out = ir.Value(name=namer(f"{base}.eora_out"))
+    mid.dtype = corr.dtype = out.dtype = node.outputs[0].dtype or ir.DataType.FLOAT
     new.append(ir.Node("", "MatMul", [node.inputs[0], av], outputs=[mid], name=namer(f"{base}.eora_0")))
     new.append(ir.Node("", "MatMul", [mid, bv], outputs=[corr], name=namer(f"{base}.eora_1")))
     y = node.outputs[0]

@@ -129,6 +129,7 @@ class Quant4Pass(Pass):
         groups = G.group_by_input(selected)
         for group in ctx.progress_bar(groups, desc=f"quant4 {c['algo']}", total=len(groups)):
             hessian = act = None
+            G.refresh_inputs(group)
             if runner is not None:
                 hessian, act = _input_statistics(runner, group[0].x.name, group[0].shape[0])
             scales = None
@@ -229,6 +230,7 @@ class Quant4Pass(Pass):
         """Replace the layer's current nodes by their quantized form."""
         c = self.config
         lin = layer.lin
+        lin.x = G.layer_input(layer.nodes)  # a layer re-emitted (keep8) reads what its producer's newest form writes
         base = lin.weight_name
         k, n = lin.shape
         nodes: list[ir.Node] = []

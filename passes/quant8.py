@@ -54,7 +54,7 @@ def _targets(model: ir.Model, ops: tuple[str, ...], include, exclude, skipped: l
         if w is None:
             products += 1  # attention scores and mixing: nothing to quantize, one summary line below
             continue
-        if x is None or x.dtype != ir.DataType.FLOAT or w.dtype != np.float32:
+        if x is None or (x.dtype or wv.dtype) != ir.DataType.FLOAT or w.dtype != np.float32:
             skipped.append(f"{label}: only float32 layers are quantized to 8 bits")
             continue
         names = (node.name, wv.name)

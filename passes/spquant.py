@@ -230,6 +230,7 @@ class SparseQuantPass(Pass):
         sparse_layers, nbits_layers, errors, kept, bytes_sparse, bytes_nbits = [], [], [], [], 0, 0
         groups = G.group_by_input(selected)
         for group in ctx.progress_bar(groups, desc="spquant", total=len(groups)):
+            G.refresh_inputs(group)
             hessian, _ = _input_statistics(runner, group[0].x.name, group[0].shape[0])
             for lin in group:
                 k, n = lin.shape

@@ -537,3 +537,20 @@ def test_gptq_and_awq_beat_rtn_on_real_activations(minilm_layer_inputs, block, s
         awq = Q.relative_output_error(w, res.quantized[0].dequantize() / res.scales[:, None], h_eval)
         assert gptq < 0.9 * rtn, (name, gptq, rtn)
         assert awq < rtn, (name, awq, rtn)
+
+
+def test_quant4_after_lowrank_quantizes_both_factors(llama):
+    """lowrank's new intermediate values are typed, and an untyped activation takes its weight's type: both factors
+    of every factored layer are quantized (once both were skipped as 'activation type None')."""
+    path, calib = llama
+    result = modelsurgeon.compile(path, passes="lowrank(ratio=0.3),quant4", calibration=calib, progress=False)
+    row = result.report.rows[2]
+    assert not [s for s in row.skipped if "activation type" in s]
+    quantized = [n.name for n in result.model.graph if n.op_type == "MatMulNBits" and "lowrank" in n.name]
+    left = [n for n in result.model.graph if n.op_type == "MatMul" and "lowrank" in n.name and n.inputs[1].is_initializer()]
+    assert sum(".lowrank_0" in n for n in quantized) >= 6 and sum(".lowrank_1" in n for n in quantized) >= 5
+    for n in left:  # only factors narrower than the smallest block stay in float, and the report says so
+        k = n.inputs[1].const_value.shape[0]
+        assert k < 16 and any(s.startswith(n.name) and f"K={k} is below" in s for s in row.skipped)
+    feeds = synthesize(result.model, num_samples=2, seq_len=9, seed=1).arrays
+    assert np.all(np.isfinite(run_model(result.model, feeds)["logits"]))
