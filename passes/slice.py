@@ -576,9 +576,18 @@ class SlicePass(Pass):
             log.warning("slice: projections without unique node names; slicing without the least-squares correction")
             correct = False
         plan = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar, correct=correct)
+        from modelsurgeon.stats import count_parameters
+
+        before = count_parameters(model)
         with naming(model.graph):
             edits = apply_rotations(model, tb, plan, k)
+        after = count_parameters(model)
+        if k < d and after >= before:
+            log.warning("slice: sparsity=%g keeps %d of %d dimensions, but the %d shortcut matrices (%d x %d each) "
+                        "outweigh what was deleted: %d -> %d parameters; use a larger sparsity or leave slice out",
+                        self.config["sparsity"], k, d, edits["shortcuts"], k, k, before, after)
         notes = {"d_model": d, "kept": k, "blocks": len(tb.blocks), "corrected": correct,
+                 "parameters_before": before, "parameters_after": after,
                  "calibration_tokens": int(sum(next(iter(f.values())).size for f in feeds)),
                  "min_energy_kept": round(min(plan.energy), 4), "mean_energy_kept": round(float(np.mean(plan.energy)), 4),
                  **edits}

@@ -398,3 +398,19 @@ def test_quantizers_protect_the_shortcuts_and_head_basis(reference_onnx):
     bits = [a.value for n in result.model.graph if n.op_type == "MatMulNBits" for a in n.attributes.values() if a.name == "bits"]
     assert bits.count(8) == marked and bits.count(4) == len(bits) - marked
     assert result.report.rows[-2].notes["protected_8bit"] == marked
+
+
+def test_slice_warns_when_the_shortcuts_outweigh_the_savings(reference_onnx, caplog):
+    """At small sparsity the k x k shortcuts (two per block) add more than the deleted rows and columns save."""
+    path = reference_onnx("llama", 18, layers=4)
+    calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
+    with caplog.at_level("WARNING", logger="modelsurgeon"):
+        small = _compile(path, "slice(sparsity=0.1)", calibration=calib)
+    notes = small.report.rows[2].notes
+    assert notes["parameters_after"] >= notes["parameters_before"]
+    assert any("outweigh what was deleted" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modelsurgeon"):
+        big = _compile(path, "slice(sparsity=0.5)", calibration=calib)
+    assert big.report.rows[2].notes["parameters_after"] < big.report.rows[2].notes["parameters_before"]
+    assert not any("outweigh" in r.getMessage() for r in caplog.records)
