@@ -222,6 +222,21 @@ def layer_input(nodes: list[ir.Node]) -> ir.Value:
     return next(n.inputs[0] for n in nodes if n.op_type in ("MatMul", "Gemm", "MatMulNBits"))
 
 
+def tied_table(node: ir.Node) -> ir.Value | None:
+    """The embedding table an output head reads through a Transpose (a tied head), if the table also feeds a Gather."""
+    if not is_output_head(node) or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    producer = node.inputs[1].producer()
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    table = producer.inputs[0]
+    if table is None or table.const_value is None or attr(producer, "perm", [1, 0]) not in ([1, 0], (1, 0)):
+        return None
+    if not any(n.op_type == "Gather" and i == 0 and attr(n, "axis", 0) == 0 for n, i in table.uses()):
+        return None
+    return table
+
+
 def group_by_input(linears: list[Linear]) -> list[list[Linear]]:
     """Layers reading the same activation (q/k/v, gate/up) form one group; groups in graph order."""
     groups: dict[int, list[Linear]] = {}

@@ -110,6 +110,7 @@ class Quant4Pass(Pass):
         if c["keep8"] > len(selected):
             raise UserError(f"quant4: keep8={c['keep8']} but only {len(selected)} layers are quantized; lower keep8")
 
+        tied_heads = {id(lin.node): table for lin in selected if (table := G.tied_table(lin.node)) is not None}
         namer = G.Namer(model)
         if c["format"] == "matmulnbits":
             G.ensure_opset(model, "com.microsoft", 1)
@@ -179,7 +180,17 @@ class Quant4Pass(Pass):
 
         gathers = 0
         if c["embeddings"]:
-            gathers = self._quantize_embeddings(model, namer, skipped)
+            # A head tied to the embedding table was just replaced (lm_head=true): its Transpose of the table is now
+            # dead, so the lookup becomes the table's only reader and can be quantized too.
+            import onnx_ir.passes.common as common
+
+            common.RemoveUnusedNodesPass()(model)
+            shared = {}
+            for layer in layers:
+                table = tied_heads.get(id(layer.lin.node))
+                if table is not None and layer.bits == 4 and layer.w_eff is layer.lin.weight and c["format"] == "matmulnbits":
+                    shared[table.name] = layer.nodes[0]  # its packed codes serve the lookup too (no AWQ scale on them)
+            gathers = self._quantize_embeddings(model, namer, skipped, shared)
 
         notes = {
             "algo": c["algo"], "format": c["format"], "block": c["block"], "symmetric": c["symmetric"],
@@ -277,7 +288,7 @@ class Quant4Pass(Pass):
         G.replace(model, layer.nodes, old_out, nodes, nodes[-1].outputs[0])
         layer.nodes = nodes
 
-    def _quantize_embeddings(self, model, namer, skipped: list[str]) -> int:
+    def _quantize_embeddings(self, model, namer, skipped: list[str], shared: dict[str, ir.Node] | None = None) -> int:
         c = self.config
         count = 0
         found, left = G.find_embeddings(model)
@@ -290,6 +301,10 @@ class Quant4Pass(Pass):
             v, d = table.shape
             if d % c["block"]:
                 skipped.append(f"{label}: embedding width {d} is not a multiple of block={c['block']}")
+                continue
+            head = (shared or {}).get(node.inputs[0].name)
+            if head is not None and _share_head_codes(model, namer, node, head, v, d, c["block"]):
+                count += 1
                 continue
             bq = Q.quantize_rtn(table.astype(np.float32).T, 4, c["block"], c["symmetric"])  # blocks along the width
             values, scales, zp = Q.onnx_blocked(bq)
@@ -307,6 +322,39 @@ class Quant4Pass(Pass):
             G.replace(model, [node], node.outputs[0], [gbq], gbq.outputs[0])
             count += 1
         return count
+
+
+def _share_head_codes(model: ir.Model, namer, gather: ir.Node, head: ir.Node, v: int, d: int, block: int) -> bool:
+    """Replace a lookup in a table tied to a 4-bit head by GatherBlockQuantized over the head's own packed codes.
+
+    MatMulNBits stores the head [K=d, N=v] as B [v, d/block, block/2]: row n of the table, block by block, low nibble
+    first, which is GatherBlockQuantized's uint8 layout with quantize_axis=2. The lookup reads B itself (so the
+    table is stored once, in 4 bits) with its scales and zero points reshaped to [v, d/block, 1] (small copies),
+    and a Reshape merges the last two axes of its output back to d. False (nothing changed) when the indices' rank
+    is unknown."""
+    indices = gather.inputs[1]
+    if indices.shape is None:
+        return False
+    nb = d // block
+    b, scales = head.inputs[1], G.const_array(head.inputs[2])
+    zp = G.const_array(head.inputs[3]) if len(head.inputs) > 3 and head.inputs[3] is not None else None
+    if b is None or scales is None or b.const_value is None or tuple(b.const_value.shape) != (v, nb, block // 2):
+        return False
+    inputs = [b, indices, G.add_initializer(model, namer, f"{b.name}_lookup_scales", scales.reshape(v, nb, 1))]
+    if zp is not None:  # MatMulNBits packs two blocks' zero points per byte; the lookup wants one per byte here
+        zp = zp.reshape(v, -1)
+        codes = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(v, -1)[:, :nb]
+        inputs.append(G.add_initializer(model, namer, f"{b.name}_lookup_zero_points", codes.reshape(v, nb, 1).astype(np.uint8)))
+    label = gather.name or gather.outputs[0].name
+    gbq = ir.Node("com.microsoft", "GatherBlockQuantized", inputs,
+                  [ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 2), ir.AttrInt64("block_size", block),
+                   ir.AttrInt64("bits", 4)], name=namer(f"{label}_Q4_shared"))
+    gbq.outputs[0].name = namer(f"{gather.outputs[0].name}_Q4_blocks")
+    shape = G.add_initializer(model, namer, f"{label}_Q4_shape", np.array([0] * len(indices.shape) + [d], np.int64))
+    reshape = ir.Node("", "Reshape", [gbq.outputs[0], shape], name=namer(f"{label}_Q4_merge"))
+    reshape.outputs[0].name = namer(f"{gather.outputs[0].name}_Q4")
+    G.replace(model, [gather], gather.outputs[0], [gbq, reshape], reshape.outputs[0])
+    return True
 
 
 def _input_statistics(runner, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -554,3 +554,31 @@ def test_quant4_after_lowrank_quantizes_both_factors(llama):
         assert k < 16 and any(s.startswith(n.name) and f"K={k} is below" in s for s in row.skipped)
     feeds = synthesize(result.model, num_samples=2, seq_len=9, seed=1).arrays
     assert np.all(np.isfinite(run_model(result.model, feeds)["logits"]))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tied_table_is_stored_once_in_4_bits(symmetric):
+    """embeddings=true,lm_head=true on a tied head: the lookup reads the head's packed codes (no float table, no
+    second copy), and what it returns is exactly those codes dequantized."""
+    from modelsurgeon.models import reference
+
+    path = reference.export("llama", 18, tie=True)
+    calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
+    result = modelsurgeon.compile(path, passes=f"quant4(embeddings=true,lm_head=true,symmetric={str(symmetric).lower()})",
+                                  calibration=calib, progress=False)
+    model = result.model
+    lookup = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits" and lookup.inputs[0] is n.inputs[1])
+    assert not [v for v in model.graph.initializers.values()
+                if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= 256 * 64]
+    b = lookup.inputs[0].const_value.numpy()
+    v, nb, half = b.shape
+    codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(v, nb, 2 * half).astype(np.float32)
+    zp = 8.0 if symmetric else lookup.inputs[3].const_value.numpy().astype(np.float32)
+    table = ((codes - zp) * lookup.inputs[2].const_value.numpy()).reshape(v, nb * 2 * half)
+    merged = lookup.outputs[0].uses()[0].node.outputs[0]
+    model.graph.outputs.append(merged)
+    ids = np.array([[0, 5, 255, 17], [3, 3, 100, 42]], np.int64)
+    got = run_model(model, {"input_ids": ids})
+    np.testing.assert_array_equal(got[merged.name], table[ids])
+    assert head.inputs[1].name == lookup.inputs[0].name and got["logits"].shape == (2, 4, 256)
