@@ -217,21 +217,33 @@ class SlicePlan:
 
 
 def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict], k: int, damp: float,
-                      progress=None, correct: bool = False, ridge: float = 1e-3) -> SlicePlan:
+                      progress=None, correct: bool = False, ridge: float = 1e-3, tied_head_weight: float = 0.0) -> SlicePlan:
     """Q_0 .. Q_2L (d x d each), the energy kept at each point and, with `correct`, the refit maps.
 
     The sliced model is followed in the original basis: each half-block runs (as an ONNX sub-model) on its
     input projected onto the kept directions, x Q_k Q_k^T, which is exactly what the sliced model computes.
     With `correct`, the dense model is run alongside and the layers reading each norm are refit (`refit_map`).
+
+    A head tied to the embedding table reads the final stream through Q_0 (see `apply_rotations`), so with
+    `tied_head_weight` w > 0, Q_0 is the PCA of E/tr(E) + w H/tr(H): E the second moment of the embedding output,
+    H that of what the head reads in the dense model (the final norm's output).
     """
     runner = StreamRunner(model, tb)
     xs = runner.embedding(feeds)
     dense = xs if correct else None
     weights = _token_weights(feeds, xs)
     plan = SlicePlan([], [], [], [])
+    head_moment = None
+    if tied_head_weight > 0 and tb.final_norm is not None:
+        head_in = runner._run(None, tb.final_norm.output, None, feeds)
+        head_moment = second_moment(head_in, weights)
+        del head_in
 
     def measure(values: list[np.ndarray]) -> np.ndarray:
-        q, vals = pca(second_moment(values, weights), damp)
+        h = second_moment(values, weights)
+        if head_moment is not None and not plan.qs:  # Q_0 also serves the tied head
+            h = h / np.trace(h) + tied_head_weight * head_moment / np.trace(head_moment)
+        q, vals = pca(h, damp)
         plan.qs.append(q)
         plan.energy.append(float(vals[:k].sum() / vals.sum()))
         return q
@@ -523,6 +535,9 @@ class SlicePass(Pass):
         "damp": Option(float, 0.01, "PCA damping, as a fraction of the mean eigenvalue",
                        check=lambda v: None if v >= 0 else "must be >= 0"),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v >= 1 else "must be >= 1"),
+        "tied_head_weight": Option(float, 8.0, "a head tied to the embedding reads the stream through the embedding's "
+                                   "basis: weight of what the head reads in that basis's PCA (0: the embedding alone)",
+                                   check=lambda v: None if v >= 0 else "must be >= 0"),
         "correct": Option(bool, True, "refit the layers that read each norm by least squares against the dense model "
                                       "(runs the dense model alongside; no effect at sparsity 0)"),
     }
@@ -575,7 +590,9 @@ class SlicePass(Pass):
                 sum(len(b.attn_inputs) + len(b.mlp_inputs) for b in tb.blocks):
             log.warning("slice: projections without unique node names; slicing without the least-squares correction")
             correct = False
-        plan = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar, correct=correct)
+        tied_weight = self.config["tied_head_weight"] if head_is_tied(tb) and k < d else 0.0
+        plan = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar, correct=correct,
+                                 tied_head_weight=tied_weight)
         from modelsurgeon.stats import count_parameters
 
         before = count_parameters(model)
@@ -586,7 +603,7 @@ class SlicePass(Pass):
             log.warning("slice: sparsity=%g keeps %d of %d dimensions, but the %d shortcut matrices (%d x %d each) "
                         "outweigh what was deleted: %d -> %d parameters; use a larger sparsity or leave slice out",
                         self.config["sparsity"], k, d, edits["shortcuts"], k, k, before, after)
-        notes = {"d_model": d, "kept": k, "blocks": len(tb.blocks), "corrected": correct,
+        notes = {"d_model": d, "kept": k, "blocks": len(tb.blocks), "corrected": correct, "tied_head_weight": tied_weight,
                  "parameters_before": before, "parameters_after": after,
                  "calibration_tokens": int(sum(next(iter(f.values())).size for f in feeds)),
                  "min_energy_kept": round(min(plan.energy), 4), "mean_energy_kept": round(float(np.mean(plan.energy)), 4),

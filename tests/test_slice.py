@@ -350,10 +350,11 @@ def test_tied_head_stays_tied(reference_onnx):
 
 @pytest.mark.real
 def test_smollm2_slice_keeps_the_tied_head_useful(smollm2, shakespeare):
-    """SmolLM2-135M (tied head) at 10%: held-out perplexity stays within 3x of the dense model's.
+    """SmolLM2-135M (tied head) at 10%: held-out perplexity stays within 2x of the dense model's.
 
-    The tied head reads the final stream through Q_L^T diag(g) Q0; a least-squares fit over the vocabulary
-    there once gave 6.8x (399 against 59). Measured with this calibration: about 2.5x."""
+    The tied head reads the final stream through Q_L^T diag(g) Q0: a least-squares fit over the vocabulary there
+    once gave 6.8x (399 against 59); Q0 from the embedding alone 2.5x; Q0 that also weighs what the head reads
+    (tied_head_weight) about 1.4x (benchmark, 64 calibration windows)."""
     from modelsurgeon.calibration import from_token_ids, load_tokenizer, tokenize_text
 
     tok = load_tokenizer(smollm2.tokenizer)
@@ -371,7 +372,7 @@ def test_smollm2_slice_keeps_the_tied_head_useful(smollm2, shakespeare):
     assert find_blocks(sliced).d_model == 512
     base = perplexity(modelsurgeon.load(smollm2.onnx))
     assert 20 < base < 150
-    assert perplexity(sliced) < 3 * base
+    assert perplexity(sliced) < 2 * base
 
 
 def test_quantizers_protect_the_shortcuts_and_head_basis(reference_onnx):
