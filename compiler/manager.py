@@ -104,7 +104,14 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         ctx.model = model
         t0 = time.perf_counter()
         log.info("running %r", p)
-        result = p.run(model, ctx)
+        try:
+            result = p.run(model, ctx)
+        except VerificationError:
+            raise
+        except UserError as exc:
+            if getattr(p, "required_by", None):  # e.g. slice's fold-norms: name the pass the user asked for
+                raise UserError(f"{p.required_by} runs {p.name} first, which refused: {exc}") from exc
+            raise
         model = result.model
         ctx.model = model
         if result.modified:

@@ -142,7 +142,9 @@ def _add_requirements(passes: list[Pass]) -> list[Pass]:
     for p in passes:
         for req in _closure(type(p)):
             if not any(q.name == req for q in out):
-                out.append(get_pass(req)())
+                added = get_pass(req)()
+                added.required_by = p.name  # errors then say which requested pass brought it in
+                out.append(added)
         out.append(p)
     return out
 
