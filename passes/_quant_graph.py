@@ -95,6 +95,43 @@ def keep_float_reason(node: ir.Node) -> str | None:
     return node.metadata_props.get(KEEP_FLOAT)
 
 
+def weighted_nodes(model: ir.Model, ops: tuple[str, ...], skipped: list[str], take_marked: bool = False):
+    """(node, label, x_dtype, w) for each default-domain node of `ops` whose input 1 is a constant, in graph order.
+
+    Nodes marked `keep_float` are reported in `skipped` and left out, unless `take_marked`. Products of two
+    activations (attention scores and mixing) are counted, in one line appended to `skipped` once the iteration
+    ends. `x_dtype` is the activation's type, or the weight's where the activation is untyped: MatMul, Gemm and
+    Conv take both inputs of one type (legacy exports and values new passes create may carry no type)."""
+    products = 0
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
+            continue
+        label = node.name or node.outputs[0].name
+        if keep_float_reason(node) and not take_marked:
+            skipped.append(f"{label}: kept in float ({keep_float_reason(node)})")
+            continue
+        x, wv = node.inputs[0], node.inputs[1]
+        w = const_array(wv)
+        if w is None:
+            products += 1
+            continue
+        yield node, label, (None if x is None else x.dtype if x.dtype is not None else wv.dtype), w
+    if products:
+        skipped.append(activation_products_note(products))
+
+
+def activation_products_note(count: int) -> str:
+    return f"{count} MatMul/Gemm of two activations (attention scores and mixing): no constant weight to quantize"
+
+
+def weight_name(node: ir.Node, label: str) -> str:
+    """A name for a layer's weight: its initializer's, or `table.T` for the Transpose of one (a tied head)."""
+    wv = node.inputs[1]
+    if wv.producer() is not None and wv.producer().op_type == "Transpose":
+        return f"{wv.producer().inputs[0].name}.T"
+    return wv.name or label
+
+
 def find_linears(model: ir.Model, fuse_bias: bool = True,
                  protected: list[Linear] | None = None) -> tuple[list[Linear], list[str]]:
     """MatMul/Gemm nodes with a constant 2-D weight, in graph order, and 'node: reason' for the ones left alone.
@@ -102,21 +139,8 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
     Nodes marked `keep_float` are left alone too, unless `protected` is a list: then they go there instead."""
     found: list[Linear] = []
     skipped: list[str] = []
-    products = 0
-    for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        label = node.name or node.outputs[0].name
-        if keep_float_reason(node) and protected is None:
-            skipped.append(f"{label}: kept in float ({keep_float_reason(node)})")
-            continue
-        x, wv = node.inputs[0], node.inputs[1]
-        w = const_array(wv)
-        if w is None:
-            products += 1  # attention scores and mixing: nothing to quantize, one summary line below
-            continue
-        # MatMul and Gemm take both inputs of one type: an untyped activation (legacy exports, new values) has the weight's
-        x_dtype = None if x is None else (x.dtype if x.dtype is not None else wv.dtype)
+    for node, label, x_dtype, w in weighted_nodes(model, ("MatMul", "Gemm"), skipped, take_marked=protected is not None):
+        x = node.inputs[0]
         if x_dtype not in FLOAT_TYPES:
             skipped.append(f"{label}: activation type {x_dtype} is not float32/float16")
             continue
@@ -157,18 +181,10 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
                 continue
             if fuse_bias:
                 bias, bias_add = _trailing_bias(node, w.shape[1])
-        wname = wv.name or label
-        if wv.producer() is not None and wv.producer().op_type == "Transpose":
-            wname = f"{wv.producer().inputs[0].name}.T"
-        lin = Linear(node, x, np.ascontiguousarray(w), wname, bias, bias_add, extra, FLOAT_TYPES[x_dtype])
+        lin = Linear(node, x, np.ascontiguousarray(w), weight_name(node, label), bias, bias_add, extra,
+                     FLOAT_TYPES[x_dtype])
         (protected if keep_float_reason(node) else found).append(lin)
-    if products:
-        skipped.append(activation_products_note(products))
     return found, skipped
-
-
-def activation_products_note(count: int) -> str:
-    return f"{count} MatMul/Gemm of two activations (attention scores and mixing): no constant weight to quantize"
 
 
 def _trailing_bias(node: ir.Node, n: int) -> tuple[np.ndarray | None, ir.Node | None]:

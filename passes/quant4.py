@@ -185,16 +185,17 @@ class Quant4Pass(Pass):
             import onnx_ir.passes.common as common
 
             common.RemoveUnusedNodesPass()(model)
-            shared = {}
+            shared = {}  # table name -> the 4-bit head whose packed codes serve the lookup too (no AWQ scale on them)
             for layer in layers:
                 table = tied_heads.get(id(layer.lin.node))
-                if table is not None and layer.bits == 4 and layer.w_eff is layer.lin.weight and c["format"] == "matmulnbits":
-                    shared[table.name] = layer.nodes[0]  # its packed codes serve the lookup too (no AWQ scale on them)
+                if table is not None and layer.bits == 4 and layer.w_eff is layer.lin.weight:
+                    shared[table.name] = layer.nodes[0]
             gathers = self._quantize_embeddings(model, namer, skipped, shared)
 
+        protected_ids = {id(lin) for lin in protected}
         notes = {
             "algo": c["algo"], "format": c["format"], "block": c["block"], "symmetric": c["symmetric"],
-            "layers_4bit": sum(l.bits == 4 for l in layers), "layers_8bit": [l.lin.name for l in layers if l.bits == 8 and id(l.lin) not in {id(p) for p in protected}],
+            "layers_4bit": sum(l.bits == 4 for l in layers), "layers_8bit": [l.lin.name for l in layers if l.bits == 8 and id(l.lin) not in protected_ids],
             "protected_8bit": len(protected),
             "embeddings": gathers,
             "layer_rel_error_mean": float(np.mean([np.sqrt(l.error) for l in layers])) if layers else 0.0,
@@ -342,8 +343,7 @@ def _share_head_codes(model: ir.Model, namer, gather: ir.Node, head: ir.Node, v:
         return False
     inputs = [b, indices, G.add_initializer(model, namer, f"{b.name}_lookup_scales", scales.reshape(v, nb, 1))]
     if zp is not None:  # MatMulNBits packs two blocks' zero points per byte; the lookup wants one per byte here
-        zp = zp.reshape(v, -1)
-        codes = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(v, -1)[:, :nb]
+        codes = Q.unpack_bits(zp.reshape(v, -1), 4)[:, :nb]
         inputs.append(G.add_initializer(model, namer, f"{b.name}_lookup_zero_points", codes.reshape(v, nb, 1).astype(np.uint8)))
     label = gather.name or gather.outputs[0].name
     gbq = ir.Node("com.microsoft", "GatherBlockQuantized", inputs,

@@ -41,23 +41,11 @@ class _Target:
 
 def _targets(model: ir.Model, ops: tuple[str, ...], include, exclude, skipped: list[str]) -> list[_Target]:
     found = []
-    products = 0
-    for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
-            continue
-        label = node.name or node.outputs[0].name
-        if G.keep_float_reason(node):
-            skipped.append(f"{label}: kept in float ({G.keep_float_reason(node)})")
-            continue
-        x, wv = node.inputs[0], node.inputs[1]
-        w = G.const_array(wv)
-        if w is None:
-            products += 1  # attention scores and mixing: nothing to quantize, one summary line below
-            continue
-        if x is None or (x.dtype or wv.dtype) != ir.DataType.FLOAT or w.dtype != np.float32:
+    for node, label, x_dtype, w in G.weighted_nodes(model, ops, skipped):
+        if x_dtype != ir.DataType.FLOAT or w.dtype != np.float32:
             skipped.append(f"{label}: only float32 layers are quantized to 8 bits")
             continue
-        names = (node.name, wv.name)
+        names = (node.name, node.inputs[1].name)
         if include and not G.matches(include, *names):
             skipped.append(f"{label}: not matched by include")
             continue
@@ -89,8 +77,6 @@ def _targets(model: ir.Model, ops: tuple[str, ...], include, exclude, skipped: l
                     continue
                 bias_index = 2
         found.append(_Target(node, w, axis, bias_index))
-    if products:
-        skipped.append(G.activation_products_note(products))
     return found
 
 
@@ -223,9 +209,7 @@ class Quant8Pass(Pass):
             ws = np.array(amax / 127.0 if amax > 0 else 1.0, np.float32)
             wq = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
         old_w = node.inputs[1]
-        base = old_w.name
-        if old_w.producer() is not None and old_w.producer().op_type == "Transpose":  # a tied head's W^T
-            base = f"{old_w.producer().inputs[0].name}.T"
+        base = G.weight_name(node, node.name or node.outputs[0].name)
 
         wq_v = G.add_initializer(model, namer, f"{base}_int8", wq)
         ws_v = G.add_initializer(model, namer, f"{base}_scale", ws)

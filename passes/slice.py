@@ -127,6 +127,10 @@ class StreamRunner:
     def mlp(self, block, xs, feeds, weights=None):
         return self._run(block.residual_mid, block.residual_out, xs, feeds, weights)
 
+    def final_norm(self, feeds):
+        """The final norm's output in the unsliced model: what the LM head reads."""
+        return self._run(None, self.tb.final_norm.output, None, feeds)
+
 
 def _token_weights(feeds: list[dict], xs: list[np.ndarray]) -> list[np.ndarray | None]:
     """Per-token 0/1 weights from an attention_mask input (padding is left out of the statistics)."""
@@ -235,7 +239,7 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
     plan = SlicePlan([], [], [], [])
     head_moment = None
     if tied_head_weight > 0 and tb.final_norm is not None:
-        head_in = runner._run(None, tb.final_norm.output, None, feeds)
+        head_in = runner.final_norm(feeds)
         head_moment = second_moment(head_in, weights)
         del head_in
 

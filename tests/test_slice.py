@@ -362,17 +362,15 @@ def test_smollm2_slice_keeps_the_tied_head_useful(smollm2, shakespeare):
     calib = from_token_ids(dense, tokenize_text(shakespeare["Hamlet"], tok, 16, 128), "Hamlet")
     ids = tokenize_text(shakespeare["Macbeth"], tok, 4, 128)
 
-    def perplexity(model) -> float:
-        logits = run_model(model, {"input_ids": ids})["logits"][:, :-1].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        return float(np.exp(-np.take_along_axis(logp, ids[:, 1:, None], -1).mean()))
+    from modelsurgeon.runtime.evaluate import evaluate
 
     sliced = _compile(dense, "slice(sparsity=0.1)", calibration=calib, verify=False).model
     assert find_blocks(sliced).d_model == 512
-    base = perplexity(modelsurgeon.load(smollm2.onnx))
+    metrics = evaluate(sliced, str(smollm2.onnx), task="lm", data={"input_ids": ids}, num_samples=len(ids),
+                       seq_len=ids.shape[1]).metrics
+    base = metrics["perplexity_reference"]
     assert 20 < base < 150
-    assert perplexity(sliced) < 2 * base
+    assert metrics["perplexity"] < 2 * base
 
 
 def test_quantizers_protect_the_shortcuts_and_head_basis(reference_onnx):
