@@ -84,4 +84,17 @@ void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1);
 
 float half_to_float(uint16_t h);
 
+// Calls fn(ScaleT{}, IndexT{}) with the storage types of p: scales float16 (as uint16_t) or float, group indices
+// uint16_t or int32_t. Each ISA's entry point instantiates its templated kernel through this one switch.
+template <class Fn>
+inline void with_storage_types(const Problem& p, Fn&& fn) {
+  if (p.scales_f16) {
+    if (p.index_u16) fn(uint16_t{}, uint16_t{});
+    else fn(uint16_t{}, int32_t{});
+  } else {
+    if (p.index_u16) fn(float{}, uint16_t{});
+    else fn(float{}, int32_t{});
+  }
+}
+
 }  // namespace msops

@@ -101,13 +101,7 @@ void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n
 }  // namespace
 
 void columns_avx2(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
-  if (p.scales_f16) {
-    if (p.index_u16) columns_typed<uint16_t, uint16_t>(p, a, n0, n1);
-    else columns_typed<uint16_t, int32_t>(p, a, n0, n1);
-  } else {
-    if (p.index_u16) columns_typed<float, uint16_t>(p, a, n0, n1);
-    else columns_typed<float, int32_t>(p, a, n0, n1);
-  }
+  with_storage_types(p, [&](auto scale, auto index) { columns_typed<decltype(scale), decltype(index)>(p, a, n0, n1); });
 }
 
 void prepare_rows_avx2(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1) {

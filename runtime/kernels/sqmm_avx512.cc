@@ -261,13 +261,7 @@ void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n
 }  // namespace
 
 void columns_avx512(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
-  if (p.scales_f16) {
-    if (p.index_u16) columns_typed<uint16_t, uint16_t>(p, a, n0, n1);
-    else columns_typed<uint16_t, int32_t>(p, a, n0, n1);
-  } else {
-    if (p.index_u16) columns_typed<float, uint16_t>(p, a, n0, n1);
-    else columns_typed<float, int32_t>(p, a, n0, n1);
-  }
+  with_storage_types(p, [&](auto scale, auto index) { columns_typed<decltype(scale), decltype(index)>(p, a, n0, n1); });
 }
 
 void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1) {
@@ -297,13 +291,7 @@ void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 void columns_avx512_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
-  if (p.scales_f16) {
-    if (p.index_u16) int8_tiled<uint16_t, uint16_t>(p, a, n0, n1);
-    else int8_tiled<uint16_t, int32_t>(p, a, n0, n1);
-  } else {
-    if (p.index_u16) int8_tiled<float, uint16_t>(p, a, n0, n1);
-    else int8_tiled<float, int32_t>(p, a, n0, n1);
-  }
+  with_storage_types(p, [&](auto scale, auto index) { int8_tiled<decltype(scale), decltype(index)>(p, a, n0, n1); });
 }
 
 void prepare_rows_avx512(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1) {

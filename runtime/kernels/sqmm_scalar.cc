@@ -123,13 +123,7 @@ void tile_rows(const Problem& p, const int8_t* aq, const float* ascale, const fl
 }
 
 void columns_scalar(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
-  if (p.scales_f16) {
-    if (p.index_u16) columns_impl<uint16_t, uint16_t>(p, a, n0, n1);
-    else columns_impl<uint16_t, int32_t>(p, a, n0, n1);
-  } else {
-    if (p.index_u16) columns_impl<float, uint16_t>(p, a, n0, n1);
-    else columns_impl<float, int32_t>(p, a, n0, n1);
-  }
+  with_storage_types(p, [&](auto scale, auto index) { columns_impl<decltype(scale), decltype(index)>(p, a, n0, n1); });
 }
 
 void epilogue(const Problem& p, int64_t n0, int64_t n1) {
