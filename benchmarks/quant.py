@@ -313,7 +313,7 @@ def _fmt(v, digits=3):
 
 
 def tables(data: dict) -> str:
-    out = [f"Command: `{data['command']}` — machine: {data['machine'].get('cpu')}, {data['machine'].get('cores')} cores, "
+    out = [f"Last run: `{data['command']}` — machine: {data['machine'].get('cpu')}, {data['machine'].get('cores')} cores, "
            f"onnxruntime {data['machine'].get('onnxruntime')}; load average (1 min) {data['load_before'][0]:.1f} before, "
            f"{data['load_after'][0]:.1f} after; written {data['written']}.", ""]
     sections = [
@@ -327,7 +327,10 @@ def tables(data: dict) -> str:
         rows = [r for r in data["rows"] if r["model"] == model]
         if not rows:
             continue
-        out += [f"### {model}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += [f"### {model}", ""]
+        if rows[0].get("command"):
+            out += [f"Measured by `{rows[0]['command']}`, written {rows[0].get('written')}.", ""]
+        out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in rows:
             out.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
         out.append("")
@@ -369,11 +372,20 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if out.exists() and only != set(SECTIONS):  # a partial run keeps the other sections' rows of the last full run
         ran = {SECTIONS[name] for name in only if name in SECTIONS}
-        rows = [r for r in json.loads(out.read_text()).get("rows", []) if r.get("model") not in ran] + rows
+        previous = json.loads(out.read_text())
+        kept = [r for r in previous.get("rows", []) if r.get("model") not in ran]
+        for r in kept:  # each row says which run measured it
+            r.setdefault("command", previous.get("command"))
+            r.setdefault("written", previous.get("written"))
+        rows = kept + rows
     command = COMMAND + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for r in rows:
+        r.setdefault("command", command.strip())
+        r.setdefault("written", written)
     data = {"benchmark": "quant", "command": command.strip(), "machine": machine_info(),
             "load_before": list(load_before), "load_after": list(os.getloadavg()),
-            "seconds": time.perf_counter() - t0, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": time.perf_counter() - t0, "written": written,
             "rows": rows,
             "notes": ["latency: median single session.run, all variants of a model interleaved in one run; "
                       "ratio_*: median per-round ratio to the float model (< 1 is faster)",
