@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after_latency": [round(x, 2) for x in load_after], "latency_rounds": args.rounds,
         "total_seconds": round(time.perf_counter() - t_start, 1), "models": models,
     }
+    record.update(results_rows(record))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -146,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         write_markdown(record, pathlib.Path(args.md), out)
     return 0
+
+
+def results_rows(record: dict) -> dict:
+    """The docs/results convention (benchmarks/run_all.py): benchmark, machine, rows (one per model), notes."""
+    return {"benchmark": "slice", "machine": f"{record['cpu_count']} CPU cores, ONNX Runtime {record['onnxruntime']}",
+            "rows": [{"model": name, **m} for name, m in record["models"].items()],
+            "notes": [f"calibration: {record['calibration']}; evaluation: {record['evaluation']}; slice options: "
+                      f"{record['slice_options']}"]}
 
 
 def write_markdown(record: dict, path: pathlib.Path, json_path: pathlib.Path) -> None:

@@ -306,6 +306,13 @@ def _e2e(real, reps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def results_rows(data: dict) -> dict:
+    """The docs/results convention (benchmarks/run_all.py): benchmark and rows (kernel variants, then end to end)."""
+    kernel = [{"part": "kernel", **r} for r in (data.get("kernel") or {}).get("results", []) if "variant" in r]
+    e2e = [{"part": "end to end", **r} for r in (data.get("e2e") or {}).get("rows", [])]
+    return {"benchmark": "spquant", "rows": kernel + e2e}
+
+
 def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -374,6 +381,7 @@ def main(argv=None) -> int:
         data["e2e"] = e2e_benchmark(args.reps)
         data["e2e"].update(command=data["command"], seconds=time.perf_counter() - t1)
     data["loadavg_end"] = os.getloadavg()
+    data.update(results_rows(data))
     data["seconds"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
