@@ -2,6 +2,7 @@
 
     python benchmarks/slice.py                      # writes docs/results/slice.json and docs/slice.md
     python benchmarks/slice.py --sparsities 0.25 --no-quant4 --out /tmp/s.json --md ""   # a quick look
+    python benchmarks/slice.py --sparsities 0.25 --no-quant4 --no-latency --other-bases "" --options ridge=0.3 --out /tmp/s.json --md ""
 
 Calibration: windows of 128 tokens from one play (default Hamlet); perplexity: windows from another play
 (default Macbeth), next-token NLL over every position but the first of each window. Latency: batch 1 at
@@ -57,13 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
     ap.add_argument("--calib-play", default="Hamlet")
     ap.add_argument("--eval-play", default="Macbeth")
-    ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of --seq tokens")
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of --seq tokens")
+    ap.add_argument("--calib-offset", type=int, default=0, help="skip this many windows of the play before calibrating")
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds (seq 128); 4x that for one token")
     ap.add_argument("--options", default="", help="extra slice options, e.g. 'correct=false,damp=0.05'")
     ap.add_argument("--quant4-sparsity", type=float, default=0.25)
     ap.add_argument("--no-quant4", action="store_true")
+    ap.add_argument("--other-bases", default="half-block",
+                    help="also slice at --quant4-sparsity with these values of the bases option (comma-separated; '' for none)")
+    ap.add_argument("--no-latency", action="store_true", help="perplexity and parameters only (no timing)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "slice.json"))
     ap.add_argument("--md", default=str(ROOT / "docs" / "slice.md"))
     args = ap.parse_args(argv)
@@ -81,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(real.smollm2_tokenizer())
     dense_path = real.smollm2_onnx()
     dense = ir.load(dense_path)
-    calib_ids = tokenize_text(texts[args.calib_play], tok, args.calib_samples, args.seq)
+    calib_ids = tokenize_text(texts[args.calib_play], tok, args.calib_offset + args.calib_samples, args.seq)[args.calib_offset:]
     eval_ids = tokenize_text(texts[args.eval_play], tok, args.eval_windows, args.seq)
-    calib = from_token_ids(dense, calib_ids, f"{args.calib_play} ({len(calib_ids)}x{args.seq} tokens)")
+    where = f", from window {args.calib_offset}" if args.calib_offset else ""
+    calib = from_token_ids(dense, calib_ids, f"{args.calib_play} ({len(calib_ids)}x{args.seq} tokens{where})")
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="slice-bench-"))
     models: dict[str, dict] = {"dense": {"path": str(dense_path), "sparsity": 0.0, "params": count_parameters(dense)}}
@@ -94,19 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     extra = f",{args.options}" if args.options else ""
     runs = [(f"slice {s:g}", f"slice(sparsity={s}{extra})", s) for s in sparsities]
+    runs += [(f"slice {args.quant4_sparsity:g} bases={b}", f"slice(sparsity={args.quant4_sparsity}{extra},bases={b})",
+              args.quant4_sparsity) for b in args.other_bases.split(",") if b.strip()]
     if not args.no_quant4:
         runs.append((f"slice {args.quant4_sparsity:g} + quant4", f"slice(sparsity={args.quant4_sparsity}{extra}),quant4",
                      args.quant4_sparsity))
         runs.append(("quant4", "quant4", 0.0))
     for label, passes, s in runs:
         t0 = time.perf_counter()
-        result = modelsurgeon.compile(str(dense_path), passes=passes, calibration=calib, progress=False, verify=False)
+        # num_samples: compile() keeps only the first 32 calibration samples unless told otherwise
+        result = modelsurgeon.compile(str(dense_path), passes=passes, calibration=calib, num_samples=len(calib_ids),
+                                      progress=False, verify=False)
         seconds = time.perf_counter() - t0
         path = result.save(tmp / f"{label.replace(' ', '_').replace('+', 'plus')}.onnx")
         notes = next((r.notes for r in result.report.rows if r.name.startswith("slice")), {})
         models[label] = {"path": str(path), "sparsity": s, "passes": passes, "compile_s": round(seconds, 1),
                          "params": result.report.rows[-1].parameters, "file_mb": round(path.stat().st_size / 2**20, 1),
-                         "kept": notes.get("kept"), "energy_kept_mean": notes.get("mean_energy_kept")}
+                         "kept": notes.get("kept"), "energy_kept_mean": notes.get("mean_energy_kept"),
+                         "shortcuts": notes.get("shortcuts")}
         print(f"{label}: compiled in {seconds:.0f}s", file=sys.stderr, flush=True)
         del result
     models["dense"]["file_mb"] = round(pathlib.Path(dense_path).stat().st_size / 2**20, 1)
@@ -116,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         models[name]["perplexity"] = round(perplexity(s, eval_ids), 3)
         print(f"{name}: perplexity {models[name]['perplexity']}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()
-    lat128 = latencies(sessions, {"input_ids": eval_ids[:1]}, args.rounds)
-    lat1 = latencies(sessions, {"input_ids": eval_ids[:1, :1]}, args.rounds * 4)
+    if not args.no_latency:
+        lat128 = latencies(sessions, {"input_ids": eval_ids[:1]}, args.rounds)
+        lat1 = latencies(sessions, {"input_ids": eval_ids[:1, :1]}, args.rounds * 4)
     load_after = os.getloadavg()
     base = models["dense"]
     for name, m in models.items():
-        m["latency_seq128_ms"] = round(lat128[name] * 1e3, 2)
-        m["latency_1tok_ms"] = round(lat1[name] * 1e3, 2)
-        m["speedup_seq128"] = round(lat128["dense"] / lat128[name], 3)
-        m["speedup_1tok"] = round(lat1["dense"] / lat1[name], 3)
+        if not args.no_latency:
+            m["latency_seq128_ms"] = round(lat128[name] * 1e3, 2)
+            m["latency_1tok_ms"] = round(lat1[name] * 1e3, 2)
+            m["speedup_seq128"] = round(lat128["dense"] / lat128[name], 3)
+            m["speedup_1tok"] = round(lat1["dense"] / lat1[name], 3)
         m["ppl_ratio"] = round(m["perplexity"] / base["perplexity"], 3)
         m["params_ratio"] = round(m["params"] / base["params"], 3)
         m.pop("path")
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
-    if args.md:
+    if args.md and not args.no_latency:
         write_markdown(record, pathlib.Path(args.md), out)
     return 0
 

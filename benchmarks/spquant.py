@@ -7,11 +7,14 @@ the run time / C. Variants run interleaved, medians are reported, os.getloadavg(
   - fp32 MatMul;
   - MatMulNBits, 4 bits, block 32, symmetric (no zero points), accuracy_level=4 (int8 activations);
   - ours: SparseQuantMatMul, 50% of the 32-weight groups kept, symmetric, fp16 scales, 0.5% fp32 outliers per
-    column, accuracy_level=4; also with its AVX2 path forced (CPUs without AVX-512 VNNI, 1 token) and
-    MatMulNBits vs ours on one thread (1 token), which is less sensitive to other jobs on a shared machine.
+    column, accuracy_level=4, with every column choosing its own groups (tile 1) and with tiles of 4, 8 (the
+    pass's default) and 16 columns sharing them; also tile 8 with its AVX2 path forced (CPUs without AVX-512
+    VNNI, 1 token) and MatMulNBits vs ours on one thread (1 token), which is less sensitive to other jobs on a
+    shared machine.
 
 Part 2 (end to end, needs the packaged SmolLM2-135M and modelsurgeon.models.real): SmolLM2 after `slice`, then
-`quant4` (GPTQ) alone vs `spquant`: perplexity on Shakespeare text and latency per token / per 128-token prompt.
+`quant4` (GPTQ) alone vs `spquant` (50% of the groups with tiles of 8 and of 1 column, and 25% with tiles of 8):
+perplexity on Shakespeare text and latency per token / per 128-token prompt.
 
     python benchmarks/spquant.py [--reps 11] [--skip-e2e] [--skip-kernel] [--out docs/results/spquant.json]
 
@@ -79,14 +82,14 @@ def matmulnbits_model(rng, K, N, copies):
     return _model(nodes, inits, K, outs, {"": 18, "com.microsoft": 1}), N * nb * (BLOCK // 2 + 4)
 
 
-def sparse_model(rng, K, N, copies):
+def sparse_model(rng, K, N, copies, tile: int = 1):
     from modelsurgeon.runtime.sparse_quant_format import random_weight
     from modelsurgeon.runtime.sparse_quant_function import DOMAIN, OP_NAME, function_proto
 
     r = max(1, round(OUTLIER_FRACTION * K))
     nodes, inits, outs, weights = [], [], [], []
     for c in range(copies):
-        w = random_weight(rng, K, N, BLOCK, keep=KEEP, outliers=r)
+        w = random_weight(rng, K, N, BLOCK, keep=KEEP, outliers=r, tile=tile)
         names = []
         for key, arr in w.inputs().items():
             if arr is None:
@@ -97,7 +100,7 @@ def sparse_model(rng, K, N, copies):
         while names and not names[-1]:
             names.pop()
         nodes.append(helper.make_node(OP_NAME, ["A", *names], [f"y{c}"], domain=DOMAIN, K=K, N=N, block=BLOCK,
-                                      bits=4, accuracy_level=4, outliers=r))
+                                      bits=4, accuracy_level=4, outliers=r, tile=tile))
         outs.append(f"y{c}")
         if c == 0:
             weights.append(w)
@@ -123,15 +126,23 @@ def session(model_bytes: bytes, library: bool, isa: str | None = None, threads: 
             os.environ.pop("MODELSURGEON_SQMM_ISA") if old is None else os.environ.__setitem__("MODELSURGEON_SQMM_ISA", old)
 
 
-# variant -> (model kind, threads (None: ORT default = all cores), ISA override, token counts)
+# variant -> (model kind, threads (None: ORT default = all cores), ISA override, token counts). Kind "ours:T" is
+# our op with column tiles of T (the blocks kept are shared by T adjacent columns); "ours" is per-column (T = 1).
 VARIANTS = {
     "fp32 MatMul": ("fp32", None, None, TOKENS),
     "MatMulNBits a4": ("nbits", None, None, TOKENS),
-    "ours a4": ("ours", None, None, TOKENS),
-    "ours a4, AVX2 path": ("ours", None, "avx2", [1]),
+    "ours a4, per column": ("ours", None, None, TOKENS),
+    "ours a4, tile 4": ("ours:4", None, None, TOKENS),
+    "ours a4, tile 8": ("ours:8", None, None, TOKENS),
+    "ours a4, tile 16": ("ours:16", None, None, TOKENS),
+    "ours a4, tile 8, AVX2 path": ("ours:8", None, "avx2", [1]),
     "MatMulNBits a4, 1 thread": ("nbits", 1, None, [1]),
-    "ours a4, 1 thread": ("ours", 1, None, [1]),
+    "ours a4, tile 8, 1 thread": ("ours:8", 1, None, [1]),
 }
+
+
+def _tile(kind: str) -> int:
+    return int(kind.split(":")[1]) if ":" in kind else 1
 BASELINE = {None: "MatMulNBits a4", 1: "MatMulNBits a4, 1 thread"}
 
 
@@ -172,18 +183,23 @@ def kernel_benchmark(reps: int) -> dict:
         built, sizes = {}, {}
         built["fp32"], sizes["fp32"] = fp32_model(rng, K, N, copies["fp32"])
         built["nbits"], sizes["nbits"] = matmulnbits_model(rng, K, N, copies["nbits"])
-        built["ours"], sizes["ours"], w0 = sparse_model(rng, K, N, copies["ours"])
-        plan = {name: (session(built[kind], kind == "ours", isa, threads), copies[kind], ms)
+        w0 = {}
+        for kind in {v[0] for v in VARIANTS.values() if v[0].startswith("ours")}:
+            copies[kind] = copies["ours"]
+            built[kind], sizes[kind], w0[kind] = sparse_model(rng, K, N, copies[kind], tile=_tile(kind))
+        plan = {name: (session(built[kind], kind.startswith("ours"), isa, threads), copies[kind], ms)
                 for name, (kind, threads, isa, ms) in VARIANTS.items()}
         del built
         setup_s = time.perf_counter() - t0
         feeds = {m: {"A": rng.standard_normal((m, K), np.float32)} for m in TOKENS}
         # correctness of the measured op: copy 0 against numpy (int8-rounded activations, as the kernel computes)
         checks = {}
-        for m in TOKENS:
-            y0 = plan["ours a4"][0].run(["y0"], feeds[m])[0]
-            ref = reference(feeds[m]["A"], w0, accuracy_level=4)
-            checks[m] = float(np.abs(y0 - ref).max() / np.abs(ref).max())
+        for name, (kind, _, isa, ms) in VARIANTS.items():
+            if kind.startswith("ours") and isa is None:
+                for m in ms:
+                    y0 = plan[name][0].run(["y0"], feeds[m])[0]
+                    ref = reference(feeds[m]["A"], w0[kind], accuracy_level=4)
+                    checks[f"{name}, {m} tokens"] = float(np.abs(y0 - ref).max() / np.abs(ref).max())
         load_before = os.getloadavg()
         times = time_interleaved(plan, feeds, reps)
         load_after = os.getloadavg()
@@ -223,7 +239,10 @@ E2E_CALIB_PLAY = "Hamlet"      # calibration text (title substring)
 E2E_EVAL_PLAY = "King Lear"    # perplexity text, a different play
 E2E_SAMPLES, E2E_SEQ = 16, 128
 E2E_SLICE = "slice(sparsity=0.25)"
-E2E_PIPELINES = {"quant4 (gptq, block 32)": "quant4(algo=gptq)", "spquant (50% groups, block 32)": "spquant"}
+E2E_PIPELINES = {"quant4 (gptq, block 32)": "quant4(algo=gptq)",
+                 "spquant (50% groups, tile 8)": "spquant",
+                 "spquant (50% groups, per column)": "spquant(tile=1)",
+                 "spquant (25% groups, tile 8)": "spquant(sparsity=0.25)"}
 
 
 def _play(texts: dict, key: str) -> str:
@@ -265,7 +284,7 @@ def _e2e(real, reps: int) -> dict:
         t0 = time.perf_counter()
         res = modelsurgeon.compile(str(sliced_path), passes, **kw)
         compile_s[label] = time.perf_counter() - t0
-        out = work / label.split()[0]
+        out = work / "".join(ch if ch.isalnum() else "_" for ch in label)  # one folder per pipeline
         out.mkdir(parents=True, exist_ok=True)
         paths[label] = res.save(out / "model.onnx")
         print(f"[e2e] compiled {label} in {compile_s[label]:.0f}s", file=sys.stderr)

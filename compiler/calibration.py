@@ -239,6 +239,8 @@ def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | Calibra
             return from_token_ids(model, ids, str(path))
     check_against(model, data)
     if data.num_samples > num_samples:
+        log.warning("calibration (%s): using the first %d of its %d samples (raise num_samples / --num-samples to "
+                    "use more)", data.source, num_samples, data.num_samples)
         data = CalibrationData(data.head(num_samples), data.source)
     return data
 

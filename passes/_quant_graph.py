@@ -328,6 +328,29 @@ def add_initializer(model: ir.Model, namer: Namer, base: str, array) -> ir.Value
     return value
 
 
+def matmulnbits_node(model: ir.Model, namer: Namer, lin: Linear, bq, bias: np.ndarray | None, accuracy_level: int,
+                     tag: str) -> ir.Node:
+    """A `com.microsoft.MatMulNBits` node computing lin.x @ dequantize(bq) (+ bias), its initializers registered
+    (named after the weight and `tag`). The caller inserts it (see `replace`)."""
+    from modelsurgeon import quantize as Q
+
+    ensure_opset(model, "com.microsoft", 1)
+    base = lin.weight_name
+    k, n = lin.shape
+    b, scales, zp = Q.pack_matmulnbits(bq)
+    inputs = [lin.x, add_initializer(model, namer, f"{base}_{tag}", b),
+              add_initializer(model, namer, f"{base}_{tag}_scales", scales.astype(lin.dtype)),
+              None if zp is None else add_initializer(model, namer, f"{base}_{tag}_zero_points", zp), None,
+              None if bias is None else add_initializer(model, namer, f"{base}_{tag}_bias", bias.astype(lin.dtype))]
+    while inputs[-1] is None:
+        inputs.pop()
+    attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bq.bits),
+             ir.AttrInt64("block_size", bq.block_size), ir.AttrInt64("accuracy_level", accuracy_level)]
+    node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=namer(f"{lin.name}_{tag}"))
+    node.outputs[0].name = namer(f"{lin.out.name}_{tag}")
+    return node
+
+
 def drop_unused_initializers(model: ir.Model, values) -> None:
     for v in values:
         if v is not None and v.is_initializer() and not v.uses() and not v.is_graph_output() \

@@ -244,23 +244,10 @@ class Quant4Pass(Pass):
         lin = layer.lin
         lin.x = G.layer_input(layer.nodes)  # a layer re-emitted (keep8) reads what its producer's newest form writes
         base = lin.weight_name
-        k, n = lin.shape
         nodes: list[ir.Node] = []
         tag = f"Q{bq.bits}"
         if c["format"] == "matmulnbits":
-            b, scales, zp = Q.pack_matmulnbits(bq)
-            inputs = [lin.x, G.add_initializer(model, namer, f"{base}_{tag}", b),
-                      G.add_initializer(model, namer, f"{base}_{tag}_scales", scales.astype(lin.dtype)),
-                      None if zp is None else G.add_initializer(model, namer, f"{base}_{tag}_zero_points", zp),
-                      None,
-                      None if layer.bias is None else G.add_initializer(model, namer, f"{base}_{tag}_bias",
-                                                                         layer.bias.astype(lin.dtype))]
-            while inputs[-1] is None:
-                inputs.pop()
-            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bq.bits),
-                     ir.AttrInt64("block_size", bq.block_size), ir.AttrInt64("accuracy_level", c["accuracy_level"])]
-            node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=namer(f"{lin.name}_{tag}"))
-            node.outputs[0].name = namer(f"{lin.out.name}_{tag}")
+            node = G.matmulnbits_node(model, namer, lin, bq, layer.bias, c["accuracy_level"], tag)
             nodes.append(node)
         else:
             values, scales, zp = Q.onnx_blocked(bq)

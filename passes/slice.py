@@ -1,12 +1,16 @@
 """`slice`: SliceGPT on the ONNX graph: rotate the residual stream by PCA, then delete its weakest directions.
 
 After `fold-norms` every norm on the stream is a weightless RMS norm, which commutes with orthogonal maps:
-RMS(x Q) = RMS(x) Q. So each block's stream may be expressed in its own orthonormal basis Q:
-- the embedding tables write in basis Q_0; block l reads the attention input (q, k, v rows) in Q_2l, writes the
-  attention output (o columns, bias) in Q_2l+1, reads the MLP input (gate, up rows) in Q_2l+1 and writes the
-  MLP output (down columns, bias) in Q_2l+2; the LM head reads Q_2L;
-- where the basis changes, the residual connection gets a shortcut matrix: h_mid = h_in (Q_2l^T Q_2l+1) + attn,
-  h_out = h_mid (Q_2l+1^T Q_2l+2) + mlp.
+RMS(x Q) = RMS(x) Q. So each block's stream may be expressed in its own orthonormal basis Q (option `bases`):
+- `half-block` (as in the paper): the embedding tables write in basis Q_0; block l reads the attention input
+  (q, k, v rows) in Q_2l, writes the attention output (o columns, bias) in Q_2l+1, reads the MLP input (gate, up
+  rows) in Q_2l+1 and writes the MLP output (down columns, bias) in Q_2l+2; the LM head reads Q_2L. Where the
+  basis changes, the residual connection gets a k x k shortcut matrix, two per block:
+  h_mid = h_in (Q_2l^T Q_2l+1) + attn, h_out = h_mid (Q_2l+1^T Q_2l+2) + mlp.
+- `block` (the default): block l reads and writes its attention in Q_l and reads its MLP in Q_l too (the PCA of
+  both inputs' moments together), the MLP writes in Q_l+1, the head reads Q_L. One shortcut per block:
+  h_mid = h_in + attn, h_out = h_mid (Q_l^T Q_l+1) + mlp. On SmolLM2-135M (d 576, k 432) the shortcuts are a
+  sixth of a sliced block's parameters, so this is markedly faster, and it measured better perplexity too.
 Each Q holds the eigenvectors (descending) of the damped second-moment matrix of the stream at that point,
 measured on calibration data, sequentially (SliceGPT, Ashkboos et al. 2024): a block is measured on inputs that
 already carry the slicing error of the blocks before it. Keeping only the first k columns of every Q deletes the
@@ -196,17 +200,21 @@ def refit_map(sliced: list[np.ndarray], dense: list[np.ndarray], qk: np.ndarray,
     """M (d x d) such that the layers reading a norm, given weights M W, best reproduce the dense model.
 
     Least squares over calibration tokens: with C the sliced model's normalized stream in kept coordinates
-    (C = N_s Q_k), minimize ||C V - N_d W|| over V: V = (C^T C + ridge)^-1 C^T N_d W, and M = Q_k (C^T C)^-1 C^T N_d.
+    (C = N_s Q_k), minimize ||C V - N_d||^2 + r ||V - Q_k^T||^2 over V (k x d), and M = Q_k V. The ridge term pulls
+    V towards Q_k^T, the uncorrected layers (M = Q_k Q_k^T), not towards zero, which would shrink their inputs:
+    V = (C^T C + r)^-1 (C^T N_d + r Q_k^T), with r = `ridge` times the mean of diag(C^T C).
     This folds the correlation between kept and deleted directions, and the error of earlier blocks, back in.
     """
     import torch
 
     with _one_thread():
-        c = _rows(sliced, weights) @ torch.from_numpy(np.ascontiguousarray(qk))
+        q = torch.from_numpy(np.ascontiguousarray(qk))
+        c = _rows(sliced, weights) @ q
         nd = _rows(dense, weights)
         g = c.T @ c
-        g += ridge * float(torch.mean(torch.diag(g))) * torch.eye(g.shape[0], dtype=g.dtype)
-        return qk @ torch.linalg.solve(g, c.T @ nd).numpy()
+        r = ridge * float(torch.mean(torch.diag(g)))
+        g += r * torch.eye(g.shape[0], dtype=g.dtype)
+        return qk @ torch.linalg.solve(g, c.T @ nd + r * q.T).numpy()
 
 
 @dataclasses.dataclass
@@ -218,36 +226,55 @@ class SlicePlan:
     attn_maps: list[np.ndarray | None]
     mlp_maps: list[np.ndarray | None]
     head_map: np.ndarray | None = None
+    bases: str = "block"
+
+    def block_bases(self, index: int) -> tuple[int, int, int]:
+        """Indices into `qs` of block `index`'s bases: attention input, MLP input (= attention output), MLP output."""
+        if self.bases == "block":
+            return index, index, index + 1
+        return 2 * index, 2 * index + 1, 2 * index + 2
 
 
 def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict], k: int, damp: float,
-                      progress=None, correct: bool = False, ridge: float = 1e-3, tied_head_weight: float = 0.0) -> SlicePlan:
-    """Q_0 .. Q_2L (d x d each), the energy kept at each point and, with `correct`, the refit maps.
+                      progress=None, correct: bool = False, ridge: float = 0.1, tied_head_weight: float = 0.0,
+                      bases: str = "block") -> SlicePlan:
+    """The rotations (d x d each), the energy kept at each one and, with `correct`, the refit maps.
+
+    `bases="half-block"`: Q_0 .. Q_2L, one at the embedding and one after each attention and each MLP.
+    `bases="block"`: Q_0 .. Q_L, one per block, shared by its attention input and its MLP input (the PCA of both
+    points' second moments together; the MLP input's is measured on a first attention run with the block input's
+    own PCA), and Q_L for the final stream.
 
     The sliced model is followed in the original basis: each half-block runs (as an ONNX sub-model) on its
     input projected onto the kept directions, x Q_k Q_k^T, which is exactly what the sliced model computes.
     With `correct`, the dense model is run alongside and the layers reading each norm are refit (`refit_map`).
 
     A head tied to the embedding table reads the final stream through Q_0 (see `apply_rotations`), so with
-    `tied_head_weight` w > 0, Q_0 is the PCA of E/tr(E) + w H/tr(H): E the second moment of the embedding output,
-    H that of what the head reads in the dense model (the final norm's output).
+    `tied_head_weight` w > 0, Q_0 is the PCA of E/tr(E) + w H/tr(H): E the second moment of the embedding output
+    (and, with one basis per block, of block 0's MLP input), H that of what the head reads in the dense model
+    (the final norm's output).
     """
     runner = StreamRunner(model, tb)
     xs = runner.embedding(feeds)
     dense = xs if correct else None
     weights = _token_weights(feeds, xs)
-    plan = SlicePlan([], [], [], [])
+    plan = SlicePlan([], [], [], [], bases=bases)
     head_moment = None
     if tied_head_weight > 0 and tb.final_norm is not None:
         head_in = runner.final_norm(feeds)
         head_moment = second_moment(head_in, weights)
         del head_in
 
-    def measure(values: list[np.ndarray]) -> np.ndarray:
-        h = second_moment(values, weights)
+    def moment(values: list[np.ndarray]) -> np.ndarray:
+        return second_moment(values, weights)
+
+    def with_head(h: np.ndarray) -> np.ndarray:
         if head_moment is not None and not plan.qs:  # Q_0 also serves the tied head
             h = h / np.trace(h) + tied_head_weight * head_moment / np.trace(head_moment)
-        q, vals = pca(h, damp)
+        return h
+
+    def measure(h: np.ndarray) -> np.ndarray:
+        q, vals = pca(with_head(h), damp)
         plan.qs.append(q)
         plan.energy.append(float(vals[:k].sum() / vals.sum()))
         return q
@@ -259,19 +286,32 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
         return m, {lin.node.name: m @ lin.weight_matrix().astype(np.float64) for lin in lins}
 
     def half_block(run, block, xs, dense, q, norm, lins, maps):
-        """One half-block on its sliced input (and the dense model alongside): its output, dense output, next Q."""
+        """One half-block on its sliced input (and the dense model alongside): its output and dense output."""
         x = project(xs, q[:, :k], q)
         m, w = refit(x, dense, q, norm.epsilon, lins)
         maps.append(m)
         out = run(block, x, feeds, w)
-        return out, (run(block, dense, feeds) if correct else None), measure(out)
+        return out, (run(block, dense, feeds) if correct else None)
 
     blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: PCA per block", total=len(tb.blocks))
-    q = measure(xs)
-    for block in blocks:
-        mid, dense, q = half_block(runner.attention, block, xs, dense, q, block.attn_norm, block.attn_inputs,
-                                   plan.attn_maps)
-        xs, dense, q = half_block(runner.mlp, block, mid, dense, q, block.mlp_norm, block.mlp_inputs, plan.mlp_maps)
+    if bases == "block":
+        for block in blocks:
+            h_in = moment(xs)
+            first = pca(with_head(h_in), damp)[0]  # a first guess, to measure the MLP input with
+            h_mid = moment(runner.attention(block, project(xs, first[:, :k], first), feeds))
+            q = measure(h_in + h_mid)
+            mid, dense = half_block(runner.attention, block, xs, dense, q, block.attn_norm, block.attn_inputs,
+                                    plan.attn_maps)
+            xs, dense = half_block(runner.mlp, block, mid, dense, q, block.mlp_norm, block.mlp_inputs, plan.mlp_maps)
+        q = measure(moment(xs))
+    else:
+        q = measure(moment(xs))
+        for block in blocks:
+            mid, dense = half_block(runner.attention, block, xs, dense, q, block.attn_norm, block.attn_inputs,
+                                    plan.attn_maps)
+            q = measure(moment(mid))
+            xs, dense = half_block(runner.mlp, block, mid, dense, q, block.mlp_norm, block.mlp_inputs, plan.mlp_maps)
+            q = measure(moment(xs))
     if correct and tb.lm_head is not None:
         plan.head_map, _ = refit(project(xs, q[:, :k], q), dense, q, tb.final_norm.epsilon, [])
     return plan
@@ -465,18 +505,20 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
 
     shortcuts = 0
     for b in tb.blocks:
-        qa, qm, qb = qk[2 * b.index], qk[2 * b.index + 1], qk[2 * b.index + 2]
+        ia, im, ib = plan.block_bases(b.index)
+        qa, qm, qb = qk[ia], qk[im], qk[ib]
         label = b.scope or f"block{b.index}"
         attn_stream, mlp_stream = _stream_input(b.attn_add, b.o), _stream_input(b.mlp_add, b.down)
         read_in(b.attn_inputs, qa, plan.attn_maps[b.index])
         write_out(b.o, qm)
         read_in(b.mlp_inputs, qm, plan.mlp_maps[b.index])
         write_out(b.down, qb)
-        for add, stream, old, q_from, q_to, what in ((b.attn_add, attn_stream, b.attn_shortcut, qa, qm, "attn"),
-                                                     (b.mlp_add, mlp_stream, b.mlp_shortcut, qm, qb, "mlp")):
+        for add, stream, old, q_from, q_to, change, what in (
+                (b.attn_add, attn_stream, b.attn_shortcut, qa, qm, ia != im, "attn"),
+                (b.mlp_add, mlp_stream, b.mlp_shortcut, qm, qb, im != ib, "mlp")):
             if old is not None:  # a model sliced before: compose with its change of basis
                 old.set_weight(graph, q_from.T @ old.weight_matrix().astype(np.float64) @ q_to)
-            else:
+            elif change:  # (one basis per block: none at the attention's Add)
                 insert_shortcut(graph, add, stream, q_from.T @ q_to, f"{label}.{what}_shortcut")
                 shortcuts += 1
         for norm, what in ((b.attn_norm, "attn_norm"), (b.mlp_norm, "mlp_norm")):
@@ -542,8 +584,15 @@ class SlicePass(Pass):
         "tied_head_weight": Option(float, 8.0, "a head tied to the embedding reads the stream through the embedding's "
                                    "basis: weight of what the head reads in that basis's PCA (0: the embedding alone)",
                                    check=lambda v: None if v >= 0 else "must be >= 0"),
+        "bases": Option(str, "block", "where the stream's basis changes: 'half-block' (after every attention and "
+                        "MLP: two k x k shortcut MatMuls per block) or 'block' (one basis per block, shared by the "
+                        "attention and MLP inputs: one shortcut per block, fewer parameters and MACs)",
+                        choices=("half-block", "block")),
         "correct": Option(bool, True, "refit the layers that read each norm by least squares against the dense model "
                                       "(runs the dense model alongside; no effect at sparsity 0)"),
+        "ridge": Option(float, 0.1, "regularization of that refit, as a fraction of the mean diagonal of its normal "
+                        "matrix; it pulls the refit towards the uncorrected layers (large: like correct=false)",
+                        check=lambda v: None if v >= 0 else "must be >= 0"),
     }
     requires = ("fold-norms",)
     analyses = ("blocks",)
@@ -596,7 +645,7 @@ class SlicePass(Pass):
             correct = False
         tied_weight = self.config["tied_head_weight"] if head_is_tied(tb) and k < d else 0.0
         plan = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar, correct=correct,
-                                 tied_head_weight=tied_weight)
+                                 tied_head_weight=tied_weight, bases=self.config["bases"], ridge=self.config["ridge"])
         from modelsurgeon.stats import count_parameters
 
         before = count_parameters(model)

@@ -7,7 +7,9 @@ one SparseQuantMatMul node. Per layer:
    carries on the calibration activations, w_g^T H_g w_g (H = X^T X of the layer's input; GQSA-style groups,
    activation-aware like Wanda/OBS);
 2. the `sparsity` fraction of least important groups is dropped (a per-layer budget, so columns keep different
-   numbers of groups: CSR over groups);
+   numbers of groups: CSR over groups). With `tile` T > 1, T adjacent columns share their choice (scores summed
+   over the tile): the kernel then reads each kept block's activations once for T columns and loads their codes
+   as one 64-byte vector per 4 columns;
 3. `outliers` (a fraction of K per column, SpQR-style) of the most salient single weights in dropped groups,
    by H_kk * w^2, are kept exactly in fp32;
 4. masked GPTQ (reusing quant4's parameter search and encoding, `modelsurgeon.quantize`): input channels are
@@ -67,13 +69,19 @@ def group_importance(w: np.ndarray, hessian: np.ndarray, block: int) -> np.ndarr
     return scores
 
 
-def choose_groups(scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """bool [n_blocks, N]: the (1 - sparsity) fraction of groups with the largest scores (ties broken by order)."""
-    keep = int(round((1.0 - sparsity) * scores.size))
-    mask = np.zeros(scores.size, bool)
+def choose_groups(scores: np.ndarray, sparsity: float, tile: int = 1) -> np.ndarray:
+    """bool [n_blocks, N]: the (1 - sparsity) fraction of groups with the largest scores (ties broken by order).
+    With tile T the T adjacent columns of a tile keep the same blocks, chosen by their summed scores."""
+    nb, n = scores.shape
+    tiles = -(-n // tile)
+    padded = np.zeros((nb, tiles * tile), np.float64)
+    padded[:, :n] = scores
+    tile_scores = padded.reshape(nb, tiles, tile).sum(axis=2)
+    keep = int(round((1.0 - sparsity) * tile_scores.size))
+    mask = np.zeros(tile_scores.size, bool)
     if keep > 0:
-        mask[np.argsort(-scores.ravel(), kind="stable")[:keep]] = True
-    return mask.reshape(scores.shape)
+        mask[np.argsort(-tile_scores.ravel(), kind="stable")[:keep]] = True
+    return np.repeat(mask.reshape(nb, tiles), tile, axis=1)[:, :n]
 
 
 def choose_outliers(w: np.ndarray, hessian_diag: np.ndarray, kept: np.ndarray, block: int, per_column: int) -> np.ndarray:
@@ -142,27 +150,34 @@ def sparse_gptq(w: np.ndarray, hessian: np.ndarray, kept: np.ndarray, outlier_ro
 
 
 def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block: int, outliers: float,
-                   symmetric: bool, damp: float = 0.01, clip_search: bool = True, bias: np.ndarray | None = None
-                   ) -> SparseQuantResult:
+                   symmetric: bool, damp: float = 0.01, clip_search: bool = True, bias: np.ndarray | None = None,
+                   tile: int = 1) -> SparseQuantResult:
     """Select, quantize and pack one weight [K, N] into the SparseQuantMatMul format."""
     w = np.asarray(w, np.float32)
     k, n = w.shape
-    kept = choose_groups(group_importance(w, hessian, block), sparsity)
+    kept = choose_groups(group_importance(w, hessian, block), sparsity, tile)
     r = max(1, int(round(outliers * k))) if outliers > 0 else 0
     rows = choose_outliers(w, np.diag(hessian), kept, block, r) if r else np.zeros((n, 0), np.int64)
     codes, scales, zeros, dense = sparse_gptq(w, hessian, kept, rows, block, symmetric, damp, clip_search)
     nb = kept.shape[0]
-    col_of, blk_of = np.nonzero(kept.T)  # column-major: sorted by column, then block
-    pad = nb * block - k
-    codes_p = np.concatenate([codes, np.full((pad, n), 8, np.uint8)], axis=0) if pad else codes
-    group_codes = codes_p.reshape(nb, block, n)[blk_of, :, col_of]  # [nnz, block]
+    tiles = -(-n // tile)
+    n_pad = tiles * tile - n  # padding columns of a partial last tile: code 8, scale 0 (decode to zero)
+    kept_tiles = kept[:, ::tile]  # [nb, tiles]: a tile's columns share their blocks
+    tile_of, blk_of = np.nonzero(kept_tiles.T)  # tile-major: sorted by tile, then block
+    col_of = (tile_of[:, None] * tile + np.arange(tile)).ravel()  # slot j * T + c -> column
+    blk_slot = np.repeat(blk_of, tile)
+    codes_p = np.full((nb * block, n + n_pad), 8, np.uint8)
+    codes_p[:k, :n] = codes
+    scales_p = np.pad(scales, ((0, 0), (0, n_pad)))
+    zeros_p = np.pad(zeros, ((0, 0), (0, n_pad)), constant_values=8)
+    group_codes = codes_p.reshape(nb, block, -1)[blk_slot, :, col_of]  # [nnz * T, block]
     weight = SparseQuantWeight(
         K=k, N=n, block=block, packed=pack_codes(group_codes),
-        scales=scales[blk_of, col_of].astype(np.float16),
-        group_ptr=np.concatenate([[0], np.cumsum(kept.sum(axis=0))]).astype(np.int32),
+        scales=scales_p[blk_slot, col_of].astype(np.float16),
+        group_ptr=np.concatenate([[0], np.cumsum(kept_tiles.sum(axis=0))]).astype(np.int32),
         group_index=blk_of.astype(index_dtype(nb)),
-        zero_points=None if symmetric else (zeros[blk_of, col_of] - 8).astype(np.int8),
-        bias=None if bias is None else np.asarray(bias, np.float32))
+        zero_points=None if symmetric else (zeros_p[blk_slot, col_of] - 8).astype(np.int8),
+        bias=None if bias is None else np.asarray(bias, np.float32), tile=tile)
     if r:
         valid = rows >= 0
         safe_rows = np.where(valid, rows, 0)
@@ -198,12 +213,21 @@ class SparseQuantPass(Pass):
         "include": Option(str, "", "regex: only layers whose node or weight name matches (re.search)", check=G.check_regex),
         "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
+        "protected_bits": Option(int, 8, "layers another pass marked as precision-sensitive (slice's residual shortcuts, "
+                                 "its basis change before a tied head): 8 = 8-bit MatMulNBits blocks, 32 = keep them in "
+                                 "float", choices=(8, 32)),
+        "tile": Option(int, 8, "adjacent output columns that keep the same groups (1: every column chooses its own; "
+                       "4, 8 and 16 have a fast kernel path)", choices=(1, 4, 8, 16)),
     }
 
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
         include, exclude = c["include"], c["exclude"]
-        linears, skipped = G.find_linears(model, fuse_bias=True)
+        protected: list[G.Linear] = []
+        linears, skipped = G.find_linears(model, fuse_bias=True, protected=protected)
+        if c["protected_bits"] == 32:
+            skipped += [f"{lin.name}: kept in float ({G.keep_float_reason(lin.node)})" for lin in protected]
+            protected = []
         selected: list[G.Linear] = []
         for lin in linears:
             names = (lin.node.name, lin.weight_name)
@@ -217,12 +241,15 @@ class SparseQuantPass(Pass):
                 skipped.append(f"{lin.name}: K={lin.shape[0]} is below the smallest block (16)")
             else:
                 selected.append(lin)
+        namer = G.Namer(model)
+        for lin in protected:  # precision-sensitive (slice's shortcuts): 8-bit round to nearest, like quant4
+            self._emit_nbits(model, namer, lin, Q.quantize_rtn(lin.weight, 8, c["block"], c["symmetric"]))
         if not selected:
-            return PassResult(model, False, notes={"layers_sparse": 0}, skipped=skipped)
+            return PassResult(model, bool(protected), notes={"layers_sparse": 0, "protected_8bit": len(protected)},
+                              skipped=skipped)
 
         if F.model_opset(model) < F.MIN_OPSET:
             G.ensure_opset(model, "", F.MIN_OPSET)
-        namer = G.Namer(model)
         from modelsurgeon.layerwise import LayerwiseRunner
         from modelsurgeon.passes.quant4 import _input_statistics
 
@@ -239,7 +266,7 @@ class SparseQuantPass(Pass):
                 if reason is None:
                     result = compress_layer(lin.weight, hessian, sparsity=c["sparsity"], block=c["block"],
                                             outliers=c["outliers"], symmetric=c["symmetric"], damp=c["damp"],
-                                            bias=lin.bias)
+                                            bias=lin.bias, tile=c["tile"])
                     if result.weight.nbytes() > (1.0 - c["min_saving"]) * matmulnbits_bytes(k, n, c["block"], c["symmetric"]):
                         reason = (f"sparse format saves less than {c['min_saving']:.0%} of MatMulNBits' bytes "
                                   f"at sparsity={c['sparsity']}")
@@ -258,7 +285,7 @@ class SparseQuantPass(Pass):
                     deq = bq.dequantize()
                 errors.append(math.sqrt(max(Q.relative_output_error(lin.weight, deq, hessian), 0.0)))
         notes = {
-            "layers_sparse": len(sparse_layers), "layers_matmulnbits": len(nbits_layers),
+            "layers_sparse": len(sparse_layers), "layers_matmulnbits": len(nbits_layers), "protected_8bit": len(protected),
             "kept_groups_mean": float(np.mean(kept)) if kept else 0.0,
             "bytes_sparse": bytes_sparse, "bytes_matmulnbits": bytes_nbits,
             "layer_rel_error_mean": float(np.mean(errors)), "layer_rel_error_max": float(max(errors)),
@@ -282,20 +309,7 @@ class SparseQuantPass(Pass):
         self._replace(model, namer, lin, node)
 
     def _emit_nbits(self, model: ir.Model, namer: G.Namer, lin: G.Linear, bq: Q.BlockQuantized) -> None:
-        G.ensure_opset(model, "com.microsoft", 1)
-        k, n = lin.shape
-        base = lin.weight_name
-        b, scales, zp = Q.pack_matmulnbits(bq)
-        inputs = [lin.x, G.add_initializer(model, namer, f"{base}_Q4", b),
-                  G.add_initializer(model, namer, f"{base}_Q4_scales", scales.astype(lin.dtype)),
-                  None if zp is None else G.add_initializer(model, namer, f"{base}_Q4_zero_points", zp), None,
-                  None if lin.bias is None else G.add_initializer(model, namer, f"{base}_Q4_bias", lin.bias.astype(lin.dtype))]
-        while inputs[-1] is None:
-            inputs.pop()
-        attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4), ir.AttrInt64("block_size", bq.block_size),
-                 ir.AttrInt64("accuracy_level", self.config["accuracy_level"])]
-        node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=namer(f"{lin.name}_Q4"))
-        node.outputs[0].name = namer(f"{lin.out.name}_Q4")
+        node = G.matmulnbits_node(model, namer, lin, bq, lin.bias, self.config["accuracy_level"], f"Q{bq.bits}")
         self._replace(model, namer, lin, node)
 
     @staticmethod

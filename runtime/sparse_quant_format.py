@@ -1,14 +1,17 @@
 """The sparse-quant weight format of `ai.modelsurgeon::SparseQuantMatMul`, in numpy: packing, decoding, reference.
 
-A weight W [K, N] is cut into `n_blocks = ceil(K / block)` groups of `block` rows per output column. Only kept
-groups are stored, column by column (CSR over groups):
+A weight W [K, N] is cut into `n_blocks = ceil(K / block)` groups of `block` rows per output column. Columns
+come in tiles of T = `tile` consecutive columns (node attribute, default 1; the last tile may be partial) whose
+columns keep the same blocks. Only kept groups are stored, tile by tile (CSR over tile-groups):
 
-- `group_ptr` int32 [N+1]: column n owns kept groups `group_ptr[n] : group_ptr[n+1]`;
-- `group_index` uint16 (int32 when n_blocks > 65535) [nnz]: the block id of each kept group;
-- `packed` uint8 [nnz, block/2]: 4-bit codes u in 0..15; byte j holds u[j] (low nibble) and u[j + block/2]
+- `group_ptr` int32 [ceil(N/T)+1]: tile t owns the kept tile-groups `j` in `group_ptr[t] : group_ptr[t+1]`;
+- `group_index` uint16 (int32 when n_blocks > 65535) [nnz]: the block id of each kept tile-group;
+- column c of tile-group j is stored at slot `s = j*T + c` of the arrays below (so the T columns of a kept block
+  are adjacent; T = 1 is plain per-column CSR). Slots of the padding columns of a partial last tile are ignored;
+- `packed` uint8 [nnz*T, block/2]: 4-bit codes u in 0..15; byte i holds u[i] (low nibble) and u[i + block/2]
   (high nibble), so a group's low nibbles are its first half of rows and its high nibbles the second half;
-- `scales` float16 (or float32) [nnz]; `zero_points` optional int8 [nnz] in [-8, 7]: the zero point is 8 + z';
-  absent means symmetric (zero point 8). Value = (u - 8 - z') * scale;
+- `scales` float16 (or float32) [nnz*T]; `zero_points` optional int8 [nnz*T] in [-8, 7]: the zero point is
+  8 + z'; absent means symmetric (zero point 8). Value = (u - 8 - z') * scale;
 - optional outliers, a fixed number R per column (node attribute `outliers` = R): `outlier_rows`, row indices as
   little-endian uint16 stored as bytes, uint8 [2 * N * R] (so K <= 65536), and `outlier_values` float32 [N, R],
   ADDED to the decoded weight (unused slots: value 0). Bytes and float32 because the ONNX function can only
@@ -39,6 +42,7 @@ class SparseQuantWeight:
     group_ptr: np.ndarray
     group_index: np.ndarray
     zero_points: np.ndarray | None = None
+    tile: int = 1  # T: columns per tile (they keep the same blocks)
     outlier_rows: np.ndarray | None = None  # [N, R] integer rows (serialized as uint16 bytes by inputs())
     outlier_values: np.ndarray | None = None  # [N, R]
     bias: np.ndarray | None = None
@@ -49,7 +53,17 @@ class SparseQuantWeight:
 
     @property
     def nnz(self) -> int:
+        """Kept tile-groups (each stores `tile` groups)."""
         return int(self.group_index.shape[0])
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.N // self.tile)
+
+    def slot_columns(self) -> np.ndarray:
+        """int64 [nnz*T]: the column of every stored slot (>= N for the padding of a partial last tile)."""
+        tile_of = np.repeat(np.arange(self.n_tiles), np.diff(self.group_ptr.astype(np.int64)))
+        return (tile_of[:, None] * self.tile + np.arange(self.tile)).ravel()
 
     @property
     def outliers_per_column(self) -> int:
@@ -77,10 +91,11 @@ class SparseQuantWeight:
         u = self.codes().astype(np.float32)
         zp = 8.0 + (self.zero_points.astype(np.float32) if self.zero_points is not None else 0.0)
         values = (u - np.reshape(zp, (-1, 1))) * self.scales.astype(np.float32)[:, None]
-        cols = np.repeat(np.arange(self.N), np.diff(self.group_ptr.astype(np.int64)))
-        wt = np.zeros((self.N, self.n_blocks, self.block), np.float32)
-        wt[cols, self.group_index.astype(np.int64)] = values
-        wt = wt.reshape(self.N, -1)[:, : self.K]
+        cols = self.slot_columns()
+        blocks = np.repeat(self.group_index.astype(np.int64), self.tile)
+        wt = np.zeros((self.n_tiles * self.tile, self.n_blocks, self.block), np.float32)
+        wt[cols, blocks] = values
+        wt = wt.reshape(len(wt), -1)[: self.N, : self.K]
         if self.outlier_rows is not None:
             r = self.outliers_per_column
             np.add.at(wt, (np.repeat(np.arange(self.N), r), self.outlier_rows.astype(np.int64).ravel()),
@@ -150,23 +165,26 @@ def quantize_activations(a: np.ndarray, block: int) -> np.ndarray:
 
 
 def random_weight(rng: np.random.Generator, K: int, N: int, block: int, keep: float = 0.5, *, zero_points: bool = False,
-                  outliers: int = 0, bias: bool = False, scale_dtype=np.float16, index_type=None) -> SparseQuantWeight:
-    """A random valid weight (tests and benchmarks): each column keeps a random subset of about `keep` of its groups."""
+                  outliers: int = 0, bias: bool = False, scale_dtype=np.float16, index_type=None, tile: int = 1
+                  ) -> SparseQuantWeight:
+    """A random valid weight (tests and benchmarks): each tile of `tile` columns keeps a random subset of about
+    `keep` of its groups."""
     nb = -(-K // block)
-    kept = rng.random((N, nb)) < keep
+    tiles = -(-N // tile)
+    kept = rng.random((tiles, nb)) < keep
     counts = kept.sum(axis=1)
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    cols, blocks = np.nonzero(kept)
-    order = np.lexsort((rng.random(len(cols)), cols))  # within a column any block order is valid
+    owners, blocks = np.nonzero(kept)
+    order = np.lexsort((rng.random(len(owners)), owners))  # within a tile any block order is valid
     blocks = blocks[order]
-    nnz = len(blocks)
-    codes = rng.integers(0, 16, size=(nnz, block), dtype=np.uint8)
+    slots = len(blocks) * tile
+    codes = rng.integers(0, 16, size=(slots, block), dtype=np.uint8)
     idx_t = index_type or index_dtype(nb)
     w = SparseQuantWeight(K=K, N=N, block=block, packed=pack_codes(codes),
-                          scales=(rng.random(nnz) * 0.02 + 0.001).astype(scale_dtype),
-                          group_ptr=ptr, group_index=blocks.astype(idx_t))
+                          scales=(rng.random(slots) * 0.02 + 0.001).astype(scale_dtype),
+                          group_ptr=ptr, group_index=blocks.astype(idx_t), tile=tile)
     if zero_points:
-        w.zero_points = rng.integers(-8, 8, size=nnz, dtype=np.int8)
+        w.zero_points = rng.integers(-8, 8, size=slots, dtype=np.int8)
     if outliers:
         rows = np.stack([rng.choice(K, size=min(outliers, K), replace=False) for _ in range(N)])
         w.outlier_rows = rows.astype(np.uint16)

@@ -7,8 +7,9 @@ native kernel instead. The body is the format's executable specification (see sp
 1. codes: two 256-entry Gather tables turn each packed byte into its low and high code minus 8 (int8); the
    halves are concatenated -> q [nnz, block]; `DequantizeLinear(q, scales, zero_points, axis=0)` gives
    (u - 8 - z') * scale;
-2. scatter: the column of every kept group comes from group_ptr (ScatterElements-add of ones at the column
-   starts, then CumSum); the groups are ScatterND'ed into a zero [N * n_blocks, block] matrix -> W^T [N, K];
+2. scatter: the tile of every kept tile-group comes from group_ptr (ScatterElements-add of ones at the tile
+   starts, then CumSum), the column of slot j*T + c is tile*T + c; the groups are ScatterND'ed into a zero
+   [N' * n_blocks, block] matrix (N' = N rounded up to whole tiles) -> W^T [N, K];
 3. outliers are ScatterND-added into W^T, then Y = MatMul(A, W) + bias.
 
 Optional inputs. A function cannot test whether an optional input was given (ONNX type inference rejects
@@ -34,7 +35,7 @@ DOMAIN = "ai.modelsurgeon"
 OP_NAME = "SparseQuantMatMul"
 DOMAIN_VERSION = 1
 MIN_OPSET = 16  # ScatterElements / ScatterND with reduction="add"
-ATTRIBUTES = ("K", "N", "block", "bits", "accuracy_level")  # plus "outliers" (default 0)
+ATTRIBUTES = ("K", "N", "block", "bits", "accuracy_level")  # plus "outliers" (default 0) and "tile" (default 1)
 
 
 def _code_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -66,19 +67,20 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     nodes = [
         _const("lo_table", lo), _const("hi_table", hi),
         _attr_const("K_s", "K"), _attr_const("N_s", "N"), _attr_const("B_s", "block"), _attr_const("R_s", "outliers"),
+        _attr_const("T_s", "tile"),
         _const("c0", np.array([0], np.int64)), _const("c1", np.array([1], np.int64)),
         _const("cm1", np.array([-1], np.int64)), _const("one_s", np.array(1, np.int64)),
         _const("two_1d", np.array([2], np.int64)), _const("byte_weights", np.array([[1.0], [256.0]], np.float32)),
         n("Reshape", ["K_s", "c1"], ["K_1d"]), n("Reshape", ["N_s", "c1"], ["N_1d"]),
         n("Reshape", ["B_s", "c1"], ["B_1d"]), n("Reshape", ["R_s", "c1"], ["R_1d"]),
-        # 1. codes -> dequantized groups [nnz, block]
+        # 1. codes -> dequantized groups [slots = nnz * T, block]
         n("Cast", ["packed"], ["packed_i32"], to=TensorProto.INT32),
         n("Gather", ["lo_table", "packed_i32"], ["q_lo"]),
         n("Gather", ["hi_table", "packed_i32"], ["q_hi"]),
         n("Concat", ["q_lo", "q_hi"], ["q"], axis=1),
         n("Cast", ["scales"], ["scales_f32"], to=F),
         n("DequantizeLinear", ["q", "scales_f32", "zero_points"], ["groups"], axis=0),
-        # 2. column of every kept group: ones added at ptr[1:N], cumulative sum
+        # 2. tile of every kept tile-group: ones added at ptr[1:tiles], cumulative sum
         n("Cast", ["group_ptr"], ["ptr"], to=I64),
         n("Slice", ["ptr", "c1", "cm1"], ["col_starts"]),
         n("Shape", ["group_index"], ["nnz_1d"]),
@@ -88,20 +90,35 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         _fill("starts_shape", "ones", I64, 1),
         n("ScatterElements", ["marker0", "col_starts", "ones"], ["marker"], axis=0, reduction="add"),
         n("CumSum", ["marker", "c0"], ["col_all"]),
-        n("Slice", ["col_all", "c0", "nnz_1d"], ["col"]),
-        #    flat row of each group in W^T viewed as [N * n_blocks, block]
+        n("Slice", ["col_all", "c0", "nnz_1d"], ["tile_of"]),
+        #    column of every slot: tile * T + c, and its block id
+        n("Mul", ["tile_of", "T_s"], ["tile_base"]),
+        n("Range", ["c0_s", "T_s", "one_s"], ["in_tile"]),
+        n("Unsqueeze", ["tile_base", "c1"], ["tile_base_2d"]),
+        n("Add", ["tile_base_2d", "in_tile"], ["col_2d"]),                # [nnz, T]
+        n("Reshape", ["col_2d", "cm1"], ["col"]),
+        n("Cast", ["group_index"], ["bid_j"], to=I64),
+        n("Unsqueeze", ["bid_j", "c1"], ["bid_j_2d"]),
+        n("Shape", ["col_2d"], ["col_2d_shape"]),
+        n("Expand", ["bid_j_2d", "col_2d_shape"], ["bid_2d"]),
+        n("Reshape", ["bid_2d", "cm1"], ["bid"]),
+        #    flat row of each group in W^T viewed as [N' * n_blocks, block]
         n("Sub", ["B_s", "one_s"], ["B_m1"]), n("Add", ["K_s", "B_m1"], ["K_up"]), n("Div", ["K_up", "B_s"], ["NB_s"]),
+        n("Sub", ["T_s", "one_s"], ["T_m1"]), n("Add", ["N_s", "T_m1"], ["N_up"]), n("Div", ["N_up", "T_s"], ["tiles_s"]),
+        n("Mul", ["tiles_s", "T_s"], ["NP_s"]),
         n("Mul", ["col", "NB_s"], ["col_base"]),
-        n("Cast", ["group_index"], ["bid"], to=I64),
         n("Add", ["col_base", "bid"], ["flat"]),
         n("Unsqueeze", ["flat", "c1"], ["flat_2d"]),
-        n("Mul", ["N_s", "NB_s"], ["rows_s"]), n("Reshape", ["rows_s", "c1"], ["rows_1d"]),
+        n("Mul", ["NP_s", "NB_s"], ["rows_s"]), n("Reshape", ["rows_s", "c1"], ["rows_1d"]),
         n("Concat", ["rows_1d", "B_1d"], ["dense_shape"], axis=0),
         _fill("dense_shape", "dense0", F, 0.0),
         n("ScatterND", ["dense0", "flat_2d", "groups"], ["dense"]),
-        n("Concat", ["N_1d", "cm1"], ["wt_shape"], axis=0),
+        n("Reshape", ["NP_s", "c1"], ["NP_1d"]),
+        n("Concat", ["NP_1d", "cm1"], ["wt_shape"], axis=0),
         n("Reshape", ["dense", "wt_shape"], ["wt_padded"]),
-        n("Slice", ["wt_padded", "c0", "K_1d", "c1"], ["wt_groups"]),
+        n("Concat", ["c0", "c0"], ["c00"], axis=0), n("Concat", ["N_1d", "K_1d"], ["nk_1d"], axis=0),
+        n("Concat", ["c0", "c1"], ["c01"], axis=0),
+        n("Slice", ["wt_padded", "c00", "nk_1d", "c01"], ["wt_groups"]),
         # 3. outliers (materialized: zeros when absent) added into W^T [N, K]
         n("Mul", ["N_1d", "R_1d"], ["NR_1d"]), n("Mul", ["NR_1d", "two_1d"], ["NR2_1d"]),
         _fill("NR2_1d", "row_bytes0", TensorProto.UINT8, 0),
@@ -131,10 +148,10 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         n("Add", ["y_main", "bias_n"], ["Y"]),
     ]
     nodes.insert(0, _const("c0_s", np.array(0, np.int64)))
-    outliers_default = helper.make_attribute("outliers", 0)
+    defaults = [helper.make_attribute("outliers", 0), helper.make_attribute("tile", 1)]
     return helper.make_function(DOMAIN, OP_NAME, list(INPUT_NAMES), ["Y"], nodes,
                                 opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
-                                attribute_protos=[outliers_default])
+                                attribute_protos=defaults)
 
 
 def model_opset(model: ir.Model) -> int:
@@ -169,7 +186,8 @@ def make_node(A: ir.Value, weight: SparseQuantWeight, graph: ir.Graph, prefix: s
     node = ir.node(OP_NAME, inputs, domain=DOMAIN, name=prefix,
                    attributes={"K": weight.K, "N": weight.N, "block": weight.block, "bits": 4,
                                "accuracy_level": accuracy_level,
-                               **({"outliers": weight.outliers_per_column} if weight.outliers_per_column else {})})
+                               **({"outliers": weight.outliers_per_column} if weight.outliers_per_column else {}),
+                               **({"tile": weight.tile} if weight.tile != 1 else {})})
     node.outputs[0].name = output_name or f"{prefix}.out"
     node.outputs[0].dtype = ir.DataType.FLOAT
     return node

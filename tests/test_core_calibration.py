@@ -37,7 +37,7 @@ def test_synthesize_binds_symbolic_dims_and_respects_vocab():
     assert (data.arrays["attention_mask"] == 1).all()
 
 
-def test_npz_and_folder(tmp_path):
+def test_npz_and_folder(tmp_path, caplog):
     model = lm_like_model()
     ids = np.arange(40).reshape(4, 10) % 50
     np.savez(tmp_path / "a.npz", input_ids=ids, attention_mask=np.ones_like(ids))
@@ -46,8 +46,11 @@ def test_npz_and_folder(tmp_path):
     (tmp_path / "d").mkdir()
     for i in range(3):
         np.savez(tmp_path / "d" / f"{i}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-    assert cal.load_calibration(model, tmp_path / "d", num_samples=100).num_samples == 12
-    assert cal.load_calibration(model, tmp_path / "d", num_samples=5).num_samples == 5
+    with caplog.at_level("WARNING", logger="modelsurgeon"):
+        assert cal.load_calibration(model, tmp_path / "d", num_samples=100).num_samples == 12
+        assert not [r for r in caplog.records if "first" in r.getMessage()]
+        assert cal.load_calibration(model, tmp_path / "d", num_samples=5).num_samples == 5
+    assert any("using the first 5 of its 12 samples" in r.getMessage() for r in caplog.records)  # never silently
     batches = list(cal.load_calibration(model, tmp_path / "d").batches(5))
     assert [len(b["input_ids"]) for b in batches] == [5, 5, 2]
 

@@ -135,10 +135,33 @@ def test_slice_rotation_only_is_exact(reference_onnx, kind, opset):
     path = reference_onnx(kind, opset)
     model = ir.load(path)
     calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
-    result = _compile(path, "slice(sparsity=0)", calibration=calib)
+    result = _compile(path, "slice(sparsity=0,bases=half-block)", calibration=calib)
     _check_same_outputs(ir.load(path), result.model, 1e-5)
     notes = result.report.rows[2].notes
-    assert notes["kept"] == notes["d_model"] == 64 and notes["shortcuts"] == 4
+    assert notes["kept"] == notes["d_model"] == 64 and notes["shortcuts"] == 4  # two per block
+
+
+@pytest.mark.parametrize("kind,opset", REFERENCE)
+def test_slice_one_basis_per_block_is_exact_and_has_one_shortcut_per_block(reference_onnx, kind, opset):
+    """bases=block: the attention and MLP inputs share a basis, so only the MLP's Add changes basis."""
+    path = reference_onnx(kind, opset)
+    model = ir.load(path)
+    calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
+    result = _compile(path, "slice(sparsity=0,bases=block)", calibration=calib)
+    _check_same_outputs(ir.load(path), result.model, 1e-5)
+    assert result.report.rows[2].notes["shortcuts"] == 2
+    sliced = _compile(path, "slice(sparsity=0.25,bases=block)", calibration=calib)
+    assert sliced.report.rows[2].notes["shortcuts"] == 2
+    tb = find_blocks(sliced.model)
+    assert tb.d_model == 48
+    shortcuts = [n for n in sliced.model.graph if n.op_type == "MatMul" and n.name.endswith("/shortcut")]
+    assert len(shortcuts) == 2 and all(".mlp_shortcut" in n.name for n in shortcuts)
+    for b in tb.blocks:  # the attention's Add reads the stream directly, the MLP's through a 48 x 48 matrix
+        assert b.attn_shortcut is None and b.mlp_shortcut is not None and b.mlp_shortcut.in_features == 48
+    half = _compile(path, "slice(sparsity=0.25,bases=half-block)", calibration=calib)
+    assert sliced.report.rows[-1].parameters == half.report.rows[-1].parameters - 2 * 48 * 48
+    out = run_model(sliced.model, _fresh_feeds(model))["logits"]
+    assert np.all(np.isfinite(out))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,18 +192,20 @@ def _low_rank_stream_model(kind: str, opset: int, k: int, eps: float) -> ir.Mode
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,opset", [("llama", 18), ("llama", 23), ("opt", 23)])
-def test_slice_is_lossless_when_the_stream_has_low_rank(kind, opset):
+@pytest.mark.parametrize("kind,opset,bases", [("llama", 18, "half-block"), ("llama", 23, "half-block"),
+                                              ("opt", 23, "half-block"), ("llama", 18, "block"), ("opt", 23, "block")])
+def test_slice_is_lossless_when_the_stream_has_low_rank(kind, opset, bases):
     eps = 0.05  # large, so a norm that forgot the eps * d/k correction would be visibly off
     model = _low_rank_stream_model(kind, opset, k=48, eps=eps)
     original = ir.from_proto(ir.to_proto(model))
     calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
-    result = _compile(model, "slice(sparsity=0.25,correct=false)", calibration=calib)
+    result = _compile(model, f"slice(sparsity=0.25,correct=false,bases={bases})", calibration=calib)
     _check_same_outputs(original, result.model, 1e-5)
     tb = find_blocks(result.model)
     assert tb.d_model == 48 and const_array(tb.embedding.table).shape == (256, 48)
     assert tb.lm_head.in_features == 48 and all(b.o.out_features == 48 and b.q.in_features == 48 for b in tb.blocks)
-    assert all(b.attn_shortcut.in_features == 48 for b in tb.blocks)
+    assert all(b.mlp_shortcut.in_features == 48 for b in tb.blocks)
+    assert all((b.attn_shortcut is None) == (bases == "block") for b in tb.blocks)
     if opset >= 23:
         norms = [n for n in result.model.graph if n.op_type == "RMSNormalization"]
         assert len(norms) == 5
@@ -354,7 +379,8 @@ def test_smollm2_slice_keeps_the_tied_head_useful(smollm2, shakespeare):
 
     The tied head reads the final stream through Q_L^T diag(g) Q0: a least-squares fit over the vocabulary there
     once gave 6.8x (399 against 59); Q0 from the embedding alone 2.5x; Q0 that also weighs what the head reads
-    (tied_head_weight) about 1.4x (benchmark, 64 calibration windows)."""
+    (tied_head_weight) 1.4x, and with one basis per block and the ridge towards the uncorrected layers 1.27x
+    (benchmark, 64 calibration windows)."""
     from modelsurgeon.calibration import from_token_ids, load_tokenizer, tokenize_text
 
     tok = load_tokenizer(smollm2.tokenizer)
@@ -379,7 +405,7 @@ def test_quantizers_protect_the_shortcuts_and_head_basis(reference_onnx):
     (4-bit shortcuts put their error straight into the stream: SmolLM2 at 25% went from 243 to 1729 perplexity.)"""
     path = reference_onnx("llama", 18, tie=True)
     calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
-    marked = 2 * 2 + 1  # two shortcuts per block, one basis change
+    marked = 2 * 2 + 1  # two shortcuts per block (bases=half-block), one basis change
 
     def kept_float(result):
         kept = [n for n in result.model.graph if n.op_type == "MatMul" and n.name.endswith(("/shortcut", "lm_head/basis"))]
@@ -389,14 +415,16 @@ def test_quantizers_protect_the_shortcuts_and_head_basis(reference_onnx):
         return kept
 
     for spec, quantized in (("quant4(protected_bits=32)", "MatMulNBits"), ("quant8", "DequantizeLinear")):
-        result = _compile(path, f"slice(sparsity=0.25),{spec}", calibration=calib)
+        result = _compile(path, f"slice(sparsity=0.25,bases=half-block),{spec}", calibration=calib)
         assert len(kept_float(result)) == marked
         assert any(n.op_type == quantized for n in result.model.graph)  # the other layers were quantized
-    result = _compile(path, "slice(sparsity=0.25),quant4", calibration=calib)
+    result = _compile(path, "slice(sparsity=0.25,bases=half-block),quant4", calibration=calib)
     assert kept_float(result) == []
     bits = [a.value for n in result.model.graph if n.op_type == "MatMulNBits" for a in n.attributes.values() if a.name == "bits"]
     assert bits.count(8) == marked and bits.count(4) == len(bits) - marked
     assert result.report.rows[-2].notes["protected_8bit"] == marked
+    result = _compile(path, "slice(sparsity=0.25,bases=block),quant4", calibration=calib)
+    assert result.report.rows[-2].notes["protected_8bit"] == 2 * 1 + 1  # one shortcut per block, one basis change
 
 
 def test_slice_warns_when_the_shortcuts_outweigh_the_savings(reference_onnx, caplog):
@@ -404,12 +432,12 @@ def test_slice_warns_when_the_shortcuts_outweigh_the_savings(reference_onnx, cap
     path = reference_onnx("llama", 18, layers=4)
     calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
     with caplog.at_level("WARNING", logger="modelsurgeon"):
-        small = _compile(path, "slice(sparsity=0.1)", calibration=calib)
+        small = _compile(path, "slice(sparsity=0.1,bases=half-block)", calibration=calib)
     notes = small.report.rows[2].notes
     assert notes["parameters_after"] >= notes["parameters_before"]
     assert any("outweigh what was deleted" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level("WARNING", logger="modelsurgeon"):
-        big = _compile(path, "slice(sparsity=0.5)", calibration=calib)
+        big = _compile(path, "slice(sparsity=0.5,bases=half-block)", calibration=calib)
     assert big.report.rows[2].notes["parameters_after"] < big.report.rows[2].notes["parameters_before"]
     assert not any("outweigh" in r.getMessage() for r in caplog.records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -23,16 +24,19 @@ needs_library = pytest.mark.skipif(LIBRARY is None, reason="custom-op library no
 # (K, N, block): odd K and N, K below one block, K not a multiple of the block, every block size the kernel has a
 # specialized path for (32; 64/128 as multiples of 64) and the scalar one (16).
 SHAPES = [(77, 13, 32), (300, 33, 64), (129, 7, 16), (1000, 21, 128), (17, 5, 32)]
-# (zero_points, outliers per column, bias, scale dtype, group_index dtype)
-VARIANTS = [(False, 0, False, np.float16, None), (True, 3, True, np.float32, np.int32),
-            (True, 0, False, np.float16, None), (False, 4, True, np.float16, None)]
+# (zero_points, outliers per column, bias, scale dtype, group_index dtype, columns per tile): tiles of 4, 8 and 16
+# columns have AVX-512 paths of their own (a partial last tile whenever N is not a multiple); 3 takes the generic one.
+VARIANTS = [(False, 0, False, np.float16, None, 1), (True, 3, True, np.float32, np.int32, 1),
+            (True, 0, False, np.float16, None, 1), (False, 4, True, np.float16, None, 1),
+            (False, 0, False, np.float16, None, 4), (True, 3, True, np.float32, np.int32, 8),
+            (True, 0, True, np.float16, None, 16), (False, 4, True, np.float16, None, 3)]
 
 
 def _weight(seed, shape, variant):
     K, N, block = shape
-    zp, outliers, bias, scale_dtype, index_type = variant
+    zp, outliers, bias, scale_dtype, index_type, tile = variant
     return random_weight(np.random.default_rng(seed), K, N, block, zero_points=zp, outliers=outliers, bias=bias,
-                         scale_dtype=scale_dtype, index_type=index_type)
+                         scale_dtype=scale_dtype, index_type=index_type, tile=tile)
 
 
 def _run(model, A, *, library: bool, profile: bool = False):
@@ -82,6 +86,21 @@ def test_dense_decodes_the_documented_formula():
     expect[0, 0] = 3.0                     # outlier of column 0
     expect[0:4, 1] = (np.array([0, 8, 8, 8]) - 7) * 2.0  # column 1 keeps block 0 with zero point 8 - 1
     assert np.array_equal(w.dense(), expect)
+
+
+def test_tiles_share_blocks_and_store_columns_side_by_side():
+    # N = 3 in tiles of 2: tile 0 = columns 0, 1 keeps block 1; tile 1 = column 2 (+ one padding column) keeps
+    # blocks 0 and 1. Slot j * 2 + c holds column c of tile-group j.
+    codes = np.array([[9, 9], [10, 10], [7, 7], [0, 0], [15, 15], [0, 0]], np.uint8)
+    w = SparseQuantWeight(K=4, N=3, block=2, packed=pack_codes(codes), scales=np.ones(6, np.float16),
+                          group_ptr=np.array([0, 1, 3], np.int32), group_index=np.array([1, 0, 1], np.uint16), tile=2)
+    expect = np.zeros((4, 3), np.float32)
+    expect[2:4, 0] = 1.0    # slot 0: tile-group 0 (block 1), column 0
+    expect[2:4, 1] = 2.0    # slot 1: column 1
+    expect[0:2, 2] = -1.0   # slot 2: tile-group 1 (block 0), column 2; slot 3 is padding
+    expect[2:4, 2] = 7.0    # slot 4: tile-group 2 (block 1), column 2; slot 5 is padding
+    assert np.array_equal(w.dense(), expect)
+    assert w.slot_columns().tolist() == [0, 1, 2, 3, 2, 3]
 
 
 # ------------------------------------------------------------------------------------------------ ONNX function
@@ -194,11 +213,33 @@ def test_compressed_layer_decodes_to_what_gptq_computed(layer_problem):
     from modelsurgeon.passes.spquant import compress_layer
 
     w, h, _ = layer_problem
-    for symmetric in (True, False):
-        res = compress_layer(w, h, sparsity=0.5, block=32, outliers=0.01, symmetric=symmetric)
-        assert res.kept_fraction == pytest.approx(0.5)
+    for symmetric, tile in ((True, 1), (False, 1), (True, 8), (False, 5)):  # 48 columns: 5 leaves a partial tile
+        res = compress_layer(w, h, sparsity=0.5, block=32, outliers=0.01, symmetric=symmetric, tile=tile)
+        assert res.kept_fraction == pytest.approx(0.5, abs=0.03)
         assert res.weight.outliers_per_column == 3
+        assert res.weight.tile == tile and len(res.weight.group_ptr) == -(-48 // tile) + 1
         np.testing.assert_allclose(res.weight.dense(), res.dense, rtol=0, atol=1e-6)
+        # without the outliers, a column is nonzero only in the blocks its tile keeps
+        groups_only = dataclasses.replace(res.weight, outlier_rows=None, outlier_values=None).dense()
+        ptr, idx = res.weight.group_ptr, res.weight.group_index
+        for col in range(48):
+            t = col // tile
+            allowed = np.zeros(256, bool)
+            for b in idx[ptr[t]:ptr[t + 1]]:
+                allowed[b * 32:(b + 1) * 32] = True
+            assert not groups_only[~allowed, col].any()
+
+
+def test_tiles_cost_some_error_and_keep_their_columns_together(layer_problem):
+    from modelsurgeon import quantize as Q
+    from modelsurgeon.passes.spquant import choose_groups, compress_layer, group_importance
+
+    w, h, _ = layer_problem
+    kept = choose_groups(group_importance(w, h, 32), 0.5, tile=8)
+    assert (kept.reshape(kept.shape[0], -1, 8) == kept[:, ::8, None]).all()  # every tile's columns agree
+    err = {t: Q.relative_output_error(w, compress_layer(w, h, sparsity=0.5, block=32, outliers=0.0, symmetric=True,
+                                                        tile=t).dense, h) for t in (1, 8)}
+    assert err[1] < err[8] < 2 * err[1]  # a shared choice is coarser, not a different method
 
 
 def test_error_compensation_and_outliers_lower_the_layer_error(layer_problem):
@@ -234,6 +275,7 @@ def test_pass_emits_the_op_and_its_function(llama_path):
     row = next(r for r in res.report.rows if r.name.startswith("spquant"))
     nodes = [n for n in res.model.graph.all_nodes() if n.domain == "ai.modelsurgeon"]
     assert row.notes["layers_sparse"] == len(nodes) > 0
+    assert {n.attributes["tile"].value for n in nodes} == {8}  # the default: 8 columns share their groups
     assert ("ai.modelsurgeon", OP_NAME, "") in res.model.functions
     assert res.report.rows[-1].rel_l2 < 1.0
     # both paths give the same outputs on the compiled model (the verifier ran the kernel when built)
@@ -255,9 +297,27 @@ def test_pass_falls_back_to_matmulnbits_where_sparsity_does_not_pay(llama_path):
 
 
 @pytest.mark.parametrize("spec", ["spquant(block=48)", "spquant(sparsity=1.0)", "spquant(outliers=-0.1)",
-                                  "spquant(accuracy_level=2)", "spquant(bogus=1)"])
+                                  "spquant(accuracy_level=2)", "spquant(bogus=1)", "spquant(tile=3)"])
 def test_bad_options(spec):
     from modelsurgeon.pipeline import build_pipeline, parse_passes
 
     with pytest.raises(UserError):
         build_pipeline(parse_passes(spec))
+
+
+def test_slices_shortcuts_become_8_bit_blocks_not_sparse_groups(llama_path):
+    """slice marks its k x k residual shortcuts precision-sensitive: spquant stores them as 8-bit MatMulNBits (like
+    quant4), or leaves them in float with protected_bits=32, and never drops their groups."""
+    import modelsurgeon
+    from modelsurgeon.calibration import synthesize
+
+    calib = synthesize(ir.load(llama_path), num_samples=8, seq_len=16, seed=3)
+    compile_ = lambda passes: modelsurgeon.compile(str(llama_path), passes, calibration=calib, progress=False)
+    floats = compile_("slice(sparsity=0.25),spquant(protected_bits=32)")
+    shortcuts = [n for n in floats.model.graph if n.op_type == "MatMul" and n.name.endswith("/shortcut")]
+    assert len(shortcuts) > 0 and floats.report.rows[-2].notes["protected_8bit"] == 0
+    eight = compile_("slice(sparsity=0.25),spquant")
+    bits = [n.attributes["bits"].value for n in eight.model.graph if n.op_type == "MatMulNBits"]
+    assert bits.count(8) == len(shortcuts) == eight.report.rows[-2].notes["protected_8bit"]
+    assert not [n for n in eight.model.graph if n.op_type == "MatMul" and n.name.endswith("/shortcut")]
+    assert eight.report.rows[-1].rel_l2 < 1.0

@@ -61,7 +61,7 @@ const char* isa_name(Isa isa) {
 }
 
 struct Kernel {
-  int64_t K = 0, N = 0, bits = 4, block = 0, accuracy_level = 4, outliers = 0;
+  int64_t K = 0, N = 0, bits = 4, block = 0, accuracy_level = 4, outliers = 0, tile = 1;
   Isa isa = Isa::kScalar;
   std::atomic<const void*> validated{nullptr};  // group_index data already checked
 };
@@ -128,8 +128,7 @@ void column_task(void* data, size_t i) {
   else if (t->isa == Isa::kAvx512) columns_avx512(*t->p, t->act, n0, n1);
   else if (t->isa == Isa::kAvx2) columns_avx2(*t->p, t->act, n0, n1);
   else columns_scalar(*t->p, t->act, n0, n1);
-  if (t->isa == Isa::kAvx512) epilogue_avx512(*t->p, n0, n1);
-  else epilogue(*t->p, n0, n1);
+  epilogue(*t->p, n0, n1);
 }
 
 // ORT's intra-op thread pool when the running ORT offers it, else inline.
@@ -142,9 +141,9 @@ void parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), size_t total
   for (size_t i = 0; i < total; ++i) fn(data, i);
 }
 
-OrtStatus* validate_structure(const Kernel& k, const Problem& p, int64_t nnz) {
-  if (p.group_ptr[0] != 0 || p.group_ptr[p.N] != nnz) return error("group_ptr must start at 0 and end at the number of kept groups");
-  for (int64_t n = 0; n < p.N; ++n)
+OrtStatus* validate_structure(const Kernel& k, const Problem& p, int64_t tiles, int64_t nnz) {
+  if (p.group_ptr[0] != 0 || p.group_ptr[tiles] != nnz) return error("group_ptr must start at 0 and end at the number of kept groups");
+  for (int64_t n = 0; n < tiles; ++n)
     if (p.group_ptr[n + 1] < p.group_ptr[n]) return error("group_ptr must be non-decreasing");
   for (int64_t g = 0; g < nnz; ++g) {
     const int64_t b = p.index_u16 ? static_cast<const uint16_t*>(p.group_index)[g] : static_cast<const int32_t*>(p.group_index)[g];
@@ -171,7 +170,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   for (int i : {kA, kPacked, kScales, kGroupPtr, kGroupIndex})
     if (!present[i]) return error("missing required input " + std::to_string(i));
   Problem p;
-  p.K = k->K; p.N = k->N; p.block = k->block;
+  p.K = k->K; p.N = k->N; p.block = k->block; p.tile = k->tile;
+  const int64_t tiles = (p.N + p.tile - 1) / p.tile;
   p.n_blocks = (p.K + p.block - 1) / p.block;
   p.Kp = p.n_blocks * p.block;
   p.accuracy_level = k->accuracy_level == 4 ? 4 : 0;
@@ -179,17 +179,19 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   if (A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return error("A must be float");
   if (A.shape.empty() || A.shape.back() != p.K) return error("the last dimension of A must be K");
   p.M = p.K ? A.numel / p.K : 0;
-  const int64_t nnz = in[kGroupIndex].numel;
-  if (in[kPacked].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || in[kPacked].numel != nnz * (p.block / 2))
-    return error("packed must be uint8 [kept groups, block/2]");
-  if (in[kScales].numel != nnz) return error("scales must have one value per kept group");
+  const int64_t nnz = in[kGroupIndex].numel, slots = nnz * p.tile;
+  if (in[kPacked].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || in[kPacked].numel != slots * (p.block / 2))
+    return error("packed must be uint8 [kept groups * tile, block/2]");
+  if (in[kScales].numel != slots) return error("scales must have one value per kept group and column of its tile");
   if (in[kScales].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) p.scales_f16 = true;
   else if (in[kScales].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return error("scales must be float16 or float");
-  if (in[kGroupPtr].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kGroupPtr].numel != p.N + 1) return error("group_ptr must be int32 [N + 1]");
+  if (in[kGroupPtr].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kGroupPtr].numel != tiles + 1)
+    return error("group_ptr must be int32 [ceil(N / tile) + 1]");
   if (in[kGroupIndex].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16) p.index_u16 = true;
   else if (in[kGroupIndex].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) return error("group_index must be uint16 or int32");
   if (present[kZeroPoints]) {
-    if (in[kZeroPoints].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 || in[kZeroPoints].numel != nnz) return error("zero_points must be int8 [kept groups]");
+    if (in[kZeroPoints].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 || in[kZeroPoints].numel != slots)
+      return error("zero_points must be int8 [kept groups * tile]");
     p.zero_points = static_cast<const int8_t*>(in[kZeroPoints].data);
   }
   if (present[kOutlierRows] != present[kOutlierValues]) return error("outlier_rows and outlier_values come together");
@@ -213,7 +215,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   p.group_index = in[kGroupIndex].data;
 
   if (k->validated.load(std::memory_order_acquire) != p.group_index) {
-    MSOPS_TRY(validate_structure(*k, p, nnz));
+    MSOPS_TRY(validate_structure(*k, p, tiles, nnz));
     k->validated.store(p.group_index, std::memory_order_release);
   }
 
@@ -271,8 +273,22 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
     t.act.stile = s64;
     t.act.ctile = c64;
   }
-  const int64_t tasks = std::min<int64_t>(p.N, 64);
-  t.chunk = (p.N + tasks - 1) / tasks;
+  std::vector<int32_t> alanes;
+  // Few rows, column tiles on AVX-512: minus the activations summed per vpdpbusd lane (see sqmm.h).
+  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && !t.act.tiles && p.block == 32 && p.tile % 4 == 0) {
+    alanes.resize(static_cast<size_t>(p.M * p.n_blocks * 4));
+    for (int64_t mb = 0; mb < p.M * p.n_blocks; ++mb) {
+      const int8_t* x = aq.data() + (mb / p.n_blocks) * p.Kp + (mb % p.n_blocks) * 32;
+      for (int i = 0; i < 4; ++i) {
+        int32_t s = 0;
+        for (int r = 0; r < 4; ++r) s += x[4 * i + r] + x[16 + 4 * i + r];
+        alanes[mb * 4 + i] = -s;
+      }
+    }
+    t.act.alanes = alanes.data();
+  }
+  const int64_t tasks = std::min<int64_t>(tiles, 64);
+  t.chunk = (tiles + tasks - 1) / tasks * p.tile;  // whole tiles per task
   parallel_for(ctx, column_task, static_cast<size_t>((p.N + t.chunk - 1) / t.chunk), &t);
   return nullptr;
 }
@@ -291,10 +307,12 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
   if (!s) s = attr("bits", &k->bits, false);
   if (!s) s = attr("accuracy_level", &k->accuracy_level, false);
   if (!s) s = attr("outliers", &k->outliers, false);
+  if (!s) s = attr("tile", &k->tile, false);
   if (!s && k->bits != 4) s = error("only bits=4 is supported");
   if (!s && (k->block < 2 || k->block % 2)) s = error("block must be even and >= 2");
   if (!s && (k->K <= 0 || k->N <= 0)) s = error("K and N must be positive");
   if (!s && k->outliers < 0) s = error("outliers must be >= 0");
+  if (!s && k->tile < 1) s = error("tile must be >= 1");
   if (s) { delete k; return s; }
   k->isa = detect_isa();
   *out = k;

@@ -2,13 +2,16 @@
 //
 // Weight format (see docs/spquant.md; the ONNX function in runtime/sparse_quant_function.py is the
 // executable specification):
-//   K is split into n_blocks = ceil(K / block) groups of `block` rows. For every output column n the kept
-//   groups are g in [group_ptr[n], group_ptr[n+1]) (CSR over groups, column-major), in any block order:
-//     group_index[g]  block id b of group g (uint16 or int32)
-//     packed[g, j]    byte j holds code u[j] (low nibble) and u[j + block/2] (high nibble), j < block/2
-//     scales[g]       float16 or float
-//     zero_points[g]  optional int8 z' in [-8, 7]; the zero point is 8 + z' (8 when absent: symmetric)
-//   W[b*block + i, n] = (u[i] - 8 - z') * scales[g]; rows of dropped groups are zero; rows >= K are padding.
+//   K is split into n_blocks = ceil(K / block) groups of `block` rows. Columns come in tiles of T = `tile`
+//   consecutive columns (attribute, default 1; the last tile may be partial) that keep the same blocks. Tile t
+//   keeps the tile-groups j in [group_ptr[t], group_ptr[t+1]) (CSR over tile-groups), in any block order;
+//   column c of tile t is stored at slot s = j * T + c:
+//     group_index[j]  block id b of tile-group j (uint16 or int32)
+//     packed[s, i]    byte i holds code u[i] (low nibble) and u[i + block/2] (high nibble), i < block/2
+//     scales[s]       float16 or float
+//     zero_points[s]  optional int8 z' in [-8, 7]; the zero point is 8 + z' (8 when absent: symmetric)
+//   W[b*block + i, t*T + c] = (u[i] - 8 - z') * scales[s]; rows of dropped groups are zero; rows >= K and
+//   columns >= N (the partial last tile) are padding. T = 1 is plain per-column CSR.
 //   Outliers (optional, R = attribute `outliers` per column): W[rows[n, r], n] += outlier_values[n, r], with
 //   rows little-endian uint16 stored as uint8 [2 * N * R] and outlier_values float [N, R].
 //
@@ -24,14 +27,15 @@ namespace msops {
 
 struct Problem {
   int64_t M = 0, K = 0, N = 0, block = 0, n_blocks = 0, Kp = 0;  // Kp = n_blocks * block
+  int64_t tile = 1;                 // T: columns per tile; group_ptr is [ceil(N / T) + 1]
   int accuracy_level = 4;
   const float* A = nullptr;         // [M, K]
-  const uint8_t* packed = nullptr;  // [nnz, block/2]
+  const uint8_t* packed = nullptr;  // [nnz * T, block/2]
   const void* scales = nullptr;
   bool scales_f16 = false;
-  const int8_t* zero_points = nullptr;  // [nnz] or null
-  const int32_t* group_ptr = nullptr;   // [N + 1]
-  const void* group_index = nullptr;    // [nnz]
+  const int8_t* zero_points = nullptr;  // [nnz * T] or null
+  const int32_t* group_ptr = nullptr;   // [tiles + 1]
+  const void* group_index = nullptr;    // [nnz] tile-groups
   bool index_u16 = false;
   int64_t R = 0;                            // outliers per column (0: none)
   const uint16_t* outlier_rows = nullptr;   // [N, R]
@@ -49,6 +53,9 @@ struct Activations {
   const float* ascale = nullptr;  // [M, n_blocks]
   const float* acorr = nullptr;   // [M, n_blocks]
   const float* apair = nullptr;   // [M, n_blocks, 2]: (ascale, acorr) interleaved, level 4 only
+  // Level 4, block 32: minus the sums of the int8 activations that land in each int32 lane of a vpdpbusd
+  // over [rows 0..15 | rows 16..31] of a block: lane i gets rows 4i..4i+3 and 16+4i..16+4i+3.
+  const int32_t* alanes = nullptr;  // [M, n_blocks, 4]
   // Row-tiled copies for many rows (AVX-512, level 4): 16 rows per tile, zero padded.
   //   atile [tiles, n_blocks, block/4, 16 rows, 4 bytes] holding a + 128 as uint8; stile, ctile [tiles, n_blocks, 16]
   int64_t tiles = 0;
@@ -63,6 +70,16 @@ constexpr int64_t kTileRows = 16;
 void tile_rows(const Problem& p, const int8_t* aq, const float* ascale, const float* acorr, int8_t* atile, float* stile,
                float* ctile, int64_t tiles);
 
+// Column n's kept groups: tile-groups j in [j0, j1); group j of the column is stored at slot j * stride + c.
+struct ColumnGroups {
+  int64_t j0, j1, stride, c;
+  int64_t slot(int64_t j) const { return j * stride + c; }
+};
+inline ColumnGroups column_groups(const Problem& p, int64_t n) {
+  const int64_t t = n / p.tile;
+  return {p.group_ptr[t], p.group_ptr[t + 1], p.tile, n - t * p.tile};
+}
+
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Rows [m0, m1): fill the buffers of Activations (level 4: aq/ascale/acorr; level 0: acorr, and af
@@ -71,16 +88,17 @@ void prepare_rows_scalar(const Problem& p, int8_t* aq, float* af, float* ascale,
 void prepare_rows_avx2(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1);
 void prepare_rows_avx512(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1);
 
-// Columns [n0, n1) of Y for all rows: the quantized part only (outliers and bias come after).
+// Columns [n0, n1) of Y for all rows: the quantized part only (outliers and bias come after). n0 is a multiple
+// of the tile (AVX-512 walks whole tiles of 4, 8 or 16 columns at block 32, int8 activations).
 void columns_scalar(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
 void columns_avx2(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
 void columns_avx512(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
 // Many rows, int8 activations, block a multiple of 32: uses the row-tiled activations.
 void columns_avx512_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1);
 
-// Columns [n0, n1): add outliers (fp32 A) and bias.
+// Columns [n0, n1): add outliers (fp32 A) and bias. Every ISA uses this one: the outlier streams cost their
+// bytes, and a masked gather plus a 16-lane reduction per column measured no faster than scalar loads.
 void epilogue(const Problem& p, int64_t n0, int64_t n1);
-void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1);
 
 float half_to_float(uint16_t h);
 

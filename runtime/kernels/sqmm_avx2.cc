@@ -30,15 +30,15 @@ void int8_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const __m128i nib = _mm_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    const ColumnGroups cg = column_groups(p, n);
     for (int64_t m = 0; m < p.M; ++m) {
       const int8_t* arow = a.aq + m * p.Kp;
       const float* srow = a.ascale + m * p.n_blocks;
       const float* crow = a.acorr + m * p.n_blocks;
       __m256 facc = _mm256_setzero_ps();
       float corr = 0.f;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t b = idx[g];
+      for (int64_t j = cg.j0; j < cg.j1; ++j) {
+        const int64_t b = idx[j], g = cg.slot(j);
         const int8_t* x = arow + b * B;
         const uint8_t* w = p.packed + g * half;
         __m256i d = _mm256_setzero_si256();
@@ -64,14 +64,14 @@ void fp32_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const int64_t B = p.block, half = B / 2, chunks = half / 8;
   const __m128i nib = _mm_set1_epi8(0x0f);
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    const ColumnGroups cg = column_groups(p, n);
     for (int64_t m = 0; m < p.M; ++m) {
       const float* arow = a.af + m * p.Kp;
       const float* crow = a.acorr + m * p.n_blocks;
       __m256 facc = _mm256_setzero_ps();
       float corr = 0.f;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t b = idx[g];
+      for (int64_t j = cg.j0; j < cg.j1; ++j) {
+        const int64_t b = idx[j], g = cg.slot(j);
         const float* x = arow + b * B;
         const uint8_t* w = p.packed + g * half;
         __m256 t = _mm256_setzero_ps();

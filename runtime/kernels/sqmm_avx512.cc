@@ -121,6 +121,71 @@ void int8_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
   }
 }
 
+// int8 activations, block 32, column tiles of T = 4U columns that share their kept blocks. One 64-byte load
+// holds a block of 4 columns (16 packed bytes each, one per 128-bit lane); the block's 32 activations are
+// broadcast to every lane once per tile-group and serve all U loads. Each int32 lane of the two vpdpbusd
+// starts at -z * (sum of its activations), so the zero point is applied in the integer domain; the float
+// work per 4 groups is one convert, one multiply and one FMA.
+template <class ScaleT, class IndexT, int U>
+void int8_block32_tiles(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
+  const int64_t T = 4 * U, nb = p.n_blocks;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const __m512i rep4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t t0 = n0; t0 < n1; t0 += T) {
+    const int64_t t = t0 / T, j0 = p.group_ptr[t], j1 = p.group_ptr[t + 1];
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int8_t* arow = a.aq + m * p.Kp;
+      const float* srow = a.ascale + m * nb;
+      const int32_t* lrow = a.alanes + m * nb * 4;
+      __m512 acc[2][U];
+      for (int u = 0; u < U; ++u) acc[0][u] = acc[1][u] = _mm512_setzero_ps();
+      auto step = [&](int64_t j, __m512(&f)[U]) {
+        const int64_t b = idx[j];
+        const __m512i alo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(arow + b * 32)));
+        const __m512i ahi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(arow + b * 32 + 16)));
+        const __m512i neg = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lrow + b * 4)));
+        const __m512 sa = _mm512_set1_ps(srow[b]);
+        for (int u = 0; u < U; ++u) {
+          const int64_t s = j * T + 4 * u;
+          _mm_prefetch(reinterpret_cast<const char*>(p.packed + s * 16 + kPrefetchGroups * 16), _MM_HINT_T0);
+          __m512i d;
+          if (p.zero_points) {
+            int32_t four;
+            std::memcpy(&four, p.zero_points + s, 4);
+            const __m128i z4 = _mm_add_epi32(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four)), _mm_set1_epi32(8));
+            d = _mm512_mullo_epi32(_mm512_permutexvar_epi32(rep4, _mm512_castsi128_si512(z4)), neg);
+          } else {
+            d = _mm512_slli_epi32(neg, 3);
+          }
+          const __m512i pw = _mm512_loadu_si512(p.packed + s * 16);
+          d = _mm512_dpbusd_epi32(d, _mm512_and_si512(pw, nib), alo);
+          d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(pw, 4), nib), ahi);
+          const __m512 sw = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(load_scales4<ScaleT>(p.scales, s)));
+          f[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sa), f[u]);
+        }
+      };
+      int64_t j = j0;
+      for (; j + 2 <= j1; j += 2) {
+        step(j, acc[0]);
+        step(j + 1, acc[1]);
+      }
+      if (j < j1) step(j, acc[0]);
+      for (int u = 0; u < U; ++u) {
+        const int64_t c0 = t0 + 4 * u;
+        if (c0 >= n1) break;
+        __m512 v = _mm512_add_ps(acc[0][u], acc[1][u]);
+        v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+        v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+        const __m128 sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, v));
+        const int64_t cols = std::min<int64_t>(4, n1 - c0);
+        _mm_mask_storeu_ps(p.Y + m * p.N + c0, static_cast<__mmask8>((1u << cols) - 1), sums);
+      }
+    }
+  }
+}
+
 // int8 activations, block a multiple of 64: one 64-row unit per zmm.
 template <class ScaleT, class IndexT>
 void int8_block64(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
@@ -129,15 +194,15 @@ void int8_block64(const Problem& p, const Activations& a, int64_t n0, int64_t n1
   const __m512i nib = _mm512_set1_epi8(0x0f);
   const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    const ColumnGroups cg = column_groups(p, n);
     for (int64_t m = 0; m < p.M; ++m) {
       const int8_t* arow = a.aq + m * p.Kp;
       const float* srow = a.ascale + m * p.n_blocks;
       const float* crow = a.acorr + m * p.n_blocks;
       __m512 facc = _mm512_setzero_ps();
       float corr = 0.f;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t b = idx[g];
+      for (int64_t j = cg.j0; j < cg.j1; ++j) {
+        const int64_t b = idx[j], g = cg.slot(j);
         const int8_t* x = arow + b * B;
         const uint8_t* w = p.packed + g * half;
         __m512i d = _mm512_setzero_si512();
@@ -164,14 +229,14 @@ void fp32_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
   const int64_t B = p.block, half = B / 2, chunks = half / 16;
   const __m128i nib = _mm_set1_epi8(0x0f);
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    const ColumnGroups cg = column_groups(p, n);
     for (int64_t m = 0; m < p.M; ++m) {
       const float* arow = a.af + m * p.Kp;
       const float* crow = a.acorr + m * p.n_blocks;
       __m512 facc = _mm512_setzero_ps();
       float corr = 0.f;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t b = idx[g];
+      for (int64_t j = cg.j0; j < cg.j1; ++j) {
+        const int64_t b = idx[j], g = cg.slot(j);
         const float* x = arow + b * B;
         const uint8_t* w = p.packed + g * half;
         __m512 t = _mm512_setzero_ps();
@@ -210,10 +275,10 @@ void int8_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) 
     const float* st = a.stile + t * nb * kTileRows;
     const float* ct = a.ctile + t * nb * kTileRows;
     for (int64_t n = nc; n < std::min(n1, nc + kColumnChunk); ++n) {
-      const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+      const ColumnGroups cg = column_groups(p, n);
       __m512 facc = _mm512_setzero_ps();
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t b = idx[g];
+      for (int64_t j = cg.j0; j < cg.j1; ++j) {
+        const int64_t b = idx[j], g = cg.slot(j);
         const uint8_t* w = p.packed + g * half;
         __m128i usum = _mm_setzero_si128();
         for (int64_t c = 0; c < half; c += 16) {
@@ -250,7 +315,12 @@ void int8_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) 
 template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.accuracy_level == 4) {
-    if (p.block == 32) return int8_block32<ScaleT, IndexT>(p, a, n0, n1);
+    if (p.block == 32 && a.alanes) {
+      if (p.tile == 4) return int8_block32_tiles<ScaleT, IndexT, 1>(p, a, n0, n1);
+      if (p.tile == 8) return int8_block32_tiles<ScaleT, IndexT, 2>(p, a, n0, n1);
+      if (p.tile == 16) return int8_block32_tiles<ScaleT, IndexT, 4>(p, a, n0, n1);
+    }
+    if (p.block == 32 && p.tile == 1) return int8_block32<ScaleT, IndexT>(p, a, n0, n1);
     if (p.block % 64 == 0) return int8_block64<ScaleT, IndexT>(p, a, n0, n1);
   } else if (p.block % 32 == 0) {
     return fp32_block32<ScaleT, IndexT>(p, a, n0, n1);
@@ -262,32 +332,6 @@ void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n
 
 void columns_avx512(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   with_storage_types(p, [&](auto scale, auto index) { columns_typed<decltype(scale), decltype(index)>(p, a, n0, n1); });
-}
-
-void epilogue_avx512(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.R > 0) {  // 16 outliers per gather from the fp32 activation row
-    for (int64_t m = 0; m < p.M; ++m) {
-      const float* x = p.A + m * p.K;
-      float* y = p.Y + m * p.N;
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint16_t* rows = p.outlier_rows + n * p.R;
-        const float* vals = p.outlier_values + n * p.R;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t r = 0; r < p.R; r += 16) {
-          const int64_t left = p.R - r;
-          const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-          const __m512i ix = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, rows + r));
-          const __m512 xa = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, ix, x, 4);
-          acc = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(mk, vals + r), acc);
-        }
-        y[n] += _mm512_reduce_add_ps(acc);
-      }
-    }
-  }
-  if (p.bias) {
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t n = n0; n < n1; ++n) p.Y[m * p.N + n] += p.bias[n];
-  }
 }
 
 void columns_avx512_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {

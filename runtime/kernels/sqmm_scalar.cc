@@ -40,11 +40,11 @@ void columns_impl(const Problem& p, const Activations& a, int64_t n0, int64_t n1
   const int64_t half = p.block / 2, nb = p.n_blocks;
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t g0 = p.group_ptr[n], g1 = p.group_ptr[n + 1];
+    const ColumnGroups cg = column_groups(p, n);
     for (int64_t m = 0; m < p.M; ++m) {
       float acc = 0.f, corr = 0.f;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t b = static_cast<int64_t>(idx[g]);
+      for (int64_t j = cg.j0; j < cg.j1; ++j) {
+        const int64_t b = static_cast<int64_t>(idx[j]), g = cg.slot(j);
         const float sw = load_scale<ScaleT>(p.scales, g);
         const float z = 8.f + (p.zero_points ? static_cast<float>(p.zero_points[g]) : 0.f);
         const uint8_t* w = p.packed + g * half;
@@ -134,9 +134,13 @@ void epilogue(const Problem& p, int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const uint16_t* rows = p.outlier_rows + n * p.R;
         const float* vals = p.outlier_values + n * p.R;
-        float acc = 0.f;
-        for (int64_t r = 0; r < p.R; ++r) acc += x[rows[r]] * vals[r];
-        y[n] += acc;
+        // four independent sums: one chain of dependent adds would bound this loop by add latency
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        int64_t r = 0;
+        for (; r + 4 <= p.R; r += 4)
+          for (int i = 0; i < 4; ++i) acc[i] += x[rows[r + i]] * vals[r + i];
+        for (; r < p.R; ++r) acc[r & 3] += x[rows[r]] * vals[r];
+        y[n] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
       }
     }
   }
