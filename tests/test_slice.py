@@ -130,26 +130,23 @@ def test_fold_norms_is_exact(reference_onnx, kind, opset):
         assert np.abs(table.mean(axis=1)).max() < 1e-6
 
 
+@pytest.mark.parametrize("bases,shortcuts", [("half-block", 4), ("block", 2)])
 @pytest.mark.parametrize("kind,opset", REFERENCE)
-def test_slice_rotation_only_is_exact(reference_onnx, kind, opset):
+def test_slice_rotation_only_is_exact(reference_onnx, kind, opset, bases, shortcuts):
+    """sparsity=0 only rotates: exact, with two shortcuts per block (half-block) or one (block: the attention and
+    MLP inputs share a basis, so only the MLP's Add changes basis)."""
     path = reference_onnx(kind, opset)
-    model = ir.load(path)
-    calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
-    result = _compile(path, "slice(sparsity=0,bases=half-block)", calibration=calib)
+    calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
+    result = _compile(path, f"slice(sparsity=0,bases={bases})", calibration=calib)
     _check_same_outputs(ir.load(path), result.model, 1e-5)
     notes = result.report.rows[2].notes
-    assert notes["kept"] == notes["d_model"] == 64 and notes["shortcuts"] == 4  # two per block
+    assert notes["kept"] == notes["d_model"] == 64 and notes["shortcuts"] == shortcuts
 
 
 @pytest.mark.parametrize("kind,opset", REFERENCE)
-def test_slice_one_basis_per_block_is_exact_and_has_one_shortcut_per_block(reference_onnx, kind, opset):
-    """bases=block: the attention and MLP inputs share a basis, so only the MLP's Add changes basis."""
+def test_one_basis_per_block_puts_its_only_shortcut_at_the_mlp(reference_onnx, kind, opset):
     path = reference_onnx(kind, opset)
-    model = ir.load(path)
-    calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
-    result = _compile(path, "slice(sparsity=0,bases=block)", calibration=calib)
-    _check_same_outputs(ir.load(path), result.model, 1e-5)
-    assert result.report.rows[2].notes["shortcuts"] == 2
+    calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
     sliced = _compile(path, "slice(sparsity=0.25,bases=block)", calibration=calib)
     assert sliced.report.rows[2].notes["shortcuts"] == 2
     tb = find_blocks(sliced.model)
@@ -160,7 +157,7 @@ def test_slice_one_basis_per_block_is_exact_and_has_one_shortcut_per_block(refer
         assert b.attn_shortcut is None and b.mlp_shortcut is not None and b.mlp_shortcut.in_features == 48
     half = _compile(path, "slice(sparsity=0.25,bases=half-block)", calibration=calib)
     assert sliced.report.rows[-1].parameters == half.report.rows[-1].parameters - 2 * 48 * 48
-    out = run_model(sliced.model, _fresh_feeds(model))["logits"]
+    out = run_model(sliced.model, _fresh_feeds(ir.load(path)))["logits"]
     assert np.all(np.isfinite(out))
 
 
