@@ -28,6 +28,7 @@ namespace {
 
 constexpr uint32_t kApiVersion = 17;
 constexpr int64_t kTiledMinRows = 8;  // from this many rows the row-tiled AVX-512 path wins
+constexpr int64_t kInlineMacs = int64_t{1} << 18;  // below this many multiply-adds, no thread pool
 constexpr const char* kDomain = "ai.modelsurgeon";
 constexpr const char* kOpName = "SparseQuantMatMul";
 const OrtApi* g_api = nullptr;
@@ -60,10 +61,18 @@ const char* isa_name(Isa isa) {
   }
 }
 
+// The weight inputs are initializers: the same buffers on every call. Once checked, their data pointers and the
+// Problem fields parsed from them are kept, so later calls skip the per-input type and shape queries.
+struct WeightCache {
+  const void* data[kNumInputs] = {};  // data pointer of every input but A (null: absent)
+  Problem weights;                    // the fields filled from them (A, M and Y are per call)
+};
+
 struct Kernel {
   int64_t K = 0, N = 0, bits = 4, block = 0, accuracy_level = 4, outliers = 0, tile = 1;
   Isa isa = Isa::kScalar;
-  std::atomic<const void*> validated{nullptr};  // group_index data already checked
+  std::atomic<const WeightCache*> cache{nullptr};  // set once, by the first call that validates
+  ~Kernel() { delete cache.load(); }
 };
 
 OrtStatus* error(const std::string& msg) {
@@ -154,31 +163,24 @@ OrtStatus* validate_structure(const Kernel& k, const Problem& p, int64_t tiles, 
   return nullptr;
 }
 
-OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
-  size_t n_inputs = 0;
-  MSOPS_TRY(g_api->KernelContext_GetInputCount(ctx, &n_inputs));
+// Check the weight inputs against the attributes and fill p's weight fields (everything but A, M and Y).
+OrtStatus* parse_weights(const Kernel& k, const OrtValue* const* values, Problem* out) {
   TensorView in[kNumInputs];
   bool present[kNumInputs] = {};
-  for (size_t i = 0; i < kNumInputs && i < n_inputs; ++i) {
-    const OrtValue* v = nullptr;
-    MSOPS_TRY(g_api->KernelContext_GetInput(ctx, i, &v));
-    if (v) {
-      MSOPS_TRY(view(v, &in[i]));
+  for (int i = kPacked; i < kNumInputs; ++i) {
+    if (values[i]) {
+      MSOPS_TRY(view(values[i], &in[i]));
       present[i] = true;
     }
   }
-  for (int i : {kA, kPacked, kScales, kGroupPtr, kGroupIndex})
+  for (int i : {kPacked, kScales, kGroupPtr, kGroupIndex})
     if (!present[i]) return error("missing required input " + std::to_string(i));
   Problem p;
-  p.K = k->K; p.N = k->N; p.block = k->block; p.tile = k->tile;
+  p.K = k.K; p.N = k.N; p.block = k.block; p.tile = k.tile;
   const int64_t tiles = (p.N + p.tile - 1) / p.tile;
   p.n_blocks = (p.K + p.block - 1) / p.block;
   p.Kp = p.n_blocks * p.block;
-  p.accuracy_level = k->accuracy_level == 4 ? 4 : 0;
-  const TensorView& A = in[kA];
-  if (A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return error("A must be float");
-  if (A.shape.empty() || A.shape.back() != p.K) return error("the last dimension of A must be K");
-  p.M = p.K ? A.numel / p.K : 0;
+  p.accuracy_level = k.accuracy_level == 4 ? 4 : 0;
   const int64_t nnz = in[kGroupIndex].numel, slots = nnz * p.tile;
   if (in[kPacked].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || in[kPacked].numel != slots * (p.block / 2))
     return error("packed must be uint8 [kept groups * tile, block/2]");
@@ -197,7 +199,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   if (present[kOutlierRows] != present[kOutlierValues]) return error("outlier_rows and outlier_values come together");
   if (present[kOutlierRows]) {
     const TensorView &r = in[kOutlierRows], &v = in[kOutlierValues];
-    p.R = k->outliers;
+    p.R = k.outliers;
     if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || r.numel != 2 * p.N * p.R)
       return error("outlier_rows must be uint8 [2 * N * outliers] (little-endian uint16 rows)");
     if (v.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || v.numel != p.N * p.R) return error("outlier_values must be float [N, outliers]");
@@ -208,16 +210,50 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
     if (in[kBias].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || in[kBias].numel != p.N) return error("bias must be float [N]");
     p.bias = static_cast<const float*>(in[kBias].data);
   }
-  p.A = static_cast<const float*>(A.data);
   p.packed = static_cast<const uint8_t*>(in[kPacked].data);
   p.scales = in[kScales].data;
   p.group_ptr = static_cast<const int32_t*>(in[kGroupPtr].data);
   p.group_index = in[kGroupIndex].data;
+  MSOPS_TRY(validate_structure(k, p, tiles, nnz));
+  *out = p;
+  return nullptr;
+}
 
-  if (k->validated.load(std::memory_order_acquire) != p.group_index) {
-    MSOPS_TRY(validate_structure(*k, p, tiles, nnz));
-    k->validated.store(p.group_index, std::memory_order_release);
+OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
+  size_t n_inputs = 0;
+  MSOPS_TRY(g_api->KernelContext_GetInputCount(ctx, &n_inputs));
+  const OrtValue* values[kNumInputs] = {};
+  const void* data[kNumInputs] = {};
+  for (size_t i = 0; i < kNumInputs && i < n_inputs; ++i) {
+    MSOPS_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
+    if (values[i] && i != kA) {
+      void* d = nullptr;
+      MSOPS_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(values[i]), &d));
+      data[i] = d;
+    }
   }
+  if (!values[kA]) return error("missing required input 0");
+  TensorView A;
+  MSOPS_TRY(view(values[kA], &A));
+  if (A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return error("A must be float");
+  if (A.shape.empty() || A.shape.back() != k->K) return error("the last dimension of A must be K");
+  const WeightCache* cached = k->cache.load(std::memory_order_acquire);
+  Problem p;
+  if (cached && std::equal(data + 1, data + kNumInputs, cached->data + 1)) {
+    p = cached->weights;
+  } else {
+    MSOPS_TRY(parse_weights(*k, values, &p));
+    if (!cached) {
+      auto* fresh = new WeightCache();
+      std::copy(data, data + kNumInputs, fresh->data);
+      fresh->weights = p;
+      const WeightCache* expected = nullptr;
+      if (!k->cache.compare_exchange_strong(expected, fresh, std::memory_order_acq_rel)) delete fresh;
+    }
+  }
+  p.M = p.K ? A.numel / p.K : 0;
+  p.A = static_cast<const float*>(A.data);
+  const int64_t tiles = (p.N + p.tile - 1) / p.tile, slots = p.group_ptr[tiles] * p.tile;
 
   std::vector<int64_t> out_shape(A.shape.begin(), A.shape.end() - 1);
   out_shape.push_back(p.N);
@@ -287,7 +323,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
     }
     t.act.alanes = alanes.data();
   }
-  const int64_t tasks = std::min<int64_t>(tiles, 64);
+  // Small products run on the calling thread: waking the pool costs more than the work it would share.
+  const int64_t tasks = p.M * slots * p.block < kInlineMacs ? 1 : std::min<int64_t>(tiles, 64);
   t.chunk = (tiles + tasks - 1) / tasks * p.tile;  // whole tiles per task
   parallel_for(ctx, column_task, static_cast<size_t>((p.N + t.chunk - 1) / t.chunk), &t);
   return nullptr;

@@ -312,6 +312,62 @@ void int8_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) 
   }
 }
 
+// Many rows, block 32, column tiles: the 16-row activation tile of a kept block (8 zmm) is loaded once per
+// tile-group and serves the tile's columns, C at a time (register pressure), each as in int8_tiled. The tile's
+// codes stay in L1 while every row tile passes over them.
+template <class ScaleT, class IndexT, int C>
+void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
+  const int64_t T = p.tile, nb = p.n_blocks;
+  constexpr int64_t kQuads = 8;  // block 32
+  const __m128i nib = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+  alignas(64) int8_t codes[32];
+  alignas(64) float out[C][kTileRows];
+  for (int64_t t0 = n0; t0 < n1; t0 += T) {
+    const int64_t j0 = p.group_ptr[t0 / T], j1 = p.group_ptr[t0 / T + 1];
+    for (int64_t rt = 0; rt < a.tiles; ++rt) {
+      const int64_t rows = std::min<int64_t>(kTileRows, p.M - rt * kTileRows);
+      const int8_t* at = a.atile + rt * nb * kQuads * kTileRows * 4;
+      const float* st = a.stile + rt * nb * kTileRows;
+      const float* ct = a.ctile + rt * nb * kTileRows;
+      for (int64_t c0 = 0; c0 < T && t0 + c0 < n1; c0 += C) {
+        __m512 facc[C];
+        for (int c = 0; c < C; ++c) facc[c] = _mm512_setzero_ps();
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t b = idx[j];
+          const int8_t* ab = at + b * kQuads * kTileRows * 4;
+          __m512i av[kQuads];
+          for (int q = 0; q < kQuads; ++q) av[q] = _mm512_load_si512(ab + q * 64);
+          const __m512 sa = _mm512_load_ps(st + b * kTileRows);
+          for (int c = 0; c < C; ++c) {
+            const int64_t s = j * T + c0 + c;
+            const __m128i pk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.packed + s * 16));
+            const __m128i lo = _mm_and_si128(pk, nib), hi = _mm_and_si128(_mm_srli_epi16(pk, 4), nib);
+            const __m128i usum = _mm_add_epi64(_mm_sad_epu8(lo, _mm_setzero_si128()), _mm_sad_epu8(hi, _mm_setzero_si128()));
+            _mm_store_si128(reinterpret_cast<__m128i*>(codes), _mm_sub_epi8(lo, eight));
+            _mm_store_si128(reinterpret_cast<__m128i*>(codes + 16), _mm_sub_epi8(hi, eight));
+            const int32_t wsum = static_cast<int32_t>(_mm_cvtsi128_si64(usum) + _mm_extract_epi64(usum, 1)) - 8 * 32;
+            const int32_t* cw = reinterpret_cast<const int32_t*>(codes);
+            __m512i d0 = _mm512_set1_epi32(-128 * wsum), d1 = _mm512_setzero_si512();
+            for (int q = 0; q < kQuads; q += 2) {
+              d0 = _mm512_dpbusd_epi32(d0, av[q], _mm512_set1_epi32(cw[q]));
+              d1 = _mm512_dpbusd_epi32(d1, av[q + 1], _mm512_set1_epi32(cw[q + 1]));
+            }
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), sa);
+            if (p.zero_points)  // (8 - z) * sa * sum(a) = -z' * acorr
+              v = _mm512_fnmadd_ps(_mm512_set1_ps(static_cast<float>(p.zero_points[s])), _mm512_load_ps(ct + b * kTileRows), v);
+            facc[c] = _mm512_fmadd_ps(v, _mm512_set1_ps(load_scale1<ScaleT>(p.scales, s)), facc[c]);
+          }
+        }
+        const int64_t cols = std::min<int64_t>(C, n1 - (t0 + c0));
+        for (int c = 0; c < cols; ++c) _mm512_store_ps(out[c], facc[c]);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int c = 0; c < cols; ++c) p.Y[(rt * kTileRows + r) * p.N + t0 + c0 + c] = out[c][r];
+      }
+    }
+  }
+}
+
 template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.accuracy_level == 4) {
@@ -335,7 +391,13 @@ void columns_avx512(const Problem& p, const Activations& a, int64_t n0, int64_t 
 }
 
 void columns_avx512_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
-  with_storage_types(p, [&](auto scale, auto index) { int8_tiled<decltype(scale), decltype(index)>(p, a, n0, n1); });
+  with_storage_types(p, [&](auto scale, auto index) {
+    using S = decltype(scale);
+    using I = decltype(index);
+    if (p.block == 32 && p.tile == 4) return int8_tiled_tiles<S, I, 4>(p, a, n0, n1);
+    if (p.block == 32 && (p.tile == 8 || p.tile == 16)) return int8_tiled_tiles<S, I, 8>(p, a, n0, n1);
+    int8_tiled<S, I>(p, a, n0, n1);
+  });
 }
 
 void prepare_rows_avx512(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1) {
