@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.errors import UserError
+from modelsurgeon.pass_api import Option
 
 FLOAT_TYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 # Ops an output head's result may pass through on its way to a graph output and still count as the head.
@@ -85,6 +86,12 @@ def _rank(value: ir.Value) -> int | None:
 KEEP_FLOAT = "modelsurgeon.keep_float"
 """Node metadata key: a pass that builds a layer whose weight must stay in float (a residual shortcut matrix of
 `slice`, say) sets it to the reason; quantizing passes leave such nodes alone and report the reason."""
+
+
+PROTECTED_BITS = Option(int, 8, "layers another pass marked as precision-sensitive (slice's residual shortcuts, its "
+                        "basis change before a tied head): 8 = 8-bit MatMulNBits blocks, 32 = keep them in float",
+                        choices=(8, 32))
+"""The `protected_bits` option of the passes that quantize to MatMulNBits (quant4, spquant)."""
 
 
 def mark_keep_float(node: ir.Node, reason: str) -> None:

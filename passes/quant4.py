@@ -72,9 +72,7 @@ class Quant4Pass(Pass):
         "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "keep8": Option(int, 0, "keep the N most error-sensitive layers at 8 bits",
                         check=lambda v: None if v >= 0 else "must be >= 0"),
-        "protected_bits": Option(int, 8, "layers another pass marked as precision-sensitive (slice's residual shortcuts, "
-                                 "its basis change before a tied head): 8 = 8-bit blocks, 32 = keep them in float",
-                                 choices=(8, 32)),
+        "protected_bits": G.PROTECTED_BITS,
         "embeddings": Option(bool, False, "also quantize embedding Gathers (GatherBlockQuantized, format=matmulnbits)"),
         "lm_head": Option(bool, False, "also quantize the output head (the layer feeding a graph output)"),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
@@ -89,11 +87,9 @@ class Quant4Pass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
         include, exclude = c["include"], c["exclude"]
-        protected: list[G.Linear] = []
-        linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits", protected=protected)
-        if c["protected_bits"] == 32:
-            skipped += [f"{lin.name}: kept in float ({G.keep_float_reason(lin.node)})" for lin in protected]
-            protected = []
+        protected: list[G.Linear] = []  # with protected_bits=32, find_linears reports them as kept in float
+        linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits",
+                                          protected=protected if c["protected_bits"] == 8 else None)
         selected: list[G.Linear] = []
         for lin in linears:
             names = (lin.node.name, lin.weight_name)

@@ -213,9 +213,7 @@ class SparseQuantPass(Pass):
         "include": Option(str, "", "regex: only layers whose node or weight name matches (re.search)", check=G.check_regex),
         "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
-        "protected_bits": Option(int, 8, "layers another pass marked as precision-sensitive (slice's residual shortcuts, "
-                                 "its basis change before a tied head): 8 = 8-bit MatMulNBits blocks, 32 = keep them in "
-                                 "float", choices=(8, 32)),
+        "protected_bits": G.PROTECTED_BITS,
         "tile": Option(int, 8, "adjacent output columns that keep the same groups (1: every column chooses its own; "
                        "4, 8 and 16 have a fast kernel path)", choices=(1, 4, 8, 16)),
     }
@@ -223,11 +221,9 @@ class SparseQuantPass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
         include, exclude = c["include"], c["exclude"]
-        protected: list[G.Linear] = []
-        linears, skipped = G.find_linears(model, fuse_bias=True, protected=protected)
-        if c["protected_bits"] == 32:
-            skipped += [f"{lin.name}: kept in float ({G.keep_float_reason(lin.node)})" for lin in protected]
-            protected = []
+        protected: list[G.Linear] = []  # with protected_bits=32, find_linears reports them as kept in float
+        linears, skipped = G.find_linears(model, fuse_bias=True,
+                                          protected=protected if c["protected_bits"] == 8 else None)
         selected: list[G.Linear] = []
         for lin in linears:
             names = (lin.node.name, lin.weight_name)

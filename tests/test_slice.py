@@ -246,6 +246,26 @@ def test_kept_width_and_options():
             get_pass("slice")(sparsity=bad)
     with pytest.raises(UserError, match="multiple"):
         get_pass("slice")(multiple=0)
+    with pytest.raises(UserError, match="ridge"):
+        get_pass("slice")(ridge=-1)
+    with pytest.raises(UserError, match="bases"):
+        get_pass("slice")(bases="layer")
+
+
+def test_refit_ridge_pulls_towards_the_uncorrected_layers():
+    """ridge 0 is the least-squares map from the sliced stream to the dense one; a huge ridge gives back the plain
+    projection Q_k Q_k^T (the uncorrected layers), not zero."""
+    from modelsurgeon.passes.slice import refit_map
+
+    rng = np.random.default_rng(0)
+    d, k = 12, 8
+    qk = np.linalg.qr(rng.normal(size=(d, d)))[0][:, :k]
+    sliced = [rng.normal(size=(4, 50, d))]
+    dense = [sliced[0] @ rng.normal(size=(d, d)) * 0.3 + sliced[0]]
+    c = sliced[0].reshape(-1, d) @ qk
+    lstsq = qk @ np.linalg.lstsq(c, dense[0].reshape(-1, d), rcond=None)[0]
+    np.testing.assert_allclose(refit_map(sliced, dense, qk, [None], 0.0), lstsq, atol=1e-8)
+    np.testing.assert_allclose(refit_map(sliced, dense, qk, [None], 1e9), qk @ qk.T, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

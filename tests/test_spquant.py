@@ -297,7 +297,8 @@ def test_pass_falls_back_to_matmulnbits_where_sparsity_does_not_pay(llama_path):
 
 
 @pytest.mark.parametrize("spec", ["spquant(block=48)", "spquant(sparsity=1.0)", "spquant(outliers=-0.1)",
-                                  "spquant(accuracy_level=2)", "spquant(bogus=1)", "spquant(tile=3)"])
+                                  "spquant(accuracy_level=2)", "spquant(bogus=1)", "spquant(tile=3)",
+                                  "spquant(protected_bits=4)"])
 def test_bad_options(spec):
     from modelsurgeon.pipeline import build_pipeline, parse_passes
 

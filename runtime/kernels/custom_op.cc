@@ -284,7 +284,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   t.act.acorr = t.acorr;
   t.act.af = t.af ? t.af : p.A;
   std::vector<float> apair;
-  if (p.accuracy_level == 4) {  // (ascale, acorr) side by side: one 8-byte load per group in the AVX-512 loop
+  // (ascale, acorr) side by side: one 8-byte load per group in the AVX-512 per-column loop (block 32, tile 1)
+  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && p.block == 32 && p.tile == 1) {
     apair.resize(2 * ascale.size());
     for (size_t i = 0; i < ascale.size(); ++i) {
       apair[2 * i] = ascale[i];
@@ -311,7 +312,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   }
   std::vector<int32_t> alanes;
   // Few rows, column tiles on AVX-512: minus the activations summed per vpdpbusd lane (see sqmm.h).
-  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && !t.act.tiles && p.block == 32 && p.tile % 4 == 0) {
+  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && !t.act.tiles && has_tile_kernels(p)) {
     alanes.resize(static_cast<size_t>(p.M * p.n_blocks * 4));
     for (int64_t mb = 0; mb < p.M * p.n_blocks; ++mb) {
       const int8_t* x = aq.data() + (mb / p.n_blocks) * p.Kp + (mb % p.n_blocks) * 32;

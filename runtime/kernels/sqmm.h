@@ -80,6 +80,10 @@ inline ColumnGroups column_groups(const Problem& p, int64_t n) {
   return {p.group_ptr[t], p.group_ptr[t + 1], p.tile, n - t * p.tile};
 }
 
+// Whether AVX-512 has column-tile kernels for p (block 32, tiles of 4, 8 or 16 columns): the one-token one needs
+// Activations::alanes, the many-row one shares each activation tile across the tile's columns.
+inline bool has_tile_kernels(const Problem& p) { return p.block == 32 && (p.tile == 4 || p.tile == 8 || p.tile == 16); }
+
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Rows [m0, m1): fill the buffers of Activations (level 4: aq/ascale/acorr; level 0: acorr, and af

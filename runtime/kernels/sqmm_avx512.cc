@@ -256,6 +256,18 @@ void fp32_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
   }
 }
 
+// 16 packed bytes as signed codes w = u - 8: their low nibbles to `lo`, high nibbles to `hi` (16 bytes each,
+// 16-byte aligned). Returns the sum of the 32 w.
+inline int32_t signed_codes16(const uint8_t* packed, int8_t* lo, int8_t* hi) {
+  const __m128i nib = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+  const __m128i pk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+  const __m128i l = _mm_and_si128(pk, nib), h = _mm_and_si128(_mm_srli_epi16(pk, 4), nib);
+  const __m128i usum = _mm_add_epi64(_mm_sad_epu8(l, _mm_setzero_si128()), _mm_sad_epu8(h, _mm_setzero_si128()));
+  _mm_store_si128(reinterpret_cast<__m128i*>(lo), _mm_sub_epi8(l, eight));
+  _mm_store_si128(reinterpret_cast<__m128i*>(hi), _mm_sub_epi8(h, eight));
+  return static_cast<int32_t>(_mm_cvtsi128_si64(usum) + _mm_extract_epi64(usum, 1)) - 8 * 32;
+}
+
 // Many rows: for each kept group the codes are unpacked once to signed bytes w = u - 8, and every dword of 4
 // of them is an embedded {1to16} broadcast against the 16-row tile of the matching activations, stored as
 // unsigned a + 128: one vpdpbusd per 4 weights x 16 rows. D = sum (a + 128) w, so
@@ -264,7 +276,6 @@ template <class ScaleT, class IndexT>
 void int8_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
   const int64_t B = p.block, half = B / 2, quads = B / 4, nb = p.n_blocks;
-  const __m128i nib = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
   alignas(64) int8_t codes[256];
   alignas(64) float out[kTileRows];
   constexpr int64_t kColumnChunk = 8;  // these columns' codes stay in L1/L2 while every row tile passes over them
@@ -280,15 +291,8 @@ void int8_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) 
       for (int64_t j = cg.j0; j < cg.j1; ++j) {
         const int64_t b = idx[j], g = cg.slot(j);
         const uint8_t* w = p.packed + g * half;
-        __m128i usum = _mm_setzero_si128();
-        for (int64_t c = 0; c < half; c += 16) {
-          const __m128i pk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c));
-          const __m128i lo = _mm_and_si128(pk, nib), hi = _mm_and_si128(_mm_srli_epi16(pk, 4), nib);
-          usum = _mm_add_epi64(usum, _mm_add_epi64(_mm_sad_epu8(lo, _mm_setzero_si128()), _mm_sad_epu8(hi, _mm_setzero_si128())));
-          _mm_store_si128(reinterpret_cast<__m128i*>(codes + c), _mm_sub_epi8(lo, eight));
-          _mm_store_si128(reinterpret_cast<__m128i*>(codes + half + c), _mm_sub_epi8(hi, eight));
-        }
-        const int32_t wsum = static_cast<int32_t>(_mm_cvtsi128_si64(usum) + _mm_extract_epi64(usum, 1)) - 8 * static_cast<int32_t>(B);
+        int32_t wsum = 0;
+        for (int64_t c = 0; c < half; c += 16) wsum += signed_codes16(w + c, codes + c, codes + half + c);
         const int8_t* ab = at + b * quads * kTileRows * 4;
         const int32_t* cw = reinterpret_cast<const int32_t*>(codes);
         __m512i d0 = _mm512_set1_epi32(-128 * wsum), d1 = _mm512_setzero_si512();
@@ -320,7 +324,6 @@ void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
   const int64_t T = p.tile, nb = p.n_blocks;
   constexpr int64_t kQuads = 8;  // block 32
-  const __m128i nib = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
   alignas(64) int8_t codes[32];
   alignas(64) float out[C][kTileRows];
   for (int64_t t0 = n0; t0 < n1; t0 += T) {
@@ -341,12 +344,7 @@ void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_
           const __m512 sa = _mm512_load_ps(st + b * kTileRows);
           for (int c = 0; c < C; ++c) {
             const int64_t s = j * T + c0 + c;
-            const __m128i pk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.packed + s * 16));
-            const __m128i lo = _mm_and_si128(pk, nib), hi = _mm_and_si128(_mm_srli_epi16(pk, 4), nib);
-            const __m128i usum = _mm_add_epi64(_mm_sad_epu8(lo, _mm_setzero_si128()), _mm_sad_epu8(hi, _mm_setzero_si128()));
-            _mm_store_si128(reinterpret_cast<__m128i*>(codes), _mm_sub_epi8(lo, eight));
-            _mm_store_si128(reinterpret_cast<__m128i*>(codes + 16), _mm_sub_epi8(hi, eight));
-            const int32_t wsum = static_cast<int32_t>(_mm_cvtsi128_si64(usum) + _mm_extract_epi64(usum, 1)) - 8 * 32;
+            const int32_t wsum = signed_codes16(p.packed + s * 16, codes, codes + 16);
             const int32_t* cw = reinterpret_cast<const int32_t*>(codes);
             __m512i d0 = _mm512_set1_epi32(-128 * wsum), d1 = _mm512_setzero_si512();
             for (int q = 0; q < kQuads; q += 2) {
@@ -371,7 +369,7 @@ void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_
 template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.accuracy_level == 4) {
-    if (p.block == 32 && a.alanes) {
+    if (a.alanes) {  // set exactly when has_tile_kernels(p)
       if (p.tile == 4) return int8_block32_tiles<ScaleT, IndexT, 1>(p, a, n0, n1);
       if (p.tile == 8) return int8_block32_tiles<ScaleT, IndexT, 2>(p, a, n0, n1);
       if (p.tile == 16) return int8_block32_tiles<ScaleT, IndexT, 4>(p, a, n0, n1);
@@ -394,9 +392,9 @@ void columns_avx512_tiled(const Problem& p, const Activations& a, int64_t n0, in
   with_storage_types(p, [&](auto scale, auto index) {
     using S = decltype(scale);
     using I = decltype(index);
-    if (p.block == 32 && p.tile == 4) return int8_tiled_tiles<S, I, 4>(p, a, n0, n1);
-    if (p.block == 32 && (p.tile == 8 || p.tile == 16)) return int8_tiled_tiles<S, I, 8>(p, a, n0, n1);
-    int8_tiled<S, I>(p, a, n0, n1);
+    if (!has_tile_kernels(p)) return int8_tiled<S, I>(p, a, n0, n1);
+    if (p.tile == 4) return int8_tiled_tiles<S, I, 4>(p, a, n0, n1);
+    int8_tiled_tiles<S, I, 8>(p, a, n0, n1);
   });
 }
 
