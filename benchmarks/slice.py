@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -56,7 +57,8 @@ def latencies(sessions: dict[str, object], feeds: dict[str, np.ndarray], rounds:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
-    ap.add_argument("--calib-play", default="Hamlet")
+    ap.add_argument("--calib-play", default="Hamlet",
+                    help="the play to calibrate on, or several joined by commas (the windows are split among them)")
     ap.add_argument("--eval-play", default="Macbeth")
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of --seq tokens")
     ap.add_argument("--calib-offset", type=int, default=0, help="skip this many windows of the play before calibrating")
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--other-bases", default="half-block",
                     help="also slice at --quant4-sparsity with these values of the bases option (comma-separated; '' for none)")
     ap.add_argument("--no-latency", action="store_true", help="perplexity and parameters only (no timing)")
+    ap.add_argument("--keep-models", action="store_true", help="keep the compiled models (their folder is printed)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "slice.json"))
     ap.add_argument("--md", default=str(ROOT / "docs" / "slice.md"))
     args = ap.parse_args(argv)
@@ -86,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(real.smollm2_tokenizer())
     dense_path = real.smollm2_onnx()
     dense = ir.load(dense_path)
-    calib_ids = tokenize_text(texts[args.calib_play], tok, args.calib_offset + args.calib_samples, args.seq)[args.calib_offset:]
+    plays = [p.strip() for p in args.calib_play.split(",") if p.strip()]
+    if args.eval_play in plays:
+        ap.error(f"--eval-play {args.eval_play} is also a calibration play; perplexity must be measured on held-out text")
+    per_play = -(-args.calib_samples // len(plays))
+    calib_ids = np.concatenate([tokenize_text(texts[p], tok, args.calib_offset + per_play, args.seq)[args.calib_offset:]
+                                for p in plays])[:args.calib_samples]
     eval_ids = tokenize_text(texts[args.eval_play], tok, args.eval_windows, args.seq)
     where = f", from window {args.calib_offset}" if args.calib_offset else ""
     calib = from_token_ids(dense, calib_ids, f"{args.calib_play} ({len(calib_ids)}x{args.seq} tokens{where})")
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         notes = next((r.notes for r in result.report.rows if r.name.startswith("slice")), {})
         models[label] = {"path": str(path), "sparsity": s, "passes": passes, "compile_s": round(seconds, 1),
                          "params": result.report.rows[-1].parameters, "file_mb": round(path.stat().st_size / 2**20, 1),
-                         "kept": notes.get("kept"), "energy_kept_mean": notes.get("mean_energy_kept"),
+                         "kept": notes.get("kept_mean", notes.get("kept")), "energy_kept_mean": notes.get("mean_energy_kept"),
                          "shortcuts": notes.get("shortcuts")}
         print(f"{label}: compiled in {seconds:.0f}s", file=sys.stderr, flush=True)
         del result
@@ -131,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         lat128 = latencies(sessions, {"input_ids": eval_ids[:1]}, args.rounds)
         lat1 = latencies(sessions, {"input_ids": eval_ids[:1, :1]}, args.rounds * 4)
     load_after = os.getloadavg()
+    del sessions
+    if args.keep_models:
+        print(f"compiled models kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     base = models["dense"]
     for name, m in models.items():
         if not args.no_latency:

@@ -14,9 +14,11 @@ RMS(x Q) = RMS(x) Q. So each block's stream may be expressed in its own orthonor
 Each Q holds the eigenvectors (descending) of the damped second-moment matrix of the stream at that point,
 measured on calibration data, sequentially (SliceGPT, Ashkboos et al. 2024): a block is measured on inputs that
 already carry the slicing error of the blocks before it. Keeping only the first k columns of every Q deletes the
-directions with least energy; k = d * (1 - sparsity) rounded down to a multiple of 8.
+directions with least energy; k = d * (1 - sparsity) rounded down to a multiple of 8. Option `widths` gives
+chosen blocks their own kept width; where two bases differ in width, the shortcut between them is rectangular.
 
-A norm now sees k of the d coordinates. The mean of squares over the kept width must stay the mean over d:
+A norm now sees k of the d coordinates (k: the width of the basis it reads). The mean of squares over the kept
+width must stay the mean over d:
 x / sqrt(sum(x^2)/d + eps) = sqrt(d/k) * x / sqrt(sum(x^2)/k + eps*d/k), so each norm becomes an RMS norm over
 k with epsilon eps*d/k and scale sqrt(d/k) (RMSNormalization from opset 23, else the decomposed form).
 
@@ -217,6 +219,35 @@ def refit_map(sliced: list[np.ndarray], dense: list[np.ndarray], qk: np.ndarray,
         return qk @ torch.linalg.solve(g, c.T @ nd + r * q.T).numpy()
 
 
+def basis_widths(tb: TransformerBlocks, bases: str, k: int, overrides: dict[int, int]) -> list[int]:
+    """The kept width of every basis: k, except where `overrides` (block index -> width; index len(blocks) is the
+    final stream, which the head reads) says otherwise. With `bases=half-block` a block's width holds for both of
+    its bases (attention input and MLP input)."""
+    per_block = [overrides.get(i, k) for i in range(len(tb.blocks) + 1)]
+    if bases == "block":
+        return per_block
+    return [per_block[i // 2] for i in range(2 * len(tb.blocks))] + [per_block[-1]]
+
+
+def parse_widths(text: str, d: int) -> dict[int, int]:
+    """'0-2:576;29:512' -> {0: 576, 1: 576, 2: 576, 29: 512}; raises ValueError with a reason."""
+    out: dict[int, int] = {}
+    for item in text.replace(" ", "").split(";"):
+        if not item:
+            continue
+        where, sep, width = item.partition(":")
+        first, dash, last = where.partition("-")
+        if not sep or not first.isdigit() or (dash and not last.isdigit()) or not width.isdigit():
+            raise ValueError(f"'{item}' is not BLOCKS:WIDTH (e.g. '0-2:576;29:512')")
+        if not 1 <= int(width) <= d:
+            raise ValueError(f"width {width} is not between 1 and the model width {d}")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            raise ValueError(f"block range {where} is empty")
+        out.update({i: int(width) for i in range(lo, hi + 1)})
+    return out
+
+
 @dataclasses.dataclass
 class SlicePlan:
     """What `compute_rotations` measured: rotations Q_0..Q_2L, and (with correction) per-norm input maps."""
@@ -235,7 +266,7 @@ class SlicePlan:
         return 2 * index, 2 * index + 1, 2 * index + 2
 
 
-def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict], k: int, damp: float,
+def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict], ks: list[int], damp: float,
                       progress=None, correct: bool = False, ridge: float = 0.1, tied_head_weight: float = 0.0,
                       bases: str = "block") -> SlicePlan:
     """The rotations (d x d each), the energy kept at each one and, with `correct`, the refit maps.
@@ -243,7 +274,7 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
     `bases="half-block"`: Q_0 .. Q_2L, one at the embedding and one after each attention and each MLP.
     `bases="block"`: Q_0 .. Q_L, one per block, shared by its attention input and its MLP input (the PCA of both
     points' second moments together; the MLP input's is measured on a first attention run with the block input's
-    own PCA), and Q_L for the final stream.
+    own PCA), and Q_L for the final stream. `ks` holds each basis's kept width (`basis_widths`).
 
     The sliced model is followed in the original basis: each half-block runs (as an ONNX sub-model) on its
     input projected onto the kept directions, x Q_k Q_k^T, which is exactly what the sliced model computes.
@@ -273,22 +304,24 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
             h = h / np.trace(h) + tied_head_weight * head_moment / np.trace(head_moment)
         return h
 
-    def measure(h: np.ndarray) -> np.ndarray:
+    def measure(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The next basis: (its kept columns, the full rotation)."""
         q, vals = pca(with_head(h), damp)
+        width = ks[len(plan.qs)]
         plan.qs.append(q)
-        plan.energy.append(float(vals[:k].sum() / vals.sum()))
-        return q
+        plan.energy.append(float(vals[:width].sum() / vals.sum()))
+        return q[:, :width], q
 
-    def refit(sliced, dense_in, q, eps, lins):
+    def refit(sliced, dense_in, qk, eps, lins):
         if not correct:
             return None, None
-        m = refit_map(rms(sliced, eps), rms(dense_in, eps), q[:, :k], weights, ridge)
+        m = refit_map(rms(sliced, eps), rms(dense_in, eps), qk, weights, ridge)
         return m, {lin.node.name: m @ lin.weight_matrix().astype(np.float64) for lin in lins}
 
     def half_block(run, block, xs, dense, q, norm, lins, maps):
         """One half-block on its sliced input (and the dense model alongside): its output and dense output."""
-        x = project(xs, q[:, :k], q)
-        m, w = refit(x, dense, q, norm.epsilon, lins)
+        x = project(xs, *q)
+        m, w = refit(x, dense, q[0], norm.epsilon, lins)
         maps.append(m)
         out = run(block, x, feeds, w)
         return out, (run(block, dense, feeds) if correct else None)
@@ -298,7 +331,7 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
         for block in blocks:
             h_in = moment(xs)
             first = pca(with_head(h_in), damp)[0]  # a first guess, to measure the MLP input with
-            h_mid = moment(runner.attention(block, project(xs, first[:, :k], first), feeds))
+            h_mid = moment(runner.attention(block, project(xs, first[:, :ks[len(plan.qs)]], first), feeds))
             q = measure(h_in + h_mid)
             mid, dense = half_block(runner.attention, block, xs, dense, q, block.attn_norm, block.attn_inputs,
                                     plan.attn_maps)
@@ -313,7 +346,7 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
             xs, dense = half_block(runner.mlp, block, mid, dense, q, block.mlp_norm, block.mlp_inputs, plan.mlp_maps)
             q = measure(moment(xs))
     if correct and tb.lm_head is not None:
-        plan.head_map, _ = refit(project(xs, q[:, :k], q), dense, q, tb.final_norm.epsilon, [])
+        plan.head_map, _ = refit(project(xs, *q), dense, q[0], tb.final_norm.epsilon, [])
     return plan
 
 
@@ -464,13 +497,21 @@ def _clear_stream_shapes(graph: ir.Graph, d: int) -> None:
                 v.shape = None
 
 
-def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: int) -> dict:
+def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, ks: list[int]) -> dict:
     graph, d = model.graph, tb.d_model
     opset = opset_of(model)
-    qk = [q[:, :k] for q in plan.qs]
+    qk = [q[:, :width] for q, width in zip(plan.qs, ks)]
     values = stream_values(tb)
-    pinned = pin_shape_readers(graph, values, d, opset) if k != d else 0
-    scale = np.full(k, math.sqrt(d / k))
+    sliced = any(width != d for width in ks)
+    if len(set(ks)) > 1 and tb.stream_reshapes:
+        raise UserError("slice: the residual stream is reshaped inside the model, so every block must keep the same "
+                        "width; leave out the widths option")
+    pinned = pin_shape_readers(graph, values, d, opset) if sliced else 0
+
+    def slice_norm(norm, q: np.ndarray, name: str) -> ir.Value:
+        """The norm over the kept width w of basis q: epsilon eps*d/w, scale sqrt(d/w)."""
+        w = q.shape[1]
+        return replace_norm(graph, norm, norm.epsilon * d / w, np.full(w, math.sqrt(d / w)), opset, name)
 
     emb = tb.embedding
     tied = head_is_tied(tb)
@@ -521,8 +562,8 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
             elif change:  # (one basis per block: none at the attention's Add)
                 insert_shortcut(graph, add, stream, q_from.T @ q_to, f"{label}.{what}_shortcut")
                 shortcuts += 1
-        for norm, what in ((b.attn_norm, "attn_norm"), (b.mlp_norm, "mlp_norm")):
-            replace_norm(graph, norm, norm.epsilon * d / k, scale, opset, f"{label}.{what}.sliced")
+        for norm, q, what in ((b.attn_norm, qa, "attn_norm"), (b.mlp_norm, qm, "mlp_norm")):
+            slice_norm(norm, q, f"{label}.{what}.sliced")
     final = tb.final_norm
     if final is not None and tied:
         # keep the head tied to the (sliced) embedding table T' = T Q0: logits = y M T'^T with M = Q^T diag(g) Q0,
@@ -532,7 +573,7 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
         t = const_array(tb.embedding.table)
         g = final.scale_vector(d)
         m = qk[-1].T @ (plan.head_map if plan.head_map is not None else np.eye(d)) @ (g[:, None] * qk[0])  # k x k
-        y = replace_norm(graph, final, final.epsilon * d / k, scale, opset, "final_norm.sliced")
+        y = slice_norm(final, qk[-1], "final_norm.sliced")
         w = new_initializer(graph, m.astype(t.dtype if t.dtype != np.float64 else np.float32), "lm_head.basis")
         mm = _node(graph, "MatMul", [y, w], "lm_head/basis")
         mark_keep_float(mm, "basis change of slice before a tied LM head")
@@ -541,7 +582,7 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
         tb.lm_head.node.replace_input_with(0, mm.outputs[0])
     elif final is not None and tb.lm_head is not None:
         read_in([tb.lm_head], qk[-1], plan.head_map)
-        replace_norm(graph, final, final.epsilon * d / k, scale, opset, "final_norm.sliced")
+        slice_norm(final, qk[-1], "final_norm.sliced")
     elif final is not None:  # the norm's output leaves the model: rotate back to d coordinates before it
         back = new_initializer(graph, qk[-1].T.astype(np.float32), "final_norm.unrotate")
         mm = _node(graph, "MatMul", [final.input, back], "final_norm/unrotate")
@@ -551,8 +592,8 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
             for i, v in enumerate(n.inputs):
                 if v is final.input:
                     n.replace_input_with(i, mm.outputs[0])
-    if k != d:
-        resize_stream_reshapes(graph, tb, d, k)
+    if sliced:
+        resize_stream_reshapes(graph, tb, d, ks[0])
         _clear_stream_shapes(graph, d)
     import onnx_ir.passes.common as common
 
@@ -563,6 +604,14 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, k: 
 # ----------------------------------------------------------------------------------------------------------------
 # The pass
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_widths(v: str) -> str | None:
+    try:
+        parse_widths(v, 1 << 30)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _check_sparsity(v: float) -> str | None:
@@ -588,6 +637,9 @@ class SlicePass(Pass):
                         "MLP: two k x k shortcut MatMuls per block) or 'block' (one basis per block, shared by the "
                         "attention and MLP inputs: one shortcut per block, fewer parameters and MACs)",
                         choices=("half-block", "block")),
+        "widths": Option(str, "", "per-block kept widths that differ from sparsity's, as BLOCKS:WIDTH items joined by "
+                         "';', e.g. '0-2:576;29:512' (block index = number of blocks: the final stream)",
+                         check=lambda v: _check_widths(v)),
         "correct": Option(bool, True, "refit the layers that read each norm by least squares against the dense model "
                                       "(runs the dense model alongside; no effect at sparsity 0)"),
         "ridge": Option(float, 0.1, "regularization of that refit, as a fraction of the mean diagonal of its normal "
@@ -601,8 +653,8 @@ class SlicePass(Pass):
 
     @property
     def exact(self) -> bool:
-        """Rotation only (sparsity 0): verification then holds the outputs to float tolerance."""
-        return self.config["sparsity"] == 0
+        """Rotation only (sparsity 0, no widths): verification then holds the outputs to float tolerance."""
+        return self.config["sparsity"] == 0 and not self.config["widths"].strip()
 
     def run(self, model: ir.Model, ctx) -> PassResult:
         tb: TransformerBlocks = ctx.analysis("blocks")
@@ -637,26 +689,35 @@ class SlicePass(Pass):
 
         d = tb.d_model
         k = kept_width(d, self.config["sparsity"], self.config["multiple"])
+        try:
+            overrides = parse_widths(self.config["widths"], d)
+        except ValueError as e:
+            raise UserError(f"slice: option widths={self.config['widths']!r}: {e}") from None
+        if overrides and max(overrides) > len(tb.blocks):
+            raise UserError(f"slice: option widths names block {max(overrides)}, but the model has {len(tb.blocks)} "
+                            f"blocks (0-{len(tb.blocks) - 1}, and {len(tb.blocks)} for the final stream)")
+        widths = basis_widths(tb, self.config["bases"], k, overrides)
         feeds = list(calib.batches(batch_size_for(model, self.config["batch"])))
-        correct = self.config["correct"] and k < d
+        correct = self.config["correct"] and min(widths) < d
         if correct and len({lin.node.name for b in tb.blocks for lin in b.attn_inputs + b.mlp_inputs}) != \
                 sum(len(b.attn_inputs) + len(b.mlp_inputs) for b in tb.blocks):
             log.warning("slice: projections without unique node names; slicing without the least-squares correction")
             correct = False
-        tied_weight = self.config["tied_head_weight"] if head_is_tied(tb) and k < d else 0.0
-        plan = compute_rotations(model, tb, feeds, k, self.config["damp"], ctx.progress_bar, correct=correct,
+        tied_weight = self.config["tied_head_weight"] if head_is_tied(tb) and widths[0] < d else 0.0
+        plan = compute_rotations(model, tb, feeds, widths, self.config["damp"], ctx.progress_bar, correct=correct,
                                  tied_head_weight=tied_weight, bases=self.config["bases"], ridge=self.config["ridge"])
         from modelsurgeon.stats import count_parameters
 
         before = count_parameters(model)
         with naming(model.graph):
-            edits = apply_rotations(model, tb, plan, k)
+            edits = apply_rotations(model, tb, plan, widths)
         after = count_parameters(model)
         if k < d and after >= before:
             log.warning("slice: sparsity=%g keeps %d of %d dimensions, but the %d shortcut matrices (%d x %d each) "
                         "outweigh what was deleted: %d -> %d parameters; use a larger sparsity or leave slice out",
                         self.config["sparsity"], k, d, edits["shortcuts"], k, k, before, after)
-        notes = {"d_model": d, "kept": k, "blocks": len(tb.blocks), "corrected": correct, "tied_head_weight": tied_weight,
+        per_block = {"widths": self.config["widths"], "kept_mean": round(float(np.mean(widths)), 1)} if overrides else {}
+        notes = {"d_model": d, "kept": k, **per_block, "blocks": len(tb.blocks), "corrected": correct, "tied_head_weight": tied_weight,
                  "parameters_before": before, "parameters_after": after,
                  "calibration_tokens": int(sum(next(iter(f.values())).size for f in feeds)),
                  "min_energy_kept": round(min(plan.energy), 4), "mean_energy_kept": round(float(np.mean(plan.energy)), 4),

@@ -211,6 +211,50 @@ def test_slice_is_lossless_when_the_stream_has_low_rank(kind, opset, bases):
             assert np.allclose(const_array(n.inputs[1]), math.sqrt(64 / 48))
 
 
+@pytest.mark.parametrize("bases", ["block", "half-block"])
+def test_per_block_widths_are_lossless_at_or_above_the_streams_rank(bases):
+    """widths=1:56: block 1 keeps 56 dimensions, the rest 48. The stream lies in a 48-dim subspace, so any width of
+    at least 48 is lossless, and the widths meet through rectangular shortcuts and per-width norm corrections."""
+    eps = 0.05
+    model = _low_rank_stream_model("llama", 23, k=48, eps=eps)
+    original = ir.from_proto(ir.to_proto(model))
+    calib = synthesize(model, num_samples=8, seq_len=16, seed=3)
+    result = _compile(model, f"slice(sparsity=0.25,correct=false,bases={bases},widths=1:56)", calibration=calib)
+    _check_same_outputs(original, result.model, 1e-5)
+    notes = result.report.rows[2].notes
+    widths = [48, 56, 48] if bases == "block" else [48, 48, 56, 56, 48]  # one basis per block, or two (and the final)
+    assert notes["kept"] == 48 and notes["kept_mean"] == pytest.approx(np.mean(widths), abs=0.05)
+    shortcuts = [const_array(n.inputs[1]).shape for n in result.model.graph
+                 if n.op_type == "MatMul" and "shortcut" in (n.name or "")]
+    assert shortcuts == ([(48, 56), (56, 48)] if bases == "block" else [(48, 48), (48, 56), (56, 56), (56, 48)])
+    # the stream's width now changes inside the model: the block finder stops at the first rectangular shortcut
+    assert "changes width" in find_blocks(result.model).problems[0]
+    with pytest.raises(UserError, match="changes width at"):
+        _compile(result.model, "slice(sparsity=0)", calibration=calib)
+    epsilons = sorted(round(n.attributes["epsilon"].value / eps, 6)
+                      for n in result.model.graph if n.op_type == "RMSNormalization")
+    assert epsilons == sorted([round(64 / 56, 6)] * 2 + [round(64 / 48, 6)] * 3)
+
+
+def test_widths_option_is_checked(reference_onnx):
+    from modelsurgeon.passes.slice import parse_widths
+
+    assert parse_widths("0-2:576; 29:512", 576) == {0: 576, 1: 576, 2: 576, 29: 512}
+    assert parse_widths("0-9:8;3:16", 64) == {**{i: 8 for i in range(10)}, 3: 16}  # later items win
+    assert parse_widths("", 64) == {}
+    from modelsurgeon.pass_api import get_pass
+
+    for bad, why in (("0-2", "BLOCKS:WIDTH"), ("a:8", "BLOCKS:WIDTH"), ("3-1:8", "empty"), ("0:0", "between")):
+        with pytest.raises(UserError, match=why):
+            get_pass("slice")(widths=bad)
+    path = reference_onnx("llama", 18)
+    calib = synthesize(ir.load(path), num_samples=4, seq_len=8, seed=3)
+    with pytest.raises(UserError, match="between 1 and the model width 64"):
+        _compile(path, "slice(widths=0:65)", calibration=calib)
+    with pytest.raises(UserError, match="names block 5, but the model has 2 blocks"):
+        _compile(path, "slice(widths=5:32)", calibration=calib)
+
+
 def test_slicing_twice_composes_the_shortcuts(reference_onnx):
     path = reference_onnx("llama", 18)
     calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)

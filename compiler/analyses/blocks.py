@@ -628,6 +628,7 @@ class _Finder:
         for n in self.norms:
             self.norm_by_input.setdefault(id(n.input), []).append(n)
         self.problems: list[str] = []
+        self.width_change: str | None = None  # a residual shortcut that changes the stream's width, if one was seen
         self.stream_reshapes: list[ir.Node] = []
 
     # -- graph walking ------------------------------------------------------------------------------------------
@@ -732,6 +733,7 @@ class _Finder:
         Returns (add, stream value, branch input, shortcut): the Add may read the stream through a shortcut,
         a MatMul by a constant square matrix (what `slice` puts on residual connections).
         """
+        self.width_change = None
         ids = {id(v) for v in stream}
         low = min(self.idx(v) for v in stream) + 1
         best = None
@@ -740,8 +742,11 @@ class _Finder:
                 shortcut, via = None, v
                 if node.op_type == "MatMul" and i == 0:
                     lin = match_linear(node)
-                    if lin is None or lin.in_features != lin.out_features or lin.bias is not None \
-                            or lin.transpose_node is not None:
+                    if lin is None or lin.bias is not None or lin.transpose_node is not None:
+                        continue
+                    if lin.in_features != lin.out_features:  # slice with per-block widths: the stream narrows/widens
+                        if _only_use(node.outputs[0]) is not None and _only_use(node.outputs[0]).op_type == "Add":
+                            self.width_change = node.name
                         continue
                     add = _only_use(node.outputs[0])
                     if add is None:
@@ -899,6 +904,9 @@ class _Finder:
             stream = self.aliases(h)
             found = self.residual_add(stream)
             if found is None:
+                if self.width_change is not None:
+                    self.problems.append(f"the residual stream changes width at '{self.width_change}' (a model sliced "
+                                         "with per-block widths); block-level passes need one width throughout")
                 break
             add, stream_v, branch_out, shortcut = found
             branch = self.between(stream, branch_out)
