@@ -45,7 +45,20 @@ def remove_unused(model: ir.Model) -> bool:
                                   common.RemoveUnusedOpsetsPass()])
 
 
+def _make_initializers_contiguous(model: ir.Model) -> None:
+    """Store in-memory initializers as C-contiguous arrays: constant folding can leave a transposed view (folding
+    Transpose of a weight), which onnx_ir's deduplication cannot hash."""
+    import numpy as np
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.Tensor) and isinstance(t.raw, np.ndarray) and not t.raw.flags["C_CONTIGUOUS"]:
+                value.const_value = ir.Tensor(np.ascontiguousarray(t.raw), dtype=t.dtype, name=t.name)
+
+
 def deduplicate_initializers(model: ir.Model) -> bool:
+    _make_initializers_contiguous(model)
     return _run_ir_passes(model, [common.DeduplicateHashedInitializersPass()])
 
 

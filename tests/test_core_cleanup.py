@@ -65,3 +65,23 @@ def test_individual_cleanup_passes():
     assert "Identity" not in [n.op_type for n in r.model.graph]
     r = modelsurgeon.compile(messy_model(), "fold-constants", cleanup=False)
     assert "six" not in [o.name for n in r.model.graph for o in n.outputs if n.op_type == "Mul" and "two" in [i.name for i in n.inputs]]
+
+
+def test_cleanup_folds_a_transposed_weight_and_deduplicates_it():
+    """Folding Transpose(W) leaves a transposed (non-contiguous) array; deduplication must still hash it (it used
+    to raise 'ndarray is not C-contiguous'), and an identical stored copy of W^T is then stored once."""
+    w = np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(np.ascontiguousarray(w.T), "Wt_copy")]
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Wt"], ["a"]),
+             helper.make_node("MatMul", ["x", "Wt_copy"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    expected = x @ w.T * 2
+    result = modelsurgeon.compile(model, passes="cleanup", progress=False)
+    assert [n.op_type for n in result.model.graph] == ["MatMul", "MatMul", "Add"]
+    assert len(result.model.graph.initializers) == 1
+    np.testing.assert_allclose(run_model(result.model, {"x": x})["y"], expected, rtol=1e-6)
