@@ -503,9 +503,6 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, ks:
     qk = [q[:, :width] for q, width in zip(plan.qs, ks)]
     values = stream_values(tb)
     sliced = any(width != d for width in ks)
-    if len(set(ks)) > 1 and tb.stream_reshapes:
-        raise UserError("slice: the residual stream is reshaped inside the model, so every block must keep the same "
-                        "width; leave out the widths option")
     pinned = pin_shape_readers(graph, values, d, opset) if sliced else 0
 
     def slice_norm(norm, q: np.ndarray, name: str) -> ir.Value:
@@ -639,7 +636,7 @@ class SlicePass(Pass):
                         choices=("half-block", "block")),
         "widths": Option(str, "", "per-block kept widths that differ from sparsity's, as BLOCKS:WIDTH items joined by "
                          "';', e.g. '0-2:576;29:512' (block index = number of blocks: the final stream)",
-                         check=lambda v: _check_widths(v)),
+                         check=_check_widths),
         "correct": Option(bool, True, "refit the layers that read each norm by least squares against the dense model "
                                       "(runs the dense model alongside; no effect at sparsity 0)"),
         "ridge": Option(float, 0.1, "regularization of that refit, as a fraction of the mean diagonal of its normal "
@@ -697,6 +694,9 @@ class SlicePass(Pass):
             raise UserError(f"slice: option widths names block {max(overrides)}, but the model has {len(tb.blocks)} "
                             f"blocks (0-{len(tb.blocks) - 1}, and {len(tb.blocks)} for the final stream)")
         widths = basis_widths(tb, self.config["bases"], k, overrides)
+        if len(set(widths)) > 1 and tb.stream_reshapes:  # resize_stream_reshapes writes one width into them all
+            raise UserError("slice: the residual stream is reshaped inside the model, so every block must keep the same "
+                            "width; leave out the widths option")
         feeds = list(calib.batches(batch_size_for(model, self.config["batch"])))
         correct = self.config["correct"] and min(widths) < d
         if correct and len({lin.node.name for b in tb.blocks for lin in b.attn_inputs + b.mlp_inputs}) != \

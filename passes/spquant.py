@@ -37,7 +37,7 @@ from modelsurgeon import quantize as Q
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 from modelsurgeon.passes import _quant_graph as G
 from modelsurgeon.runtime import sparse_quant_function as F
-from modelsurgeon.runtime.sparse_quant_format import SparseQuantWeight, index_dtype, pack_codes
+from modelsurgeon.runtime.sparse_quant_format import SparseQuantWeight, index_dtype, pack_codes, slot_columns
 
 
 def _check_block(b: int) -> str | None:
@@ -164,7 +164,7 @@ def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block
     n_pad = tiles * tile - n  # padding columns of a partial last tile: code 8, scale 0 (decode to zero)
     kept_tiles = kept[:, ::tile]  # [nb, tiles]: a tile's columns share their blocks
     tile_of, blk_of = np.nonzero(kept_tiles.T)  # tile-major: sorted by tile, then block
-    col_of = (tile_of[:, None] * tile + np.arange(tile)).ravel()  # slot j * T + c -> column
+    col_of = slot_columns(tile_of, tile)
     blk_slot = np.repeat(blk_of, tile)
     codes_p = np.full((nb * block, n + n_pad), 8, np.uint8)
     codes_p[:k, :n] = codes

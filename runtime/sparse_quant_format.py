@@ -32,6 +32,11 @@ INPUT_NAMES = ("A", "packed", "scales", "zero_points", "group_ptr", "group_index
 OPTIONAL_INPUTS = ("zero_points", "outlier_rows", "outlier_values", "bias")
 
 
+def slot_columns(tile_of: np.ndarray, tile: int) -> np.ndarray:
+    """int64 [len(tile_of) * T]: the column of slot j*T + c, given the tile of every kept tile-group j."""
+    return (np.asarray(tile_of, np.int64)[:, None] * tile + np.arange(tile)).ravel()
+
+
 @dataclasses.dataclass
 class SparseQuantWeight:
     K: int
@@ -62,8 +67,7 @@ class SparseQuantWeight:
 
     def slot_columns(self) -> np.ndarray:
         """int64 [nnz*T]: the column of every stored slot (>= N for the padding of a partial last tile)."""
-        tile_of = np.repeat(np.arange(self.n_tiles), np.diff(self.group_ptr.astype(np.int64)))
-        return (tile_of[:, None] * self.tile + np.arange(self.tile)).ravel()
+        return slot_columns(np.repeat(np.arange(self.n_tiles), np.diff(self.group_ptr.astype(np.int64))), self.tile)
 
     @property
     def outliers_per_column(self) -> int:

@@ -744,12 +744,12 @@ class _Finder:
                     lin = match_linear(node)
                     if lin is None or lin.bias is not None or lin.transpose_node is not None:
                         continue
-                    if lin.in_features != lin.out_features:  # slice with per-block widths: the stream narrows/widens
-                        if _only_use(node.outputs[0]) is not None and _only_use(node.outputs[0]).op_type == "Add":
-                            self.width_change = node.name
-                        continue
                     add = _only_use(node.outputs[0])
                     if add is None:
+                        continue
+                    if lin.in_features != lin.out_features:  # slice with per-block widths: the stream narrows/widens
+                        if add.op_type == "Add":
+                            self.width_change = node.name
                         continue
                     shortcut, via, node = lin, node.outputs[0], add
                     i = next(j for j, x in enumerate(add.inputs) if x is via)
