@@ -2,10 +2,11 @@
 
     python benchmarks/slice.py                      # writes docs/results/slice.json and docs/slice.md
     python benchmarks/slice.py --sparsities 0.25 --no-quant4 --out /tmp/s.json --md ""   # a quick look
-    python benchmarks/slice.py --sparsities 0.25 --no-quant4 --no-latency --other-bases "" --options ridge=0.3 --out /tmp/s.json --md ""
+    python benchmarks/slice.py --sparsities 0.25 --no-quant4 --no-latency --other-bases "" --options correct=true --out /tmp/s.json --md ""
 
-Calibration: windows of 128 tokens from one play (default Hamlet); perplexity: windows from another play
-(default Macbeth), next-token NLL over every position but the first of each window. Latency: batch 1 at
+Calibration: windows of 128 tokens from the first windows of every text of the collection but the evaluation play
+(default: 8 from each of the 41 others), or from the plays named by --calib-play; perplexity: windows from the
+evaluation play (default Macbeth), next-token NLL over every position but the first of each window. Latency: batch 1 at
 sequence 128 and at one token (no KV cache: a full forward of one token), ORT CPU, spinning off, all models'
 sessions open at once and timed in interleaved rounds (model A, B, C, ..., repeat); medians and the load average
 are recorded, since other processes share the machine.
@@ -57,11 +58,13 @@ def latencies(sessions: dict[str, object], feeds: dict[str, np.ndarray], rounds:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
-    ap.add_argument("--calib-play", default="Hamlet",
-                    help="the play to calibrate on, or several joined by commas (the windows are split among them)")
+    ap.add_argument("--calib-play", default="others",
+                    help="the play to calibrate on, several joined by ';' (the windows are split among them), or 'others' "
+                         "for every text of the collection but --eval-play")
     ap.add_argument("--eval-play", default="Macbeth")
-    ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of --seq tokens")
-    ap.add_argument("--calib-offset", type=int, default=0, help="skip this many windows of the play before calibrating")
+    ap.add_argument("--calib-samples", type=int, default=328,
+                    help="calibration windows of --seq tokens, split evenly among the calibration texts")
+    ap.add_argument("--calib-offset", type=int, default=0, help="skip this many windows of each calibration text")
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds (seq 128); 4x that for one token")
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnx_ir as ir
 
     import modelsurgeon
-    from modelsurgeon.calibration import from_token_ids, load_tokenizer, tokenize_text
+    from modelsurgeon.calibration import from_token_ids, load_tokenizer, tokenize_text, tokenize_texts
     from modelsurgeon.models import real
     from modelsurgeon.runtime.session import make_session
     from modelsurgeon.stats import count_parameters
@@ -89,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(real.smollm2_tokenizer())
     dense_path = real.smollm2_onnx()
     dense = ir.load(dense_path)
-    plays = [p.strip() for p in args.calib_play.split(",") if p.strip()]
+    if args.calib_play == "others":
+        plays = sorted(p for p in texts if p != args.eval_play)
+    else:
+        plays = [p.strip() for p in args.calib_play.split(";") if p.strip()]
+    unknown = [p for p in plays if p not in texts]
+    if unknown:
+        ap.error(f"--calib-play: no text named {unknown[0]!r} (names are separated by ';')")
     if args.eval_play in plays:
         ap.error(f"--eval-play {args.eval_play} is also a calibration play; perplexity must be measured on held-out text")
-    per_play = -(-args.calib_samples // len(plays))
-    calib_ids = np.concatenate([tokenize_text(texts[p], tok, args.calib_offset + per_play, args.seq)[args.calib_offset:]
-                                for p in plays])[:args.calib_samples]
+    calib_ids = tokenize_texts([texts[p] for p in plays], tok, args.calib_samples, args.seq, skip=args.calib_offset)
     eval_ids = tokenize_text(texts[args.eval_play], tok, args.eval_windows, args.seq)
     where = f", from window {args.calib_offset}" if args.calib_offset else ""
     calib = from_token_ids(dense, calib_ids, f"{args.calib_play} ({len(calib_ids)}x{args.seq} tokens{where})")

@@ -36,7 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", help="calibration data: .npz (input name -> array, samples first), a folder of .npz, or a text file (with --tokenizer)")
+    p.add_argument("--calib", help="calibration data: .npz (input name -> array, samples first), a folder of .npz, a text file, or a "
+                        "folder of .txt files (windows spread evenly over them; text needs --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (for text calibration)")
     p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample (default 128)")

@@ -637,8 +637,10 @@ class SlicePass(Pass):
         "widths": Option(str, "", "per-block kept widths that differ from sparsity's, as BLOCKS:WIDTH items joined by "
                          "';', e.g. '0-2:576;29:512' (block index = number of blocks: the final stream)",
                          check=_check_widths),
-        "correct": Option(bool, True, "refit the layers that read each norm by least squares against the dense model "
-                                      "(runs the dense model alongside; no effect at sparsity 0)"),
+        "correct": Option(bool, False, "refit the layers that read each norm by least squares against the dense model "
+                                       "(runs the dense model alongside; no effect at sparsity 0). Off by default: on "
+                                       "SmolLM2 it helps with 64-128 windows of one text but hurts with the CLI's 32 "
+                                       "and with windows from many texts (docs/slice.md)"),
         "ridge": Option(float, 0.1, "regularization of that refit, as a fraction of the mean diagonal of its normal "
                         "matrix; it pulls the refit towards the uncorrected layers (large: like correct=false)",
                         check=lambda v: None if v >= 0 else "must be >= 0"),

@@ -94,6 +94,23 @@ def test_text_calibration_windows(tmp_path):
         cal.load_calibration(lm_like_model(), text, tokenizer=tok, seq_len=1000)
 
 
+def test_text_folder_calibration_spreads_windows_over_the_texts(tmp_path):
+    """A folder of .txt files: the first windows of each text (sorted by name), not many windows of the first."""
+    tok = _word_tokenizer(tmp_path)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("to be or not to be\n" * 10)
+    (texts / "b.txt").write_text("that is the question\n" * 10)
+    (texts / "c.txt").write_text("to be\n")  # shorter than one window: skipped
+    data = cal.load_calibration(lm_like_model(), texts, tokenizer=tok, num_samples=4, seq_len=4)
+    assert data.arrays["input_ids"].tolist() == [[1, 2, 3, 4], [1, 2, 1, 2], [5, 6, 7, 8], [5, 6, 7, 8]]
+    assert "3 texts" in data.source
+    with pytest.raises(UserError, match="needs --tokenizer"):
+        cal.load_calibration(lm_like_model(), texts)
+    with pytest.raises(UserError, match="none of the 3 calibration texts"):
+        cal.load_calibration(lm_like_model(), texts, tokenizer=tok, seq_len=1000)
+
+
 def test_missing_calibration_warns_and_synthesizes(caplog):
     with caplog.at_level(logging.WARNING, logger="modelsurgeon"):
         data = cal.load_calibration(lm_like_model(), None, num_samples=4)

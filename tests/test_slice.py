@@ -440,8 +440,8 @@ def test_smollm2_slice_keeps_the_tied_head_useful(smollm2, shakespeare):
 
     The tied head reads the final stream through Q_L^T diag(g) Q0: a least-squares fit over the vocabulary there
     once gave 6.8x (399 against 59); Q0 from the embedding alone 2.5x; Q0 that also weighs what the head reads
-    (tied_head_weight) 1.4x, and with one basis per block and the ridge towards the uncorrected layers 1.27x
-    (benchmark, 64 calibration windows)."""
+    (tied_head_weight) 1.4x, and with one basis per block and the refit's ridge towards the uncorrected layers 1.27x
+    (benchmark, 64 calibration windows of Hamlet, correct=true; the default is now correct=false)."""
     from modelsurgeon.calibration import from_token_ids, load_tokenizer, tokenize_text
 
     tok = load_tokenizer(smollm2.tokenizer)
