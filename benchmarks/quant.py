@@ -261,11 +261,10 @@ def smollm2(work: pathlib.Path, quick: bool) -> list[dict]:
     del model
 
     def perplexity(logits):
-        z = logits[:, :-1].astype(np.float64)
-        z = z - z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        tgt = eval_ids[:, 1:]
-        return float(np.exp(-np.take_along_axis(logp, tgt[..., None], -1).mean()))
+        from modelsurgeon.runtime.evaluate import next_token_nll
+
+        nll, count = next_token_nll(logits, eval_ids)
+        return float(np.exp(nll / count))
 
     variants = [("float", "original", None),
                 ("ORT MatMulNBits b32", "ort", lambda d: ort_nbits(src, d, 32, 4)),

@@ -30,14 +30,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def perplexity(session, windows: np.ndarray, batch: int = 4) -> float:
+    from modelsurgeon.runtime.evaluate import next_token_nll
+
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch):
         ids = windows[i:i + batch]
-        logits = session.run(None, {"input_ids": ids})[0][:, :-1].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= float(np.take_along_axis(logp, ids[:, 1:, None], -1).sum())
-        count += ids[:, 1:].size
+        part, n = next_token_nll(session.run(None, {"input_ids": ids})[0], ids)
+        nll, count = nll + part, count + n
     return float(np.exp(nll / count))
 
 

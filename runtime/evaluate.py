@@ -278,6 +278,19 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of each next token, and how many: logits [batch, seq, vocab] scored against
+    ids [batch, seq] shifted by one (every position but the first of each window is a target). Perplexity over
+    several calls is exp(sum of nll / sum of counts)."""
+    z = logits[:, :-1].reshape(-1, logits.shape[-1])
+    target = np.asarray(ids)[:, 1:].reshape(-1)
+    nll = 0.0
+    for s in range(0, len(target), _LOGPROB_ROWS):
+        lp = _log_softmax(z[s:s + _LOGPROB_ROWS])
+        nll -= float(lp[np.arange(len(lp)), target[s:s + _LOGPROB_ROWS]].sum())
+    return nll, int(target.size)
+
+
 def _pick_output(outputs: dict[str, np.ndarray], preferred: Sequence[str], want: str | None, task: str) -> str:
     if want is not None:
         if want not in outputs:

@@ -535,3 +535,21 @@ def test_eval_embedding_on_minilm(request, work):
     m = json.loads(out)["metrics"]
     assert json.loads(out)["samples"] == 48
     assert 0.9 < m["cosine_mean"] < 1.0 and m["similarity_spearman"] > 0.9 and m["nearest_neighbour_agreement"] > 0.7
+
+
+def test_next_token_nll_scores_each_position_against_the_next_token():
+    from modelsurgeon.runtime.evaluate import next_token_nll
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
+    ids = rng.integers(0, 7, size=(2, 5))
+    nll, count = next_token_nll(logits, ids)
+    expected = 0.0
+    for b in range(2):
+        for t in range(4):
+            z = logits[b, t].astype(np.float64)
+            expected -= z[ids[b, t + 1]] - np.log(np.exp(z).sum())
+    assert count == 8
+    assert nll == pytest.approx(expected, rel=1e-12)
+    uniform, n = next_token_nll(np.zeros((1, 600, 7), np.float32), np.zeros((1, 600), np.int64))  # > one chunk
+    assert n == 599 and uniform == pytest.approx(599 * np.log(7), rel=1e-12)
