@@ -251,26 +251,26 @@ def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | Calibra
         path = pathlib.Path(calib)
         if not path.exists():
             raise UserError(f"{path}: calibration data not found")
-        if path.is_dir() and not any(path.glob("*.npz")) and any(path.glob("*.txt")):
-            if tokenizer is None:
-                raise UserError(f"{path}: text calibration needs --tokenizer (a tokenizer.json or a folder holding one)")
-            files = sorted(path.glob("*.txt"))
-            texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-            ids = tokenize_texts(texts, load_tokenizer(tokenizer), num_samples, seq_len)
-            return from_token_ids(model, ids, f"{path} ({len(files)} texts)")
-        if path.is_dir():
+        text_folder = path.is_dir() and not any(path.glob("*.npz")) and any(path.glob("*.txt"))
+        if path.is_dir() and not text_folder:
             data = load_folder(path)
         elif path.suffix == ".npz":
             data = load_npz(path)
-        else:
+        else:  # text: one file, or a folder of .txt files
             if tokenizer is None:
                 raise UserError(f"{path}: text calibration needs --tokenizer (a tokenizer.json or a folder holding one)")
-            try:
-                text = path.read_text(encoding="utf-8", errors="replace")
-            except OSError as exc:
-                raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-            ids = tokenize_text(text, load_tokenizer(tokenizer), num_samples, seq_len)
-            return from_token_ids(model, ids, str(path))
+            files = sorted(path.glob("*.txt")) if text_folder else [path]
+            texts = []
+            for file in files:
+                try:
+                    texts.append(file.read_text(encoding="utf-8", errors="replace"))
+                except OSError as exc:
+                    raise UserError(f"{file}: cannot read ({exc.strerror})") from None
+            tok = load_tokenizer(tokenizer)
+            if text_folder:
+                ids = tokenize_texts(texts, tok, num_samples, seq_len)
+                return from_token_ids(model, ids, f"{path} ({len(files)} texts)")
+            return from_token_ids(model, tokenize_text(texts[0], tok, num_samples, seq_len), str(path))
     check_against(model, data)
     if data.num_samples > num_samples:
         log.warning("calibration (%s): using the first %d of its %d samples (raise num_samples / --num-samples to "
