@@ -2,7 +2,7 @@
 
     python benchmarks/slice.py                      # writes docs/results/slice.json and docs/slice.md
     python benchmarks/slice.py --sparsities 0.25 --no-quant4 --out /tmp/s.json --md ""   # a quick look
-    python benchmarks/slice.py --sparsities 0.25 --no-quant4 --no-latency --other-bases "" --options correct=true --out /tmp/s.json --md ""
+    python benchmarks/slice.py --sparsities 0.25 --no-quant4 --no-latency --other-bases "" --allocate "" --options correct=true --out /tmp/s.json --md ""
 
 Calibration: windows of 128 tokens from the first windows of every text of the collection but the evaluation play
 (default: 8 from each of the 41 others), or from the plays named by --calib-play; perplexity: windows from the
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-quant4", action="store_true")
     ap.add_argument("--other-bases", default="half-block",
                     help="also slice at --quant4-sparsity with these values of the bases option (comma-separated; '' for none)")
+    ap.add_argument("--allocate", default="0.25",
+                    help="also slice at these sparsities with allocate=loss (widths spread by measured sensitivity; "
+                         "comma-separated; '' for none)")
     ap.add_argument("--no-latency", action="store_true", help="perplexity and parameters only (no timing)")
     ap.add_argument("--keep-models", action="store_true", help="keep the compiled models (their folder is printed)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "slice.json"))
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(f"slice {s:g}", f"slice(sparsity={s}{extra})", s) for s in sparsities]
     runs += [(f"slice {args.quant4_sparsity:g} bases={b}", f"slice(sparsity={args.quant4_sparsity}{extra},bases={b})",
               args.quant4_sparsity) for b in args.other_bases.split(",") if b.strip()]
+    runs += [(f"slice {float(s):g} allocate=loss", f"slice(sparsity={float(s)}{extra},allocate=loss)", float(s))
+             for s in args.allocate.split(",") if s.strip()]
     if not args.no_quant4:
         runs.append((f"slice {args.quant4_sparsity:g} + quant4", f"slice(sparsity={args.quant4_sparsity}{extra}),quant4",
                      args.quant4_sparsity))
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         models[label] = {"path": str(path), "sparsity": s, "passes": passes, "compile_s": round(seconds, 1),
                          "params": result.report.rows[-1].parameters, "file_mb": round(path.stat().st_size / 2**20, 1),
                          "kept": notes.get("kept_mean", notes.get("kept")), "energy_kept_mean": notes.get("mean_energy_kept"),
-                         "shortcuts": notes.get("shortcuts")}
+                         "shortcuts": notes.get("shortcuts"), **({"widths": notes["widths"]} if "widths" in notes else {})}
         print(f"{label}: compiled in {seconds:.0f}s", file=sys.stderr, flush=True)
         del result
     models["dense"]["file_mb"] = round(pathlib.Path(dense_path).stat().st_size / 2**20, 1)

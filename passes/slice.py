@@ -258,6 +258,7 @@ class SlicePlan:
     mlp_maps: list[np.ndarray | None]
     head_map: np.ndarray | None = None
     bases: str = "block"
+    spectra: list[np.ndarray] = dataclasses.field(default_factory=list)  # each basis's PCA eigenvalues
 
     def block_bases(self, index: int) -> tuple[int, int, int]:
         """Indices into `qs` of block `index`'s bases: attention input, MLP input (= attention output), MLP output."""
@@ -309,6 +310,7 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
         q, vals = pca(with_head(h), damp)
         width = ks[len(plan.qs)]
         plan.qs.append(q)
+        plan.spectra.append(vals)
         plan.energy.append(float(vals[:width].sum() / vals.sum()))
         return q[:, :width], q
 
@@ -348,6 +350,108 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
     if correct and tb.lm_head is not None:
         plan.head_map, _ = refit(project(xs, *q), dense, q[0], tb.final_norm.epsilon, [])
     return plan
+
+
+def width_slots(tb: TransformerBlocks, bases: str) -> list[list[int]]:
+    """The bases that share one entry of the `widths` option: per block, then the final stream (`basis_widths`)."""
+    if bases == "block":
+        return [[i] for i in range(len(tb.blocks) + 1)]
+    return [[2 * i, 2 * i + 1] for i in range(len(tb.blocks))] + [[2 * len(tb.blocks)]]
+
+
+def slot_cost(tb: TransformerBlocks, plan: SlicePlan, slots: list[list[int]]):
+    """The cost of per-slot widths as [MACs per token, parameters]: the projections reading and writing each basis
+    (output features of the readers, input features of the writers), the LM head (Q_0's when tied to the
+    embedding, else the final basis's), embedding tables, biases and norm scales of the width, and the shortcut
+    matrices between bases (k_a x k_b each, the tied head's basis change included)."""
+    n = len(plan.qs)
+    macs, params = np.zeros(n), np.zeros(n)
+    pairs: list[tuple[int, int]] = []
+    tied = head_is_tied(tb)
+    for b in tb.blocks:
+        ia, im, ib = plan.block_bases(b.index)
+        for j, lins, features in ((ia, b.attn_inputs, "out_features"), (im, b.mlp_inputs, "out_features"),
+                                  (im, [b.o], "in_features"), (ib, [b.down], "in_features")):
+            f = sum(getattr(lin, features) for lin in lins)
+            macs[j] += f
+            params[j] += f
+        params[im] += (b.o.bias is not None) + 1  # the bias written in the basis, the MLP norm's scale
+        params[ib] += b.down.bias is not None
+        params[ia] += 1  # the attention norm's scale
+        pairs += [(ia, im)] * (ia != im) + [(im, ib)] * (im != ib)
+    if tb.lm_head is not None:
+        head = 0 if tied else n - 1
+        macs[head] += tb.lm_head.out_features
+        params[head] += tb.lm_head.out_features
+        if tied:
+            pairs.append((n - 1, 0))
+    if tb.final_norm is not None:
+        params[n - 1] += 1
+    if tb.embedding is not None and not tied:
+        params[0] += int(const_array(tb.embedding.table).shape[0])
+    if tb.embedding is not None:
+        for _, table in tb.embedding.extra_tables + tb.embedding.added_constants:
+            params[0] += const_array(table).size // tb.d_model
+    slot_of = {j: s for s, slot in enumerate(slots) for j in slot}
+
+    def cost(widths: np.ndarray) -> np.ndarray:
+        per_basis = np.array([widths[slot_of[j]] for j in range(n)], np.float64)
+        linear = per_basis @ np.stack([macs, params], 1)
+        shortcuts = sum(per_basis[a] * per_basis[b] for a, b in pairs)
+        return linear + shortcuts
+
+    return cost
+
+
+def loss_per_slot(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, slots: list[list[int]], k: int,
+                  feeds: list[dict], ids_name: str, progress=None) -> tuple[float, list[float]]:
+    """The dense model's next-token loss (mean NLL) on `feeds`, and its increase with each slot's bases alone cut
+    to width k (every other basis whole: a rotation, which is exact).
+
+    Follows the dense stream block by block; a slot's bases all sit in one block (its input and MLP input) or at
+    the final stream, so each slot costs one run from that block to the logits. A head tied to the embedding reads
+    through Q_0, so the slot of Q_0 also projects what the head reads."""
+    from modelsurgeon.runtime.evaluate import next_token_nll
+
+    runner = StreamRunner(model, tb)
+    logits, head_in = tb.lm_head.output, tb.final_norm.output
+    tied = head_is_tied(tb)
+
+    def loss(outs: list[np.ndarray]) -> float:
+        nll = count = 0
+        for out, feed in zip(outs, feeds):
+            ids = feed[ids_name]
+            a, b = next_token_nll(out.reshape(*ids.shape, -1), ids)
+            nll, count = nll + a, count + b
+        return nll / count
+
+    def to_end(start: ir.Value, xs: list[np.ndarray], head_q=None) -> float:
+        if head_q is None:
+            return loss(runner._run(start, logits, xs, feeds))
+        return loss(runner._run(head_in, logits, project(runner._run(start, head_in, xs, feeds), *head_q), feeds))
+
+    def cut(j: int) -> tuple[np.ndarray, np.ndarray]:
+        return plan.qs[j][:, :k], plan.qs[j]
+
+    dense = loss(runner._run(None, logits, None, feeds))
+    out: list[float | None] = [None] * len(slots)
+    owner = {j: s for s, slot in enumerate(slots) for j in slot}
+    final = len(plan.qs) - 1
+    xs = runner.embedding(feeds)
+    blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: loss per basis", total=len(tb.blocks))
+    for b in blocks:
+        ia, im, _ = plan.block_bases(b.index)
+        mid = runner.attention(b, xs, feeds)
+        for s in sorted({owner[ia], owner[im]}):
+            if out[s] is not None:
+                continue
+            x = project(xs, *cut(ia)) if ia in slots[s] else xs
+            m = runner.attention(b, x, feeds) if ia in slots[s] else mid
+            m = project(m, *cut(im)) if im in slots[s] else m
+            out[s] = to_end(b.residual_mid, m, cut(0) if tied and 0 in slots[s] else None) - dense
+        xs = runner.mlp(b, mid, feeds)
+    out[owner[final]] = to_end(tb.blocks[-1].residual_out, project(xs, *cut(final))) - dense
+    return dense, [float(v) for v in out]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -637,6 +741,10 @@ class SlicePass(Pass):
         "widths": Option(str, "", "per-block kept widths that differ from sparsity's, as BLOCKS:WIDTH items joined by "
                          "';', e.g. '0-2:576;29:512' (block index = number of blocks: the final stream)",
                          check=_check_widths),
+        "allocate": Option(str, "uniform", "how widths are chosen: 'uniform' (every basis keeps sparsity's width, or "
+                           "what widths says) or 'loss' (language models: measure on held-out calibration batches how "
+                           "much each block's basis alone costs in next-token loss, and spread the same MACs so that "
+                           "insensitive blocks lose more width; docs/slice.md)", choices=("uniform", "loss")),
         "correct": Option(bool, False, "refit the layers that read each norm by least squares against the dense model "
                                        "(runs the dense model alongside; no effect at sparsity 0). Off by default: on "
                                        "SmolLM2 it helps with 64-128 windows of one text but hurts with the CLI's 32 "
@@ -700,12 +808,17 @@ class SlicePass(Pass):
             raise UserError("slice: the residual stream is reshaped inside the model, so every block must keep the same "
                             "width; leave out the widths option")
         feeds = list(calib.batches(batch_size_for(model, self.config["batch"])))
+        allocation = {}
+        if self.config["allocate"] == "loss" and k < d:
+            if overrides:
+                raise UserError("slice: options widths and allocate=loss both choose the widths; give one of them")
+            widths, allocation = self._allocate(model, tb, calib, batch_size_for(model, self.config["batch"]), k, ctx)
         correct = self.config["correct"] and min(widths) < d
         if correct and len({lin.node.name for b in tb.blocks for lin in b.attn_inputs + b.mlp_inputs}) != \
                 sum(len(b.attn_inputs) + len(b.mlp_inputs) for b in tb.blocks):
             log.warning("slice: projections without unique node names; slicing without the least-squares correction")
             correct = False
-        tied_weight = self.config["tied_head_weight"] if head_is_tied(tb) and widths[0] < d else 0.0
+        tied_weight = self._tied_weight(tb, widths)
         plan = compute_rotations(model, tb, feeds, widths, self.config["damp"], ctx.progress_bar, correct=correct,
                                  tied_head_weight=tied_weight, bases=self.config["bases"], ridge=self.config["ridge"])
         from modelsurgeon.stats import count_parameters
@@ -719,9 +832,54 @@ class SlicePass(Pass):
                         "outweigh what was deleted: %d -> %d parameters; use a larger sparsity or leave slice out",
                         self.config["sparsity"], k, d, edits["shortcuts"], k, k, before, after)
         per_block = {"widths": self.config["widths"], "kept_mean": round(float(np.mean(widths)), 1)} if overrides else {}
+        if allocation:
+            per_block = {**allocation, "kept_mean": round(float(np.mean(widths)), 1)}
         notes = {"d_model": d, "kept": k, **per_block, "blocks": len(tb.blocks), "corrected": correct, "tied_head_weight": tied_weight,
                  "parameters_before": before, "parameters_after": after,
                  "calibration_tokens": int(sum(next(iter(f.values())).size for f in feeds)),
                  "min_energy_kept": round(min(plan.energy), 4), "mean_energy_kept": round(float(np.mean(plan.energy)), 4),
                  **edits}
         return PassResult(model, True, notes=notes)
+
+    def _tied_weight(self, tb: TransformerBlocks, widths: list[int]) -> float:
+        return self.config["tied_head_weight"] if head_is_tied(tb) and widths[0] < tb.d_model else 0.0
+
+    def _allocate(self, model: ir.Model, tb: TransformerBlocks, calib, batch: int, k: int, ctx) -> tuple[list[int], dict]:
+        """allocate=loss: per-basis widths (`compiler/width_allocation.py`) from a uniform slice fitted on all but
+        every 8th calibration window and measured on those held out. (Windows from many texts come text by text,
+        so every 8th window samples all of them; holding out whole batches would hold out a few whole texts.)"""
+        from modelsurgeon.calibration import CalibrationData
+        from modelsurgeon.runtime.evaluate import ids_input
+        from modelsurgeon.width_allocation import allocate_widths, dropped_energy, widths_text
+
+        if tb.lm_head is None or tb.final_norm is None:
+            raise UserError("slice: allocate=loss measures next-token loss, so it needs a language model with an LM "
+                            "head; use allocate=uniform")
+        try:
+            ids_name = ids_input(model)
+        except UserError:
+            raise UserError("slice: allocate=loss needs a token-id input to score next tokens; use allocate=uniform") \
+                from None
+        if tb.stream_reshapes:
+            raise UserError("slice: the residual stream is reshaped inside the model, so every block must keep the same "
+                            "width; use allocate=uniform")
+        n = calib.num_samples
+        if n < 8:
+            raise UserError(f"slice: allocate=loss holds out every 8th calibration window to measure the loss on, so it "
+                            f"needs at least 8 windows (got {n}); give more calibration data")
+        held_out = np.arange(n) % 8 == 7
+        held = list(CalibrationData({name: a[:n][held_out] for name, a in calib.arrays.items()}).batches(batch))
+        fit = list(CalibrationData({name: a[:n][~held_out] for name, a in calib.arrays.items()}).batches(batch))
+        d, bases = tb.d_model, self.config["bases"]
+        uniform = basis_widths(tb, bases, k, {})
+        plan = compute_rotations(model, tb, fit, uniform, self.config["damp"], ctx.progress_bar,
+                                 tied_head_weight=self._tied_weight(tb, uniform), bases=bases)
+        slots = width_slots(tb, bases)
+        dense, increase = loss_per_slot(model, tb, plan, slots, k, held, ids_name, ctx.progress_bar)
+        drops = [np.mean([dropped_energy(plan.spectra[j]) for j in slot], axis=0) for slot in slots]
+        per_slot = allocate_widths(increase, drops, slot_cost(tb, plan, slots), k, d, self.config["multiple"])
+        log.info("slice: allocated widths %s (held-out loss %.4f; increase per block at width %d: %s)",
+                 widths_text(per_slot), dense, k, ", ".join(f"{v:+.4f}" for v in increase))
+        return basis_widths(tb, bases, k, dict(enumerate(per_slot))), {
+            "widths": widths_text(per_slot), "allocate": "loss", "heldout_windows": int(sum(len(f[ids_name]) for f in held)),
+            "heldout_loss": round(dense, 4), "loss_increase": [round(v, 4) for v in increase]}

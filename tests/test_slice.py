@@ -502,3 +502,98 @@ def test_slice_warns_when_the_shortcuts_outweigh_the_savings(reference_onnx, cap
         big = _compile(path, "slice(sparsity=0.5,bases=half-block)", calibration=calib)
     assert big.report.rows[2].notes["parameters_after"] < big.report.rows[2].notes["parameters_before"]
     assert not any("outweigh" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# allocate=loss: widths chosen by measured sensitivity
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_allocate_widths_spends_the_budget_where_the_loss_is():
+    from modelsurgeon.passes.slice import parse_widths
+    from modelsurgeon.width_allocation import allocate_widths, dropped_energy, width_floor, widths_text
+
+    d, k, spectrum = 64, 48, np.linspace(2.0, 0.1, 64)
+    drop = dropped_energy(spectrum)
+    assert drop[0] == 1.0 and drop[-1] == pytest.approx(0.0, abs=1e-12) and np.all(np.diff(drop) < 0)
+    assert width_floor(576, 432, 8) == 288 and width_floor(64, 8, 8) == 8
+    # the same everywhere: the uniform width
+    def linear(costs):
+        return lambda widths: np.dot(costs, widths)
+
+    assert allocate_widths([0.1] * 4, [drop] * 4, linear([1.0] * 4), k, d, 8) == [48] * 4
+    # a sensitive basis takes width from insensitive ones; one that does not mind (zero or less) drops to the floor
+    widths = allocate_widths([0.5, 0.05, 0.05, -0.01], [drop] * 4, linear([1.0] * 4), k, d, 8)
+    assert widths[0] > 48 and widths[3] == width_floor(d, k, 8) and sum(widths) <= 4 * k
+    assert all(w % 8 == 0 and width_floor(d, k, 8) <= w <= d for w in widths)
+    # an expensive basis with the same sensitivity gives up width to cheap ones; the cost never exceeds uniform's
+    costs = [10.0, 1.0, 1.0, 1.0]
+    widths = allocate_widths([0.1] * 4, [drop] * 4, linear(costs), k, d, 8)
+    assert widths[0] < 48 < widths[1] and np.dot(costs, widths) <= np.dot(costs, [k] * 4)
+    # several resources: each stays within its budget (here a product term, like a shortcut matrix between two)
+    both = lambda w: np.array([np.dot(costs, w), w[0] * w[1] + np.sum(w)])  # noqa: E731
+    widths = allocate_widths([0.5, 0.5, 0.01, 0.01], [drop] * 4, both, k, d, 8)
+    assert np.all(both(np.array(widths)) <= both(np.full(4, k))) and widths[1] > 48
+    assert widths_text([64, 64, 32, 40, 40]) == "0-1:64;2:32;3-4:40"
+    assert parse_widths(widths_text([64, 64, 32, 40, 40]), 64) == dict(enumerate([64, 64, 32, 40, 40]))
+
+
+@pytest.mark.parametrize("tie,slot", [(True, 0), (False, 2)])
+def test_loss_per_slot_matches_the_model_sliced_at_that_slot(reference_onnx, tie, slot):
+    """The loss increase measured for a slot equals that of the compiled model with only that slot sliced: slot 0
+    of a model whose head is tied to the embedding (Q_0 also serves the head), and the final stream of one whose
+    head is not."""
+    from modelsurgeon.calibration import CalibrationData
+    from modelsurgeon.passes.fold_norms import head_is_tied
+    from modelsurgeon.passes.slice import compute_rotations, loss_per_slot, width_slots
+    from modelsurgeon.runtime.evaluate import next_token_nll
+
+    path = reference_onnx("llama", 18, tie=tie)
+    calib = synthesize(ir.load(path), num_samples=24, seq_len=16, seed=3)
+    fit, held = calib.split(16)
+    folded = _compile(path, "fold-norms").model
+    tb = find_blocks(folded)
+    assert head_is_tied(tb) == tie
+    widths = [64, 64, 64]
+    widths[slot] = 48
+    plan = compute_rotations(folded, tb, list(fit.batches(8)), widths, 0.01, tied_head_weight=8.0 if tie else 0.0)
+    slots = width_slots(tb, "block")
+    dense, increase = loss_per_slot(folded, tb, plan, slots, 48, list(held.batches(8)), "input_ids")
+    spec = ";".join(f"{i}:64" for i in range(3) if i != slot)
+    sliced = _compile(path, f"slice(sparsity=0.25,widths={spec})", calibration=CalibrationData(fit.arrays))
+    assert sliced.report.rows[2].notes["tied_head_weight"] == (8.0 if tie else 0.0)
+
+    def loss(model):
+        nll, n = next_token_nll(run_model(model, held.arrays)["logits"], held.arrays["input_ids"])
+        return nll / n
+
+    assert dense == pytest.approx(loss(ir.load(path)), rel=1e-5)
+    assert increase[slot] == pytest.approx(loss(sliced.model) - dense, rel=1e-3, abs=1e-5)
+    assert abs(increase[slot]) > 1e-4
+
+
+def test_allocate_loss_keeps_the_cost_and_reports_its_widths(reference_onnx):
+    from modelsurgeon.passes.slice import parse_widths
+
+    path = reference_onnx("llama", 18, layers=4)
+    calib = synthesize(ir.load(path), num_samples=32, seq_len=16, seed=3)
+    uniform = _compile(path, "slice(sparsity=0.25)", calibration=calib)
+    result = _compile(path, "slice(sparsity=0.25,allocate=loss)", calibration=calib)
+    notes = result.report.rows[2].notes
+    widths = parse_widths(notes["widths"], 64)
+    assert sorted(widths) == list(range(5)) and len(notes["loss_increase"]) == 5 and notes["heldout_windows"] == 4
+    assert all(w % 8 == 0 and 32 <= w <= 64 for w in widths.values()) and len(set(widths.values())) > 1
+    for measure in ("parameters", "macs"):  # no larger and no slower than the uniform slice
+        assert getattr(result.report.rows[-1], measure) <= getattr(uniform.report.rows[-1], measure)
+    # the widths it reports reproduce the model when given back
+    again = _compile(path, f"slice(sparsity=0.25,widths={notes['widths']})", calibration=calib)
+    feeds = _fresh_feeds(ir.load(path))
+    assert _rel(run_model(again.model, feeds)["logits"], run_model(result.model, feeds)["logits"]) < 1e-4
+    with pytest.raises(UserError, match="give one of them"):
+        _compile(path, "slice(allocate=loss,widths=0:64)", calibration=calib)
+    with pytest.raises(UserError, match="at least 8 windows"):
+        _compile(path, "slice(allocate=loss)", calibration=synthesize(ir.load(path), num_samples=7, seq_len=16, seed=3))
+    from modelsurgeon.pass_api import get_pass
+
+    with pytest.raises(UserError, match="allocate"):
+        get_pass("slice")(allocate="energy")
