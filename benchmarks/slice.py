@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         models[label] = {"path": str(path), "sparsity": s, "passes": passes, "compile_s": round(seconds, 1),
                          "params": result.report.rows[-1].parameters, "file_mb": round(path.stat().st_size / 2**20, 1),
                          "kept": notes.get("kept_mean", notes.get("kept")), "energy_kept_mean": notes.get("mean_energy_kept"),
-                         "shortcuts": notes.get("shortcuts"), **({"widths": notes["widths"]} if "widths" in notes else {})}
+                         "shortcuts": notes.get("shortcuts"), **{k: notes[k] for k in ("widths", "heldout_loss", "loss_increase") if k in notes}}
         print(f"{label}: compiled in {seconds:.0f}s", file=sys.stderr, flush=True)
         del result
     models["dense"]["file_mb"] = round(pathlib.Path(dense_path).stat().st_size / 2**20, 1)
