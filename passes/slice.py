@@ -742,9 +742,9 @@ class SlicePass(Pass):
                          "';', e.g. '0-2:576;29:512' (block index = number of blocks: the final stream)",
                          check=_check_widths),
         "allocate": Option(str, "uniform", "how widths are chosen: 'uniform' (every basis keeps sparsity's width, or "
-                           "what widths says) or 'loss' (language models: measure on held-out calibration batches how "
-                           "much each block's basis alone costs in next-token loss, and spread the same MACs so that "
-                           "insensitive blocks lose more width; docs/slice.md)", choices=("uniform", "loss")),
+                           "what widths says) or 'loss' (language models: measure on held-out calibration windows how "
+                           "much each block's basis alone costs in next-token loss, and spread the uniform slice's "
+                           "MACs and parameters so that insensitive blocks lose more width; docs/slice.md)", choices=("uniform", "loss")),
         "correct": Option(bool, False, "refit the layers that read each norm by least squares against the dense model "
                                        "(runs the dense model alongside; no effect at sparsity 0). Off by default: on "
                                        "SmolLM2 it helps with 64-128 windows of one text but hurts with the CLI's 32 "

@@ -572,13 +572,14 @@ def test_loss_per_slot_matches_the_model_sliced_at_that_slot(reference_onnx, tie
     assert abs(increase[slot]) > 1e-4
 
 
-def test_allocate_loss_keeps_the_cost_and_reports_its_widths(reference_onnx):
+@pytest.mark.parametrize("bases", ["block", "half-block"])
+def test_allocate_loss_keeps_the_cost_and_reports_its_widths(reference_onnx, bases):
     from modelsurgeon.passes.slice import parse_widths
 
     path = reference_onnx("llama", 18, layers=4)
     calib = synthesize(ir.load(path), num_samples=32, seq_len=16, seed=3)
-    uniform = _compile(path, "slice(sparsity=0.25)", calibration=calib)
-    result = _compile(path, "slice(sparsity=0.25,allocate=loss)", calibration=calib)
+    uniform = _compile(path, f"slice(sparsity=0.25,bases={bases})", calibration=calib)
+    result = _compile(path, f"slice(sparsity=0.25,allocate=loss,bases={bases})", calibration=calib)
     notes = result.report.rows[2].notes
     widths = parse_widths(notes["widths"], 64)
     assert sorted(widths) == list(range(5)) and len(notes["loss_increase"]) == 5 and notes["heldout_windows"] == 4
@@ -586,7 +587,7 @@ def test_allocate_loss_keeps_the_cost_and_reports_its_widths(reference_onnx):
     for measure in ("parameters", "macs"):  # no larger and no slower than the uniform slice
         assert getattr(result.report.rows[-1], measure) <= getattr(uniform.report.rows[-1], measure)
     # the widths it reports reproduce the model when given back
-    again = _compile(path, f"slice(sparsity=0.25,widths={notes['widths']})", calibration=calib)
+    again = _compile(path, f"slice(sparsity=0.25,bases={bases},widths={notes['widths']})", calibration=calib)
     feeds = _fresh_feeds(ir.load(path))
     assert _rel(run_model(again.model, feeds)["logits"], run_model(result.model, feeds)["logits"]) < 1e-4
     with pytest.raises(UserError, match="give one of them"):
