@@ -57,7 +57,7 @@ def allocate_widths(loss_increase: list[float], drops: list[np.ndarray], cost, k
     widths = np.full(n, width_floor(d, k, multiple), dtype=np.int64)
     spent = np.atleast_1d(np.asarray(cost(widths), np.float64))
     while True:
-        best, best_j, best_cost = -np.inf, -1, None
+        best, best_j, best_step, best_cost = -np.inf, -1, 0, None
         for j in range(n):
             step = min(multiple, d - int(widths[j]))
             if step <= 0:
@@ -70,10 +70,10 @@ def allocate_widths(loss_increase: list[float], drops: list[np.ndarray], cost, k
             extra = float(np.sum(np.maximum(after - spent, 0.0) / np.maximum(budget, 1e-300)))
             gain = slope[j] * (drop[j][widths[j]] - drop[j][widths[j] + step]) / max(extra, 1e-300)
             if gain > best:
-                best, best_j, best_cost = gain, j, after
+                best, best_j, best_step, best_cost = gain, j, step, after
         if best_j < 0:
             break
-        widths[best_j] += min(multiple, d - int(widths[best_j]))
+        widths[best_j] += best_step
         spent = best_cost
     return [int(w) for w in widths]
 

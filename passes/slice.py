@@ -223,10 +223,7 @@ def basis_widths(tb: TransformerBlocks, bases: str, k: int, overrides: dict[int,
     """The kept width of every basis: k, except where `overrides` (block index -> width; index len(blocks) is the
     final stream, which the head reads) says otherwise. With `bases=half-block` a block's width holds for both of
     its bases (attention input and MLP input)."""
-    per_block = [overrides.get(i, k) for i in range(len(tb.blocks) + 1)]
-    if bases == "block":
-        return per_block
-    return [per_block[i // 2] for i in range(2 * len(tb.blocks))] + [per_block[-1]]
+    return [overrides.get(i, k) for i, slot in enumerate(width_slots(tb, bases)) for _ in slot]
 
 
 def parse_widths(text: str, d: int) -> dict[int, int]:
@@ -353,7 +350,7 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
 
 
 def width_slots(tb: TransformerBlocks, bases: str) -> list[list[int]]:
-    """The bases that share one entry of the `widths` option: per block, then the final stream (`basis_widths`)."""
+    """The bases that share one entry of the `widths` option, in order: per block, then the final stream."""
     if bases == "block":
         return [[i] for i in range(len(tb.blocks) + 1)]
     return [[2 * i, 2 * i + 1] for i in range(len(tb.blocks))] + [[2 * len(tb.blocks)]]
@@ -387,10 +384,9 @@ def slot_cost(tb: TransformerBlocks, plan: SlicePlan, slots: list[list[int]]):
             pairs.append((n - 1, 0))
     if tb.final_norm is not None:
         params[n - 1] += 1
-    if tb.embedding is not None and not tied:
-        params[0] += int(const_array(tb.embedding.table).shape[0])
-    if tb.embedding is not None:
-        for _, table in tb.embedding.extra_tables + tb.embedding.added_constants:
+    if tb.embedding is not None:  # rows of the tables the embedding gathers or adds (a tied table is the head's)
+        tables = [table for _, table in tb.embedding.extra_tables + tb.embedding.added_constants]
+        for table in tables + ([] if tied else [tb.embedding.table]):
             params[0] += const_array(table).size // tb.d_model
     slot_of = {j: s for s, slot in enumerate(slots) for j in slot}
 
@@ -804,15 +800,17 @@ class SlicePass(Pass):
             raise UserError(f"slice: option widths names block {max(overrides)}, but the model has {len(tb.blocks)} "
                             f"blocks (0-{len(tb.blocks) - 1}, and {len(tb.blocks)} for the final stream)")
         widths = basis_widths(tb, self.config["bases"], k, overrides)
-        if len(set(widths)) > 1 and tb.stream_reshapes:  # resize_stream_reshapes writes one width into them all
+        allocate = self.config["allocate"] == "loss" and k < d
+        if allocate and overrides:
+            raise UserError("slice: options widths and allocate=loss both choose the widths; give one of them")
+        if (allocate or len(set(widths)) > 1) and tb.stream_reshapes:  # resize_stream_reshapes writes one width
             raise UserError("slice: the residual stream is reshaped inside the model, so every block must keep the same "
-                            "width; leave out the widths option")
-        feeds = list(calib.batches(batch_size_for(model, self.config["batch"])))
-        allocation = {}
-        if self.config["allocate"] == "loss" and k < d:
-            if overrides:
-                raise UserError("slice: options widths and allocate=loss both choose the widths; give one of them")
-            widths, allocation = self._allocate(model, tb, calib, batch_size_for(model, self.config["batch"]), k, ctx)
+                            f"width; {'use allocate=uniform' if allocate else 'leave out the widths option'}")
+        batch = batch_size_for(model, self.config["batch"])
+        feeds = list(calib.batches(batch))
+        allocation = self._allocate(model, tb, calib, batch, k, ctx) if allocate else {}
+        if allocation:
+            widths = basis_widths(tb, self.config["bases"], k, parse_widths(allocation["widths"], d))
         correct = self.config["correct"] and min(widths) < d
         if correct and len({lin.node.name for b in tb.blocks for lin in b.attn_inputs + b.mlp_inputs}) != \
                 sum(len(b.attn_inputs) + len(b.mlp_inputs) for b in tb.blocks):
@@ -831,9 +829,9 @@ class SlicePass(Pass):
             log.warning("slice: sparsity=%g keeps %d of %d dimensions, but the %d shortcut matrices (%d x %d each) "
                         "outweigh what was deleted: %d -> %d parameters; use a larger sparsity or leave slice out",
                         self.config["sparsity"], k, d, edits["shortcuts"], k, k, before, after)
-        per_block = {"widths": self.config["widths"], "kept_mean": round(float(np.mean(widths)), 1)} if overrides else {}
-        if allocation:
-            per_block = {**allocation, "kept_mean": round(float(np.mean(widths)), 1)}
+        per_block = allocation or ({"widths": self.config["widths"]} if overrides else {})
+        if per_block:
+            per_block["kept_mean"] = round(float(np.mean(widths)), 1)
         notes = {"d_model": d, "kept": k, **per_block, "blocks": len(tb.blocks), "corrected": correct, "tied_head_weight": tied_weight,
                  "parameters_before": before, "parameters_after": after,
                  "calibration_tokens": int(sum(next(iter(f.values())).size for f in feeds)),
@@ -844,8 +842,9 @@ class SlicePass(Pass):
     def _tied_weight(self, tb: TransformerBlocks, widths: list[int]) -> float:
         return self.config["tied_head_weight"] if head_is_tied(tb) and widths[0] < tb.d_model else 0.0
 
-    def _allocate(self, model: ir.Model, tb: TransformerBlocks, calib, batch: int, k: int, ctx) -> tuple[list[int], dict]:
-        """allocate=loss: per-basis widths (`compiler/width_allocation.py`) from a uniform slice fitted on all but
+    def _allocate(self, model: ir.Model, tb: TransformerBlocks, calib, batch: int, k: int, ctx) -> dict:
+        """allocate=loss: per-block widths (`compiler/width_allocation.py`, returned with what was measured, for the
+        report; `widths` in the option's syntax) from a uniform slice fitted on all but
         every 8th calibration window and measured on those held out. (Windows from many texts come text by text,
         so every 8th window samples all of them; holding out whole batches would hold out a few whole texts.)"""
         from modelsurgeon.calibration import CalibrationData
@@ -860,16 +859,16 @@ class SlicePass(Pass):
         except UserError:
             raise UserError("slice: allocate=loss needs a token-id input to score next tokens; use allocate=uniform") \
                 from None
-        if tb.stream_reshapes:
-            raise UserError("slice: the residual stream is reshaped inside the model, so every block must keep the same "
-                            "width; use allocate=uniform")
         n = calib.num_samples
         if n < 8:
             raise UserError(f"slice: allocate=loss holds out every 8th calibration window to measure the loss on, so it "
                             f"needs at least 8 windows (got {n}); give more calibration data")
         held_out = np.arange(n) % 8 == 7
-        held = list(CalibrationData({name: a[:n][held_out] for name, a in calib.arrays.items()}).batches(batch))
-        fit = list(CalibrationData({name: a[:n][~held_out] for name, a in calib.arrays.items()}).batches(batch))
+
+        def windows(mask: np.ndarray) -> list[dict]:
+            return list(CalibrationData({name: a[:n][mask] for name, a in calib.arrays.items()}).batches(batch))
+
+        held, fit = windows(held_out), windows(~held_out)
         d, bases = tb.d_model, self.config["bases"]
         uniform = basis_widths(tb, bases, k, {})
         plan = compute_rotations(model, tb, fit, uniform, self.config["damp"], ctx.progress_bar,
@@ -880,6 +879,5 @@ class SlicePass(Pass):
         per_slot = allocate_widths(increase, drops, slot_cost(tb, plan, slots), k, d, self.config["multiple"])
         log.info("slice: allocated widths %s (held-out loss %.4f; increase per block at width %d: %s)",
                  widths_text(per_slot), dense, k, ", ".join(f"{v:+.4f}" for v in increase))
-        return basis_widths(tb, bases, k, dict(enumerate(per_slot))), {
-            "widths": widths_text(per_slot), "allocate": "loss", "heldout_windows": int(sum(len(f[ids_name]) for f in held)),
-            "heldout_loss": round(dense, 4), "loss_increase": [round(v, 4) for v in increase]}
+        return {"widths": widths_text(per_slot), "allocate": "loss", "heldout_windows": int(sum(len(f[ids_name]) for f in held)),
+                "heldout_loss": round(dense, 4), "loss_increase": [round(v, 4) for v in increase]}

@@ -598,3 +598,24 @@ def test_allocate_loss_keeps_the_cost_and_reports_its_widths(reference_onnx, bas
 
     with pytest.raises(UserError, match="allocate"):
         get_pass("slice")(allocate="energy")
+
+
+def test_mixed_widths_are_refused_on_a_model_that_reshapes_its_stream(reference_onnx, monkeypatch):
+    """resize_stream_reshapes writes one width into every Reshape on the stream, so `widths` and `allocate=loss`
+    are refused, before calibrating, where the block finder saw one."""
+    from modelsurgeon import analysis
+
+    real = analysis.registered_analyses()["blocks"]
+
+    def with_a_stream_reshape(model, ctx):
+        tb = real(model, ctx)
+        tb.stream_reshapes = [next(iter(model.graph))]  # stands in for OPT's flattening Reshape
+        return tb
+
+    monkeypatch.setitem(analysis._ANALYSES, "blocks", with_a_stream_reshape)
+    path = reference_onnx("llama", 18)
+    calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
+    with pytest.raises(UserError, match="every block must keep the same width; leave out the widths option"):
+        _compile(path, "slice(sparsity=0.25,widths=1:56)", calibration=calib)
+    with pytest.raises(UserError, match="every block must keep the same width; use allocate=uniform"):
+        _compile(path, "slice(sparsity=0.25,allocate=loss)", calibration=calib)
