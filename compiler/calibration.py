@@ -29,45 +29,57 @@ class CalibrationData:
 
     arrays: dict[str, np.ndarray]
     source: str = "synthesized"
+    # (file, {array name: samples}) of each file a folder's arrays were concatenated from, in order (error messages)
+    files: list[tuple[str, dict[str, int]]] = dataclasses.field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
-        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
+        # 0-d arrays (a scalar model input) have no sample axis: every batch gets them whole
+        sized = [len(a) for a in self.arrays.values() if np.ndim(a)]
+        return min(sized) if sized else (1 if self.arrays else 0)
+
+    def rows(self, rows: slice) -> dict[str, np.ndarray]:
+        """Samples `rows` of every array (0-d arrays whole)."""
+        return {k: v[rows] if np.ndim(v) else v for k, v in self.arrays.items()}
 
     def batches(self, batch_size: int = 8, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         n = self.num_samples if limit is None else min(limit, self.num_samples)
         for start in range(0, n, batch_size):
-            yield {k: v[start:min(start + batch_size, n)] for k, v in self.arrays.items()}
+            yield self.rows(slice(start, min(start + batch_size, n)))
 
     def num_batches(self, batch_size: int = 8, limit: int | None = None) -> int:
         n = self.num_samples if limit is None else min(limit, self.num_samples)
         return -(-n // batch_size)
 
     def head(self, n: int) -> dict[str, np.ndarray]:
-        return {k: v[:n] for k, v in self.arrays.items()}
+        return self.rows(slice(None, n))
 
     def split(self, n_first: int) -> tuple["CalibrationData", "CalibrationData"]:
-        return (CalibrationData({k: v[:n_first] for k, v in self.arrays.items()}, self.source),
-                CalibrationData({k: v[n_first:] for k, v in self.arrays.items()}, self.source))
+        return (CalibrationData(self.rows(slice(None, n_first)), self.source),
+                CalibrationData(self.rows(slice(n_first, None)), self.source))
 
 
 _DTYPES = {
     ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64,
     ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.BOOL: np.bool_,
-    ir.DataType.UINT8: np.uint8, ir.DataType.INT8: np.int8,
+    ir.DataType.UINT8: np.uint8, ir.DataType.INT8: np.int8, ir.DataType.INT16: np.int16, ir.DataType.UINT16: np.uint16,
+    ir.DataType.UINT32: np.uint32, ir.DataType.UINT64: np.uint64,
 }
 
 
-def input_signature(model: ir.Model) -> list[tuple[str, np.dtype, tuple]]:
-    """(name, numpy dtype, shape with str for symbolic dims) of each graph input that is not an initializer."""
+def input_signature(model: ir.Model) -> list[tuple[str, np.dtype, tuple | None]]:
+    """(name, numpy dtype, shape with str for symbolic dims) of each graph input that is not an initializer.
+
+    The shape is None for an input declared without one (rank unknown), () for a scalar."""
     sig = []
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
             continue
         dtype = value.dtype
         if dtype not in _DTYPES:
-            raise UserError(f"input '{value.name}' has type {dtype}, which modelsurgeon cannot synthesize; pass --calib data")
-        shape = tuple((d if isinstance(d, int) else (str(d) if d is not None and str(d) else "?")) for d in (value.shape or ()))
+            raise UserError(f"input '{value.name}' has type {dtype}; modelsurgeon feeds float, integer and bool inputs only")
+        shape = None if value.shape is None else tuple(
+            (d if isinstance(d, int) else (str(d) if d is not None and str(d) else "?")) for d in value.shape)
         sig.append((value.name, np.dtype(_DTYPES[dtype]), shape))
     return sig
 
@@ -106,6 +118,9 @@ def synthesize(model: ir.Model, num_samples: int = DEFAULT_BATCH, seq_len: int =
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for name, dtype, shape in input_signature(model):
+        if shape is None:
+            raise UserError(f"input '{name}' is declared without a shape, so inputs for it cannot be made up; give "
+                            "real inputs with --calib (eval: --data), an .npz of input name -> array, samples first")
         shp = _bind(shape, num_samples, seq_len)
         lname = name.lower()
         if np.issubdtype(dtype, np.floating):
@@ -151,7 +166,8 @@ def load_folder(path: str | pathlib.Path) -> CalibrationData:
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     except ValueError as exc:
         raise UserError(f"{path}: .npz files have inconsistent shapes ({exc})") from None
-    return CalibrationData(arrays, str(path))
+    return CalibrationData(arrays, str(path), [(str(f), {k: len(p[k]) if p[k].ndim else 1 for k in keys})
+                                               for f, p in zip(files, parts)])
 
 
 def load_tokenizer(path: str | pathlib.Path):
@@ -243,10 +259,11 @@ def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | Calibra
     elif isinstance(calib, dict):
         data = CalibrationData({k: np.asarray(v) for k, v in calib.items()}, "arrays")
     elif calib is None:
+        data = synthesize(model, num_samples=num_samples, seq_len=min(seq_len, 32), seed=seed)  # refusals come alone
         if warn:
             log.warning("no calibration data given: synthesizing random inputs from the input signature "
                         "(pass --calib for statistics that match real use)")
-        return synthesize(model, num_samples=num_samples, seq_len=min(seq_len, 32), seed=seed)
+        return data
     else:
         path = pathlib.Path(calib)
         if not path.exists():
@@ -280,15 +297,72 @@ def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | Calibra
 
 
 def check_against(model: ir.Model, data: CalibrationData) -> None:
-    """Every model input is present with a compatible rank and fixed dimensions."""
+    """Every model input is present with a compatible rank, fixed dimensions and type, at least one sample, and
+    finite values; arrays are converted to the model's types here (data.arrays is updated in place)."""
     for name, dtype, shape in input_signature(model):
         if name not in data.arrays:
             raise UserError(f"calibration data ({data.source}) lacks model input '{name}'; it has {', '.join(data.arrays)}")
         arr = data.arrays[name]
-        if arr.ndim != len(shape):
-            raise UserError(f"calibration input '{name}' has rank {arr.ndim}, the model wants {len(shape)} {shape}")
-        for i, (got, want) in enumerate(zip(arr.shape, shape)):
+        if shape is not None and arr.ndim != len(shape):
+            want = "a scalar (a 0-d array, given whole to every batch)" if shape == () else f"{len(shape)} {shape}"
+            raise UserError(f"calibration input '{name}' has rank {arr.ndim}, the model wants {want}")
+        if arr.ndim == 0 and shape is None:
+            raise UserError(f"calibration input '{name}' is a single value; give samples along axis 0 (an array "
+                            "of shape [samples, ...])")
+        for i, (got, want) in enumerate(zip(arr.shape, shape or ())):
             if i > 0 and isinstance(want, int) and got != want:
                 raise UserError(f"calibration input '{name}' has shape {arr.shape}, the model wants {shape}")
+        if arr.ndim and len(arr) == 0:
+            raise UserError(f"calibration input '{name}' holds no samples (shape {arr.shape}); give at least one "
+                            "along axis 0")
+        _require_finite_input(data, name, arr, "NaN or infinite values")
         if arr.dtype != dtype:
-            data.arrays[name] = arr.astype(dtype)
+            arr = data.arrays[name] = _convert(name, arr, dtype)
+            _require_finite_input(data, name, arr, f"values too large for {dtype}")
+
+
+def _require_finite_input(data: CalibrationData, name: str, arr: np.ndarray, what: str) -> None:
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = ~np.isfinite(arr)
+        where = _file_of(data, name, int(np.argmax(bad.reshape(len(arr), -1).any(axis=1))) if arr.ndim else 0)
+        raise UserError(f"calibration input '{name}' in {where} holds {what} ({int(bad.sum())} of {arr.size}); give "
+                        "finite inputs (statistics and verification cannot use them)")
+
+
+def _convert(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`arr` as the model input's type, refusing conversions that would change the values (text, complex numbers,
+    fractions or NaN to integers, integers out of the type's range)."""
+    if arr.dtype.kind not in "biuf":
+        raise UserError(f"calibration input '{name}' holds {arr.dtype} values, the model wants {dtype}; save numeric arrays")
+    if dtype.kind in "iu" and arr.size:
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+            raise UserError(f"calibration input '{name}' holds non-integer values, the model wants {dtype}; save integers")
+        info = np.iinfo(dtype)
+        lo, hi = arr.min(), arr.max()
+        if lo < info.min or hi > info.max:
+            raise UserError(f"calibration input '{name}' holds values from {lo} to {hi}, outside the range of {dtype} "
+                            "the model wants")
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf: refused by the caller
+        return arr.astype(dtype)
+
+
+def _file_of(data: CalibrationData, name: str, sample: int) -> str:
+    """The file holding sample `sample` of input `name` (the source itself unless it is a folder of files)."""
+    start = 0
+    for file, counts in data.files:
+        start += counts.get(name, 0)
+        if sample < start:
+            return file
+    return data.source
+
+
+def require_finite(stat: np.ndarray, value: str, who: str) -> np.ndarray:
+    """`stat`, a statistic (Hessian, covariance, range, ...) a pass accumulated from activation `value` on the
+    calibration data, if it is finite; else one line saying so (rather than a crash in numpy or scipy later).
+
+    Calibration inputs are checked for NaN and Inf when loaded (`check_against`), so a non-finite statistic
+    means the model itself produces NaN or Inf (or values too large to square in float32) on those inputs."""
+    if not np.all(np.isfinite(stat)):
+        raise UserError(f"{who}: activation '{value}' is NaN or infinite (or too large) on the calibration data, so "
+                        "its statistics are too; check that the model runs correctly on its calibration inputs (--calib)")
+    return stat

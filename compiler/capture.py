@@ -14,14 +14,17 @@ import onnx_ir as ir
 
 from modelsurgeon.calibration import CalibrationData
 from modelsurgeon.errors import UserError
+from modelsurgeon.runtime.detached_weights import DetachedModel, detach_weights
 
 
-def _with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    proto = ir.serde.serialize_model(model)
+def _with_outputs(model: ir.Model, names: Sequence[str]) -> DetachedModel:
+    """The model's weightless protobuf (weights detached, not copied) with `names` added as outputs."""
+    detached = detach_weights(model)
+    proto = detached.proto
     existing = {o.name for o in proto.graph.output}
     missing = [n for n in names if n not in existing]
     if not missing:
-        return proto
+        return detached
     known: dict[str, onnx.ValueInfoProto] = {vi.name: vi for vi in proto.graph.value_info}
     known.update({vi.name: vi for vi in proto.graph.input})
     if any(n not in known for n in missing):
@@ -44,7 +47,7 @@ def _with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         else:
             raise UserError(f"cannot capture '{name}': no value of that name in the model")
-    return proto
+    return detached
 
 
 class ActivationCapture:
@@ -52,12 +55,10 @@ class ActivationCapture:
 
     def __init__(self, model: ir.Model, names: Sequence[str], providers: Sequence[str] | None = None,
                  accuracy_level: int | None = 0):
-        from modelsurgeon.runtime.session import external_base_dir, make_session
+        from modelsurgeon.runtime.session import make_session
 
         self.names = list(dict.fromkeys(names))
-        proto = _with_outputs(model, self.names)
-        self.session = make_session(proto, providers=providers, accuracy_level=accuracy_level,
-                                    base_dir=external_base_dir(model))
+        self.session = make_session(_with_outputs(model, self.names), providers=providers, accuracy_level=accuracy_level)
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

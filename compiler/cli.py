@@ -11,10 +11,13 @@ import importlib
 import json
 import logging
 import pkgutil
+import signal
 import sys
+import threading
 import time
 import warnings
 
+from modelsurgeon.argtypes import nonnegative_int, positive_float, positive_int
 from modelsurgeon.errors import UserError
 
 log = logging.getLogger("modelsurgeon")
@@ -39,8 +42,8 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration data: .npz (input name -> array, samples first), a folder of .npz, a text file, or a "
                         "folder of .txt files (windows spread evenly over them; text needs --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (for text calibration)")
-    p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default 32)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample (default 128)")
+    p.add_argument("--num-samples", type=positive_int, default=32, help="calibration samples (default 32)")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per text sample (default 128)")
 
 
 def cmd_compile(args) -> int:
@@ -49,9 +52,7 @@ def cmd_compile(args) -> int:
 
     if not args.passes and not args.pipeline:
         raise UserError("say what to run: --passes 'cleanup' or --pipeline FILE.json (list passes with `modelsurgeon passes`)")
-    check_output_path(args.output, [args.model])
-    if args.report:
-        check_output_path(args.report, [args.model])
+    check_output_path(args.output, args.model, report=args.report)
     if args.num_samples < 1 or args.seq_len < 1:
         raise UserError("--num-samples and --seq-len must be positive")
     from modelsurgeon.pipeline import build_pipeline, load_pipeline_file, parse_passes
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", help="e.g. 'slice(sparsity=0.25),quant4(block=32,algo=gptq)'")
     p.add_argument("--pipeline", help="JSON pipeline file instead of --passes")
     _add_calibration(p)
-    p.add_argument("--max-error", type=float, help="stop at the pass whose output error (relative L2, worst output) exceeds this")
+    p.add_argument("--max-error", type=positive_float, help="stop at the pass whose output error (relative L2, worst output) exceeds this")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison after each pass")
     p.add_argument("--no-cleanup", action="store_true", help="do not append the cleanup pass")
     p.add_argument("--report", help="also write the report as JSON here")
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--groups", action="store_true", help="print the coupled channel groups (pruning analysis)")
     p.add_argument("--no-blocks", action="store_true", help="skip the transformer block finder")
-    p.add_argument("--top", type=int, default=10, help="how many of the largest weights to list")
+    p.add_argument("--top", type=nonnegative_int, default=10, help="how many of the largest weights to list")
     p.add_argument("--json", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
@@ -166,9 +167,26 @@ def _configure_logging(args) -> None:
         warnings.filterwarnings("ignore")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that every `finally` removes its temporary files."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _main(argv, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -182,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"modelsurgeon: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("modelsurgeon: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:  # output piped into `head` and friends: not an error
         import os
 

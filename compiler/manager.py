@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pathlib
+import re
 import time
 from typing import Any, Sequence
 
@@ -67,6 +69,50 @@ def verification_feeds(model: ir.Model, calibration: calib_mod.CalibrationData |
     return data.arrays
 
 
+def ort_reason(exc: BaseException, limit: int = 240) -> str:
+    """The part of an ONNX Runtime error a user can act on: no status prefix, no C++ file and function signature."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed:\s*", "", text)
+    text = re.sub(r"\S+\.(?:h|cc|cpp):\d+ (?:[\w:~<>,&* ]+\([^()]*\)\s*)?", "", text)
+    return text[:limit].rstrip() or type(exc).__name__
+
+
+def check_interface(model: ir.Model) -> None:
+    """Every graph input and output declares a shape (the ONNX checker, run after every pass, requires one)."""
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+        for value in values:
+            if value.shape is None and not value.is_initializer():
+                raise UserError(f"the model's {kind} '{value.name}' is declared without a shape, which ONNX requires; "
+                                "re-export it with shapes (symbolic dimensions such as 'batch' are fine)")
+
+
+def _feeds_source(calib: calib_mod.CalibrationData | None) -> str:
+    if calib is not None and calib.source != "synthesized" and calib.num_samples:
+        return f"first samples of {calib.source}"
+    return "synthesized sample inputs"
+
+
+def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarray], providers: list[str] | None,
+                                     pipeline: Sequence[Pass]) -> None:
+    """With --no-verify the compile needs ONNX Runtime only for passes that calibrate (they run the model on the
+    calibration data): those are refused in one line, naming the op, when ORT cannot run the input model; other
+    pipelines go on without ORT (no MACs in the report), with a warning saying so."""
+    from modelsurgeon.runtime.session import run_model
+
+    try:
+        run_model(model, feeds, providers=providers, accuracy_level=0)
+        return
+    except Exception as exc:
+        reason = ort_reason(exc)
+    calibrating = [p.name for p in pipeline if p.needs_calibration]
+    if calibrating:
+        raise UserError(f"{calibrating[0]} runs the model in ONNX Runtime on calibration data, but ONNX Runtime cannot "
+                        f"run it ({reason}); fix the model, or leave out the passes that calibrate") from None
+    log.warning("ONNX Runtime cannot run the input model (%s): compiling without it (--no-verify), so the report "
+                "has no MACs", reason)
+
+
 def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inputs: Any = None,
             calibration: Any = None, tokenizer: str | None = None, num_samples: int = 32, seq_len: int = 128,
             verify: bool = True, max_error: float | None = None, cleanup: bool = True, progress: bool = True,
@@ -77,8 +123,11 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
     and Pass instances. Returns the compiled model and its report; call `.save(path)` to write it.
     """
     input_path = str(model) if isinstance(model, (str, pathlib.Path)) else None
+    if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
+        raise UserError(f"--max-error must be a positive number (a relative L2 error such as 0.05), not {max_error}")
     pipeline = build_pipeline(_as_specs(passes), cleanup=cleanup)
     model = as_model(model, example_inputs, opset=export_opset)
+    check_interface(model)
     needs_calib = any(p.needs_calibration for p in pipeline)
     calib = None
     if calibration is not None or needs_calib:
@@ -89,14 +138,21 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
                     calibration=None if calib is None else calib.source)
 
     feeds = verification_feeds(model, calib, seed)
-    single = {k: v[:1] for k, v in feeds.items()}
+    single = {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()}  # 0-d: a scalar input, no sample axis
     verifier = None
     if verify:
         try:
             verifier = Verifier(model, feeds, providers)
         except Exception as exc:
-            raise UserError(f"the input model does not run in ONNX Runtime ({str(exc).strip().splitlines()[0][:200]}); "
+            raise UserError(f"the input model does not run in ONNX Runtime ({ort_reason(exc)}); "
                             "fix the model or pass --calib inputs that fit it") from None
+        bad = [k for k, v in verifier.reference.items()
+               if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+        if bad:
+            raise UserError(f"the input model outputs NaN or Inf in '{bad[0]}' on the {_feeds_source(calib)}, so there "
+                            "is nothing to verify against; pass --calib inputs it runs correctly on")
+    else:
+        _check_runs_without_verification(model, single, providers, pipeline)
     report.rows.append(PassRow("(input)", **model_stats(model, single)))
     previous = verifier.reference if verifier else None
 

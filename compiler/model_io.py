@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import onnx_ir as ir
 
 from modelsurgeon.errors import UserError
+from modelsurgeon.write_targets import check_targets, data_file_of, protected_files
 
 # Domains ONNX Runtime's stock CPU/CUDA builds know, plus our own custom-op domain.
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc",
@@ -82,46 +83,44 @@ def model_bytes(model: ir.Model) -> int:
     return total
 
 
-def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> pathlib.Path:
-    """Fail early (before any work) when the output cannot be written or would overwrite an input."""
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None,
+                      report: str | os.PathLike | None = None, reads: Sequence[str | os.PathLike] = ()) -> pathlib.Path:
+    """Fail early (before any work) when the output, its data file or the report cannot be written safely.
+
+    See write_targets.py: nothing may resolve to the input model, a data file it reads, or a file in `reads`."""
     out = pathlib.Path(output)
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; give an output file name such as {out / 'model.onnx'}")
-    for src in inputs:
-        src = pathlib.Path(src)
-        if src.exists() and out.exists() and os.path.samefile(src, out):
-            raise UserError(f"{out}: is the input model; choose another output path (modelsurgeon never overwrites its input)")
-        if src.exists() and out.resolve() == src.resolve():
-            raise UserError(f"{out}: is the input model; choose another output path")
-    parent = out.parent if str(out.parent) else pathlib.Path(".")
-    blocking = next((a for a in [parent, *parent.parents] if a.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise UserError(f"{out}: {blocking} is a file, not a folder; choose another output path")
-    if not parent.exists():
-        raise UserError(f"{out}: folder {parent} does not exist; create it first or choose another output path")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{out}: folder {parent} is not writable; choose another output path")
+    targets = [(out, "output"), (data_file_of(out), "output's data file")]
+    if report is not None:
+        targets.append((pathlib.Path(report), "report"))
+    check_targets(targets, protected_files(input_path, reads))
     return out
+
+
+def external_files(model: ir.Model) -> list[pathlib.Path]:
+    """The data files the model's tensors are still read from."""
+    return sorted({pathlib.Path(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
+                   if isinstance(v.const_value, ir.ExternalTensor)})
 
 
 def save(model: ir.Model, output: str | os.PathLike, *, external_data: bool | None = None,
          input_path: str | os.PathLike | None = None) -> pathlib.Path:
-    """Save atomically; external data (`<name>.data`) when asked or when tensors exceed 1.5 GB."""
-    out = check_output_path(output, [input_path] if input_path else [])
+    """Save atomically, self-contained: the output references only the data file written with it.
+
+    External data (`<name>.data`) is used when asked, when tensors exceed 1.5 GB, or when the model still reads
+    tensors from another file (the input's): those are streamed into the output's own data file, never left
+    as references that break once the output is moved."""
+    reads = external_files(model)
+    out = check_output_path(output, input_path, reads=reads)
     if external_data is None:
-        external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = out.name + ".data"
-    if input_path is not None:
-        in_data = {pathlib.Path(v.const_value.base_dir, v.const_value.location).resolve()
-                   for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
-        if external_data and (out.parent / data_name).resolve() in in_data:
-            raise UserError(f"{out}: its external data file would overwrite the input's; choose another output name")
+        external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(reads)
+    data_name = data_file_of(out).name
     tmpdir = tempfile.mkdtemp(prefix=".modelsurgeon-", dir=out.parent if str(out.parent) else ".")
     try:
         tmp_model = pathlib.Path(tmpdir) / out.name
         try:
             if external_data:
-                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+                # 64 KiB-aligned large tensors let ONNX Runtime map them from the file instead of copying them
+                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024, alignment=65536)
             else:
                 ir.save(model, tmp_model)
         except OSError as exc:
@@ -131,7 +130,7 @@ def save(model: ir.Model, output: str | os.PathLike, *, external_data: bool | No
                 raise UserError(f"{out}: model exceeds the 2 GB protobuf limit; save with external data") from exc
             raise
         if external_data:
-            os.replace(pathlib.Path(tmpdir) / data_name, out.parent / data_name)
+            os.replace(pathlib.Path(tmpdir) / data_name, data_file_of(out))
         os.replace(tmp_model, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -32,6 +32,7 @@ import dataclasses
 
 import numpy as np
 
+CHUNK_ELEMENTS = 1 << 22  # weights are quantized in column chunks of about this many entries (16 MiB in fp32)
 CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.55, 10), 3))  # ratios of the min-max range tried by clip search
 
 
@@ -58,12 +59,12 @@ class BlockQuantized:
     def n_blocks(self) -> int:
         return self.scales.shape[0]
 
-    def dequantize(self, dtype=np.float32) -> np.ndarray:
-        """The weight the quantized model computes with, [K, N]."""
+    def dequantize(self, dtype=np.float32, cols: slice = slice(None)) -> np.ndarray:
+        """The weight the quantized model computes with, [K, N] (or those of its columns in `cols`)."""
         k = self.codes.shape[0]
-        zp = np.repeat(self.zero_points.astype(np.float32), self.block_size, axis=0)[:k]
-        sc = np.repeat(self.scales.astype(np.float32), self.block_size, axis=0)[:k]
-        return ((self.codes.astype(np.float32) - zp) * sc).astype(dtype)
+        zp = np.repeat(self.zero_points[:, cols].astype(np.float32), self.block_size, axis=0)[:k]
+        sc = np.repeat(self.scales[:, cols].astype(np.float32), self.block_size, axis=0)[:k]
+        return ((self.codes[:, cols].astype(np.float32) - zp) * sc).astype(dtype, copy=False)
 
     def columns(self, start: int, stop: int) -> "BlockQuantized":
         """The quantized columns start..stop-1 (layers quantized together, e.g. q/k/v, are split this way)."""
@@ -185,15 +186,25 @@ def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: 
 
     `hessian` (X^T X [K, K], or its diagonal [K]) weighs the clip search; None searches on plain weight MSE.
     """
-    w = np.asarray(w, np.float32)
-    k, _ = w.shape
-    wb = _blocked(w, block_size)
+    k, n = w.shape
     weights = None
     if clip_search:
         weights = block_hessians(np.ones(k, np.float32) if hessian is None else hessian, block_size)
-    scale, zero = find_params(wb, bits, symmetric, clip_search, weights)
-    codes = encode(wb, scale[:, None, :], zero[:, None, :], bits).reshape(-1, w.shape[1])[:k]
-    return BlockQuantized(codes, scale, zero.astype(np.uint8), bits, block_size, symmetric)
+    codes = np.empty((k, n), np.uint8)
+    scales = np.empty((n_blocks(k, block_size), n), np.float32)
+    zeros = np.empty((n_blocks(k, block_size), n), np.uint8)
+    for cols in column_chunks(k, n):  # columns are independent: temporaries stay at one chunk's size
+        wb = _blocked(np.asarray(w[:, cols], np.float32), block_size)
+        scale, zero = find_params(wb, bits, symmetric, clip_search, weights)
+        codes[:, cols] = encode(wb, scale[:, None, :], zero[:, None, :], bits).reshape(-1, wb.shape[2])[:k]
+        scales[:, cols], zeros[:, cols] = scale, zero
+    return BlockQuantized(codes, scales, zeros, bits, block_size, symmetric)
+
+
+def column_chunks(k: int, n: int, elements: int = CHUNK_ELEMENTS) -> list[slice]:
+    """Column ranges of a [k, n] matrix holding about `elements` entries each (one range when it is small)."""
+    width = max(1, elements // max(k, 1))
+    return [slice(a, min(a + width, n)) for a in range(0, n, width)]
 
 
 def quantize_with(w: np.ndarray, like: BlockQuantized) -> np.ndarray:
@@ -220,6 +231,23 @@ def relative_output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray 
     """output_error / ||X w||^2: the layer's relative squared output error."""
     ref = output_error(np.zeros_like(w), w, hessian)
     return output_error(w, w_hat, hessian) / ref if ref > 0 else 0.0
+
+
+def quantized_relative_error(w: np.ndarray, bq: BlockQuantized, hessian: np.ndarray | None,
+                             row_scales: np.ndarray | None = None) -> float:
+    """relative_output_error(w, bq dequantized / row_scales[:, None], hessian), a chunk of columns at a time.
+
+    Both error terms are sums over output columns, so a layer of any size needs one chunk's temporaries."""
+    err = ref = 0.0
+    zero = np.zeros((w.shape[0], 1), np.float32)
+    for cols in column_chunks(*w.shape):
+        w_c = np.asarray(w[:, cols], np.float32)
+        deq = bq.dequantize(cols=cols)
+        if row_scales is not None:
+            deq /= row_scales[:, None]
+        err += output_error(w_c, deq, hessian)
+        ref += output_error(zero, w_c, hessian)
+    return err / ref if ref > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from modelsurgeon.runtime.detached_weights import detach_weights
+
 MAC_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits", "SparseQuantMatMul", "FusedMatMul", "QLinearMatMul",
            "MatMulInteger", "ConvInteger", "QLinearConv"}
 
@@ -42,9 +44,10 @@ def tensor_bytes(model: ir.Model) -> int:
 
 def file_bytes(model: ir.Model) -> int:
     """Bytes the model takes on disk: tensor data plus the serialized graph without it."""
-    proto = ir.serde.serialize_model(model)
+    proto = detach_weights(model).proto
     for init in proto.graph.initializer:
         init.ClearField("raw_data")
+        del init.external_data[:]
         for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             init.ClearField(f)
     return tensor_bytes(model) + proto.ByteSize()

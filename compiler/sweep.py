@@ -9,13 +9,15 @@ Each pipeline is compiled from the original (with verification, so a pass that b
 instead of the sweep), saved, evaluated against the original on the task data, and finally all models are
 benchmarked together, interleaved, so latency ratios are comparable. The results table is written as CSV and
 JSON (docs/results.md convention) and plotted: size against the task's headline metric, latency as colour,
-the Pareto front (smallest size for the best quality) marked.
+the Pareto front (smallest size for the best quality) marked. The plot needs matplotlib, the `plot` extra: without
+it the sweep still runs and writes the table, and says so in one warning line before it starts.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import itertools
 import json
 import logging
@@ -28,6 +30,8 @@ from modelsurgeon.errors import UserError
 from modelsurgeon.pipeline import build_pipeline, parse_passes
 
 log = logging.getLogger("modelsurgeon")
+
+PLOT_NEEDS = "the sweep plot needs matplotlib, which is not installed"
 
 MAX_RUNS = 64
 
@@ -165,10 +169,13 @@ def _num(x: Any) -> str:
 
 def plot_sweep(result: SweepResult, path: pathlib.Path) -> pathlib.Path:
     """Size (x) against quality (y), colour = latency, Pareto front joined and ringed, baseline a star."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(f"{PLOT_NEEDS}; pip install 'modelsurgeon[plot]'") from None
 
     ok = [r for r in result.rows if r["status"] == "ok" and r["quality"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=100)
@@ -231,6 +238,9 @@ def run_sweep(model: str | pathlib.Path, grids: str | Sequence[str], out_dir: st
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: is a file; give a folder for the sweep results")
+    above = next(p for p in out_dir.absolute().parents if p.exists())
+    if not out_dir.exists() and not above.is_dir():
+        raise UserError(f"{out_dir}: {above} is a file, not a folder; give a folder for the sweep results")
     pipelines = expand_grid(grids)
     if len(pipelines) > max_runs:
         raise UserError(f"the grid expands to {len(pipelines)} pipelines, more than --max-runs {max_runs}; "
@@ -238,10 +248,9 @@ def run_sweep(model: str | pathlib.Path, grids: str | Sequence[str], out_dir: st
     for p in pipelines:
         build_pipeline(parse_passes(p))  # every option checked before anything runs
     providers = check_providers(providers)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    models_dir = out_dir / "models"
-    models_dir.mkdir(exist_ok=True)
-
+    if plot and importlib.util.find_spec("matplotlib") is None:  # said before the work starts, not after it
+        log.warning("sweep: %s: writing the table only (pip install 'modelsurgeon[plot]', or --no-plot)", PLOT_NEEDS)
+        plot = False
     original = load(model)
     calib = None
     if calibration is not None:  # load once for all pipelines
@@ -259,6 +268,10 @@ def run_sweep(model: str | pathlib.Path, grids: str | Sequence[str], out_dir: st
                  "rel_l2": base_eval.metrics.get("rel_l2", 0.0), "metrics": base_eval.metrics,
                  "compile_s": 0.0, "path": str(model)})
     del original
+    # created only now that the model, the data and the evaluation have been checked: bad input leaves nothing behind
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models_dir = out_dir / "models"
+    models_dir.mkdir(exist_ok=True)
 
     for i, pipeline in enumerate(progress_bar(pipelines, desc="sweep", total=len(pipelines), enabled=progress), start=1):
         row: dict[str, Any] = {"index": i, "pipeline": pipeline, "status": "ok", "bytes": None, "size_ratio": None,

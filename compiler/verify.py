@@ -13,18 +13,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-_CHECKER_LIMIT = 1_800_000_000
+from modelsurgeon.runtime.detached_weights import detach_weights
 
 
 def structural_problems(model: ir.Model) -> list[str]:
     """Problems the ONNX checker and strict shape inference find (empty when the model is well formed).
 
-    Weights stored externally, or too big for one protobuf, are checked as typed graph inputs instead: the
-    checker looks at structure, not weight values, and refuses data files it cannot read as plain files."""
-    proto = ir.serde.serialize_model(model)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    if external or proto.ByteSize() > _CHECKER_LIMIT:
-        _weights_as_inputs(proto)
+    Large weights are detached (not copied) and checked as typed graph inputs instead: the checker looks at
+    structure, not weight values, and refuses data files it cannot read as plain files."""
+    proto = detach_weights(model).proto
+    _weights_as_inputs(proto)
     return _problems(proto, proto)
 
 

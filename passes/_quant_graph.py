@@ -157,7 +157,7 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
         if w.ndim != 2:
             skipped.append(f"{label}: weight has rank {w.ndim}, only 2-D weights are quantized")
             continue
-        w = w.astype(np.float32)
+        w = w.astype(np.float32, copy=False)  # a weight memory-mapped from external data stays mapped, not copied
         bias = None
         bias_add = None
         extra = None
@@ -167,7 +167,8 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
                 continue
             if attr(node, "transB", 0):
                 w = w.T
-            w = w * float(attr(node, "alpha", 1.0))
+            if float(attr(node, "alpha", 1.0)) != 1.0:
+                w = w * float(attr(node, "alpha", 1.0))
             beta = float(attr(node, "beta", 1.0))
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 c = const_array(node.inputs[2])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from modelsurgeon.calibration import require_finite
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, register_pass
 
@@ -67,6 +68,8 @@ def stream_similarities(model: ir.Model, ctx, stream: list[ir.Value], pairs: lis
         weight += w.sum()
         for i, j in pairs:
             sums[(i, j)] += float(w @ _cosines(out[stream[i].name], out[stream[j].name]))
+    for (i, j), total in sums.items():
+        require_finite(np.array([total]), stream[j].name, "drop-blocks")
     return {p: s / max(weight, 1e-300) for p, s in sums.items()}
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon import lowrank_math as lm
+from modelsurgeon.calibration import require_finite
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 
@@ -193,7 +194,7 @@ def input_statistics(model: ir.Model, ctx, linears: Iterable[ConstLinear], desc:
             a[0] += x.T @ x
             a[1] += np.abs(x).sum(0, dtype=np.float64)
             a[2] += x.shape[0]
-    new = {n: InputStats(c, s / max(r, 1), r) for n, (c, s, r) in acc.items()}
+    new = {n: InputStats(require_finite(c, n, desc.split(":")[0]), s / max(r, 1), r) for n, (c, s, r) in acc.items()}
     if cache is not None:
         cache.update(new)
     return {**done, **new}
@@ -231,7 +232,9 @@ def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray)
 def _take_over_output(namer: Namer, old: ir.Value, new: ir.Value) -> None:
     """Route every use of `old` (graph outputs included) to `new`, which inherits `old`'s name, type and shape."""
     name = old.name
-    new.dtype, new.shape = old.dtype, old.shape
+    if old.dtype is not None:  # an untyped intermediate keeps `new`'s own type (Tensor(None) is no type)
+        new.dtype = old.dtype
+    new.shape = old.shape
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     old.name = namer(f"{name}.replaced")
     new.name = name
@@ -481,11 +484,12 @@ class LowRankPass(Pass):
                 continue
             s = spectra[lin.name] if lin.name in spectra else spec(lin)
             a, b = s.factors(r)
+            name = lin.name  # an unnamed node's name is its output's, which factorize renames
             factorize(graph, lin, a, b, namer)
-            factored.append(f"{lin.name}: [{lin.k}x{lin.n}] -> rank {r}")
+            factored.append(f"{name}: [{lin.k}x{lin.n}] -> rank {r}")
             params_before += lin.k * lin.n
             params_after += lm.factor_params(lin.k, lin.n, r)
-            rel_errors[lin.name] = costs[lin.name].relative_error(r) ** 0.5
+            rel_errors[name] = costs[name].relative_error(r) ** 0.5
         notes = {
             "method": method,
             "layers_factored": len(factored),

@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.analyses.channel_deps import ChannelGroup, ChannelGroups, WeightUse, constant_array, is_constant
+from modelsurgeon.calibration import require_finite
 from modelsurgeon.channel_surgery import PrunePlan, apply_plan
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
@@ -282,6 +283,8 @@ def collect_statistics(model: ir.Model, groups: ChannelGroups, chosen: list[Chan
             axis = u.data_axis % x32.ndim
             other = tuple(k for k in range(x32.ndim) if k != axis)
             stats["sumsq"][u.data] = stats["sumsq"].get(u.data, 0) + np.square(x32, dtype=np.float64).sum(axis=other)
+    for value, sumsq in stats["sumsq"].items():
+        require_finite(sumsq, value.name, "prune")
     return stats
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon import quantize as Q
+from modelsurgeon.calibration import require_finite
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 from modelsurgeon.passes import _quant_graph as G
@@ -153,9 +154,8 @@ class Quant4Pass(Pass):
                              for lin in group]
             for lin, bq in zip(group, quantized):
                 w_eff = lin.weight if scales is None else (lin.weight * scales[:, None]).astype(np.float32)
-                deq = bq.dequantize() if scales is None else bq.dequantize() / scales[:, None]
                 layer = _Layer(lin, w_eff, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []))
-                layer.error = Q.relative_output_error(lin.weight, deq, hessian)
+                layer.error = Q.quantized_relative_error(lin.weight, bq, hessian, scales)
                 self._emit(model, namer, layer, bq)
                 layers.append(layer)
                 for n in layer.nodes:
@@ -170,7 +170,7 @@ class Quant4Pass(Pass):
         for lin in protected:  # precision-sensitive: 8-bit round to nearest (their error goes straight downstream)
             layer = _Layer(lin, lin.weight, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []), bits=8)
             bq = Q.quantize_rtn(lin.weight, 8, c["block"], c["symmetric"])
-            layer.error = Q.relative_output_error(lin.weight, bq.dequantize(), None)
+            layer.error = Q.quantized_relative_error(lin.weight, bq, None)
             self._emit(model, namer, layer, bq)
             layers.append(layer)
 
@@ -340,7 +340,7 @@ def _share_head_codes(model: ir.Model, namer, gather: ir.Node, head: ir.Node, v:
     return True
 
 
-def _input_statistics(runner, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _input_statistics(runner, name: str, k: int, who: str = "quant4") -> tuple[np.ndarray, np.ndarray]:
     """H = X^T X / rows ([K, K], float64) and mean |x| per channel over the calibration batches."""
     h = np.zeros((k, k), np.float64)
     absum = np.zeros(k, np.float64)
@@ -348,10 +348,11 @@ def _input_statistics(runner, name: str, k: int) -> tuple[np.ndarray, np.ndarray
     for batch in runner.values([name]):
         x = np.asarray(batch[name], np.float32)
         if x.shape[-1] != k:
-            raise UserError(f"quant4: activation '{name}' has {x.shape[-1]} channels, its layer expects {k}")
+            raise UserError(f"{who}: activation '{name}' has {x.shape[-1]} channels, its layer expects {k}")
         x = x.reshape(-1, k)
         h += x.T @ x
         absum += np.abs(x).sum(axis=0)
         rows += x.shape[0]
     rows = max(rows, 1)
+    require_finite(h, name, who)
     return h / rows, absum / rows

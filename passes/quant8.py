@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon import quantize as Q
+from modelsurgeon.calibration import require_finite
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 from modelsurgeon.passes import _quant_graph as G
@@ -173,6 +174,8 @@ class Quant8Pass(Pass):
         for which in passes:
             for out in capture.iterate(data, bs, progress=ctx.progress_bar, desc=f"quant8 {which}"):
                 for n, arr in out.items():
+                    if which == "minmax" and arr.size:  # np.min/max propagate NaN; the observer's running min would not
+                        require_finite(np.array([np.min(arr), np.max(arr)], np.float64), n, "quant8")
                     (observers[n].observe_minmax if which == "minmax" else observers[n].observe_histogram)(arr)
         return {n: o.range(c["calibrate"], c["percentile"]) for n, o in observers.items()}
 
@@ -185,7 +188,8 @@ class Quant8Pass(Pass):
         q.outputs[0].name = namer(f"{value.name}_quantized")
         dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], name=namer(f"{value.name}_DequantizeLinear"))
         dq.outputs[0].name = namer(f"{value.name}_dequantized")
-        dq.outputs[0].dtype = value.dtype
+        if value.dtype is not None:  # an untyped intermediate (no value_info) stays untyped: Tensor(None) is no type
+            dq.outputs[0].dtype = value.dtype
         dq.outputs[0].shape = value.shape
         producer = value.producer()
         if producer is not None:

@@ -37,6 +37,7 @@ import onnx_ir as ir
 
 from modelsurgeon.analyses.blocks import (Linear, TransformerBlocks, const_array, copy_type, drop_if_unused,
                                           match_linear, naming, new_initializer, unique_name)
+from modelsurgeon.calibration import require_finite
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 from modelsurgeon.passes._quant_graph import mark_keep_float
@@ -166,7 +167,7 @@ def second_moment(xs: list[np.ndarray], weights: list[np.ndarray | None]) -> np.
     """sum over tokens of x x^T, in float64 (tokens with weight 0, i.e. padding, left out)."""
     with _one_thread():
         x = _rows(xs, weights)
-        return (x.T @ x).numpy()
+        return require_finite((x.T @ x).numpy(), "residual stream", "slice")
 
 
 def project(xs: list[np.ndarray], q: np.ndarray, q_all: np.ndarray) -> list[np.ndarray]:

@@ -254,7 +254,7 @@ class SparseQuantPass(Pass):
         groups = G.group_by_input(selected)
         for group in ctx.progress_bar(groups, desc="spquant", total=len(groups)):
             G.refresh_inputs(group)
-            hessian, _ = _input_statistics(runner, group[0].x.name, group[0].shape[0])
+            hessian, _ = _input_statistics(runner, group[0].x.name, group[0].shape[0], self.name)
             for lin in group:
                 k, n = lin.shape
                 reason = self._sparse_blocker(lin)

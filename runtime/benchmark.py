@@ -123,8 +123,7 @@ def _repeat_to(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """The first `n` samples, repeating the data cyclically when it holds fewer."""
     out = {}
     for k, a in arrays.items():
-        idx = np.arange(n) % len(a)
-        out[k] = a[idx]
+        out[k] = a[np.arange(n) % len(a)] if np.ndim(a) else a  # 0-d: a scalar input, given whole
     return out
 
 
@@ -144,7 +143,7 @@ def bench_feeds(model: ir.Model, batch: int = 1, seq: int | None = None, calibra
         feeds = _repeat_to(data.arrays, batch)
         if seq is not None:
             for name, _, shape in calib_mod.input_signature(model):
-                if len(shape) > 1 and not isinstance(shape[1], int) and name in feeds and feeds[name].shape[1] != seq:
+                if shape and len(shape) > 1 and not isinstance(shape[1], int) and name in feeds and feeds[name].shape[1] != seq:
                     log.warning("--seq %d ignored for input '%s': the calibration data has length %d",
                                 seq, name, feeds[name].shape[1])
         return feeds
@@ -218,7 +217,7 @@ def _tokens(feeds: dict[str, np.ndarray], model: ir.Model) -> int | None:
     from modelsurgeon.calibration import input_signature
 
     for name, dtype, shape in input_signature(model):
-        if np.issubdtype(dtype, np.integer) and len(shape) == 2 and not isinstance(shape[1], int) and name in feeds:
+        if np.issubdtype(dtype, np.integer) and shape and len(shape) == 2 and not isinstance(shape[1], int) and name in feeds:
             return int(feeds[name].shape[0] * feeds[name].shape[1])
     return None
 

@@ -7,23 +7,21 @@ into MatMulNBits with int8 activations (4) or keeps fp32 activations (0 = exact 
 
 from __future__ import annotations
 
-import os
-import pathlib
-import shutil
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-_PROTO_LIMIT = 1_800_000_000
+from modelsurgeon.runtime.detached_weights import DetachedModel, detach_weights, is_placeholder
+
+PREPACK_LIMIT = 2**30  # bytes of weights above which sessions do not prepack them
 
 
 def session_options(threads: int | None = None, accuracy_level: int | None = None, optimization: str = "all"):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: a failed run raises with the reason, which the caller reports in one line
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
@@ -60,38 +58,36 @@ def _external_locations(proto) -> set[str]:
             for entry in t.external_data if entry.key == "location"}
 
 
-def write_with_external_data(proto, base_dir: str, folder: str | os.PathLike) -> pathlib.Path:
-    """Write `proto` as folder/model.onnx with its external data files (read from `base_dir`) beside it.
+def _session(proto, so, providers, weights: dict[str, np.ndarray] | None = None, base_dir: str | None = None):
+    """A session from a protobuf whose external data is either detached weights or files in `base_dir`.
 
-    The data files are hard-linked (ORT and the checker refuse paths that leave the model's folder,
-    symlinks included); copied where linking is impossible."""
-    for loc in _external_locations(proto):
-        target = pathlib.Path(folder) / loc
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source = pathlib.Path(base_dir, loc).resolve()
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
-    path = pathlib.Path(folder) / "model.onnx"
-    path.write_bytes(proto.SerializeToString())
-    return path
+    Nothing is written to disk: ONNX Runtime reads the remaining external files from `base_dir` in place, and
+    uses the detached arrays' buffers as they are (the session keeps them alive)."""
+    import onnxruntime as ort
 
-
-def external_base_dir(model: ir.Model) -> str | None:
-    """The folder an IR model's external tensors are read from (None when all data is in memory)."""
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            return value.const_value.base_dir
-    return None
+    if weights and sum(a.nbytes for a in weights.values()) > PREPACK_LIMIT:
+        # Prepacking would copy every MatMul weight into a second buffer; past this size memory matters more.
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if weights:
+        so.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
+        so.add_external_initializers_from_files_in_memory(list(weights), list(weights.values()),
+                                                          [a.nbytes for a in weights.values()])
+    if base_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    elif any(not is_placeholder(loc) for loc in _external_locations(proto)):
+        raise ValueError("a model with external data needs base_dir, the folder its data files are in")
+    session = ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+    session._modelsurgeon_weights = weights  # ORT reads these buffers for the session's whole life
+    return session
 
 
 def make_session(model, providers: Sequence[str] | None = None,
                  threads: int | None = None, accuracy_level: int | None = None, optimization: str = "all",
                  custom_ops: bool = True, base_dir: str | None = None):
-    """An `onnxruntime.InferenceSession` for an IR model, an onnx.ModelProto, a path or serialized bytes.
+    """An `onnxruntime.InferenceSession` for an IR model, a DetachedModel, an onnx.ModelProto, a path or bytes.
 
-    A ModelProto whose tensors are external needs `base_dir`, the folder its data files are in."""
+    Weights are never copied to a temporary file: an IR model's large initializers go to ONNX Runtime as
+    arrays in place (runtime/detached_weights.py), and a ModelProto's external data is read from `base_dir`."""
     import onnx
     import onnxruntime as ort
 
@@ -100,21 +96,11 @@ def make_session(model, providers: Sequence[str] | None = None,
         _register_custom_ops(so)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     if isinstance(model, ir.Model):
-        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-        proto = None if external else ir.serde.serialize_model(model)
-        if proto is not None and proto.ByteSize() < _PROTO_LIMIT:
-            return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
-        with tempfile.TemporaryDirectory() as tmp:  # over the protobuf limit or external: go through a file
-            path = pathlib.Path(tmp) / "model.onnx"
-            ir.save(model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(str(path), so, providers=providers)
+        model = detach_weights(model)
+    if isinstance(model, DetachedModel):
+        return _session(model.proto, so, providers, model.weights, model.base_dir)
     if isinstance(model, onnx.ModelProto):
-        if _external_locations(model):
-            if base_dir is None:
-                raise ValueError("a ModelProto with external data needs base_dir")
-            with tempfile.TemporaryDirectory() as tmp:
-                return ort.InferenceSession(str(write_with_external_data(model, base_dir, tmp)), so, providers=providers)
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        return _session(model, so, providers, base_dir=base_dir)
     if isinstance(model, (bytes, bytearray)):
         return ort.InferenceSession(bytes(model), so, providers=providers)
     return ort.InferenceSession(str(model), so, providers=providers)

@@ -32,7 +32,7 @@ def test_console_script_declared():
 @pytest.mark.slow
 def test_wheel_ships_only_the_modelsurgeon_package(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", "_build", ".cache"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", "_build", ".cache", ".venv*"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "w", src],
                           capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "MODELSURGEON_SKIP_KERNELS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

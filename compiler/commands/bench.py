@@ -6,13 +6,14 @@ import json
 import shlex
 import sys
 
+from modelsurgeon.argtypes import nonnegative_int, positive_int
 from modelsurgeon.errors import UserError
 
 
 def add_runtime_options(p) -> None:
     """ONNX Runtime options shared by bench, eval and sweep."""
     p.add_argument("--providers", help="comma-separated execution providers (default CPUExecutionProvider)")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                    help="session.qdq_matmulnbits_accuracy_level for int4 models (4: int8 activations)")
 
@@ -22,11 +23,11 @@ def providers_of(args) -> list[str] | None:
 
 
 def add_timing_options(p) -> None:
-    p.add_argument("--batch", type=int, default=1, help="samples per run (default 1)")
-    p.add_argument("--seq", type=int, help="length bound to symbolic non-batch dimensions (default 128)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
-    p.add_argument("--rounds", type=int, default=10, help="interleaved measuring rounds (default 10)")
-    p.add_argument("--number", type=int, help="runs per model per round (default: enough for ~50 ms)")
+    p.add_argument("--batch", type=positive_int, default=1, help="samples per run (default 1)")
+    p.add_argument("--seq", type=positive_int, help="length bound to symbolic non-batch dimensions (default 128)")
+    p.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed runs per model first (default 5)")
+    p.add_argument("--rounds", type=positive_int, default=10, help="interleaved measuring rounds (default 10)")
+    p.add_argument("--number", type=positive_int, help="runs per model per round (default: enough for ~50 ms)")
 
 
 def cmd_bench(args) -> int:

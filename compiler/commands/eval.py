@@ -6,6 +6,7 @@ import json
 import pathlib
 
 from modelsurgeon.commands.bench import add_runtime_options, command_line, providers_of
+from modelsurgeon.argtypes import positive_int
 from modelsurgeon.errors import UserError
 
 
@@ -21,7 +22,7 @@ def add_eval_options(p, data_required: bool = False) -> None:
                         "--tokenizer) or an .npz of model inputs (classification: plus a 'labels' array)")
     p.add_argument("--labels", help="class labels: .npy or one integer per line (classification)")
     p.add_argument("--output-name", metavar="NAME", help="the output holding logits or embeddings (default: found by name)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per ONNX Runtime run (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per ONNX Runtime run (default 8)")
 
 
 def cmd_eval(args) -> int:
@@ -47,8 +48,8 @@ def register(subparsers, add_common, add_calibration) -> None:
     p.add_argument("--reference", help="the original .onnx model to compare with")
     add_eval_options(p)
     p.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (for text --data)")
-    p.add_argument("--num-samples", type=int, default=64, help="text windows (lm), sentences or samples to use (default 64)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (lm) or most tokens per sentence (default 128)")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="text windows (lm), sentences or samples to use (default 64)")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (lm) or most tokens per sentence (default 128)")
     add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_common(p)

@@ -7,6 +7,7 @@ import json
 
 from modelsurgeon.commands.bench import add_runtime_options, command_line, providers_of
 from modelsurgeon.commands.eval import add_eval_options
+from modelsurgeon.argtypes import nonnegative_int, positive_int
 from modelsurgeon.errors import UserError
 
 
@@ -39,17 +40,17 @@ def register(subparsers, add_common, add_calibration) -> None:
                         "repeat --grid to concatenate grids")
     p.add_argument("-o", "--output", required=True, help="folder for sweep.csv, sweep.json, sweep.png and models/")
     add_eval_options(p)
-    p.add_argument("--eval-samples", type=int, default=64, help="evaluation windows/sentences/samples (default 64)")
+    p.add_argument("--eval-samples", type=positive_int, default=64, help="evaluation windows/sentences/samples (default 64)")
     add_calibration(p)
-    p.add_argument("--batch", type=int, default=1, help="benchmark: samples per run (default 1)")
-    p.add_argument("--seq", type=int, help="benchmark: length bound to symbolic non-batch dimensions (default 128)")
-    p.add_argument("--rounds", type=int, default=10, help="benchmark: interleaved rounds (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="benchmark: warm-up runs per model (default 3)")
-    p.add_argument("--number", type=int, help="benchmark: runs per model per round (default: ~50 ms worth)")
+    p.add_argument("--batch", type=positive_int, default=1, help="benchmark: samples per run (default 1)")
+    p.add_argument("--seq", type=positive_int, help="benchmark: length bound to symbolic non-batch dimensions (default 128)")
+    p.add_argument("--rounds", type=positive_int, default=10, help="benchmark: interleaved rounds (default 10)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="benchmark: warm-up runs per model (default 3)")
+    p.add_argument("--number", type=positive_int, help="benchmark: runs per model per round (default: ~50 ms worth)")
     p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check after each pass")
-    p.add_argument("--max-runs", type=int, default=MAX_RUNS, help=f"refuse grids with more pipelines (default {MAX_RUNS})")
+    p.add_argument("--max-runs", type=positive_int, default=MAX_RUNS, help=f"refuse grids with more pipelines (default {MAX_RUNS})")
     add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_common(p)
