@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(args) -> None:
     level = logging.ERROR if getattr(args, "quiet", False) else logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="modelsurgeon: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    log.setLevel(level)  # the command line's -q/-v decide, whatever a host program set on this logger before
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
     if not getattr(args, "verbose", False):
