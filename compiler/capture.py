@@ -54,11 +54,12 @@ class ActivationCapture:
     """An ORT session over a copy of `model` whose outputs are the values named in `names`."""
 
     def __init__(self, model: ir.Model, names: Sequence[str], providers: Sequence[str] | None = None,
-                 accuracy_level: int | None = 0):
+                 accuracy_level: int | None = 0, prepack: bool | None = None):
         from modelsurgeon.runtime.session import make_session
 
         self.names = list(dict.fromkeys(names))
-        self.session = make_session(_with_outputs(model, self.names), providers=providers, accuracy_level=accuracy_level)
+        self.session = make_session(_with_outputs(model, self.names), providers=providers, accuracy_level=accuracy_level,
+                                    prepack=prepack)
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from modelsurgeon.write_targets import check_targets, data_file_of, protected_fi
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc",
                  "com.ms.internal.nhwc", "ai.modelsurgeon", "pkg.onnxscript.torch_lib.common"}
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+SMALL_TENSOR_BYTES = 64 * 1024  # external tensors under this are read into memory on load
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -38,11 +39,20 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"{path}: not a valid ONNX model (no graph); re-export it or check the file is complete")
     _check_external_data(model, path)
     check_domains(model, path.name)
-    if model_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        # Small enough to hold: read external data now, so sessions can be made from bytes and the
-        # output may be written over the folder the data came from.
-        ir.external_data.load_to_model(model)
+    # Large external tensors stay where they are, read through memory maps when a pass or a session needs them:
+    # sessions take the mapped arrays in place (runtime/detached_weights.py), saving streams untouched tensors into
+    # the output's own data file, and no output may be written over a file the model reads (write_targets.py).
+    # Small ones (shapes, axes: exporters with a zero threshold put them there too) are read now, since shape
+    # inference in ONNX Runtime and in onnx cannot read external data.
+    _read_small_external(model)
     return model
+
+
+def _read_small_external(model: ir.Model) -> None:
+    values = [v for g in model.graphs() for v in g.initializers.values()
+              if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes < SMALL_TENSOR_BYTES]
+    for value, tensor in zip(values, ir.external_data.convert_tensors_from_external([v.const_value for v in values])):
+        value.const_value = tensor
 
 
 def _check_external_data(model: ir.Model, path: pathlib.Path) -> None:

@@ -115,7 +115,7 @@ def observe_shapes(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, t
                 names.append(v.name)
     if not names:
         return {}
-    cap = ActivationCapture(model, names)
+    cap = ActivationCapture(model, names, prepack=False)  # one run
     return {k: tuple(v.shape) for k, v in cap.run(feeds).items()}
 
 

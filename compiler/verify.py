@@ -98,7 +98,7 @@ class Verifier:
     def run(self, model: ir.Model) -> dict[str, np.ndarray]:
         from modelsurgeon.runtime.session import run_model
 
-        return run_model(model, self.feeds, providers=self.providers, accuracy_level=0)
+        return run_model(model, self.feeds, providers=self.providers, accuracy_level=0, prepack=False)  # runs once
 
     def check(self, model: ir.Model, *, run: bool = True, previous: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Structural checks, then an ORT run; returns problems, outputs and errors against the reference."""

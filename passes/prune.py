@@ -366,7 +366,7 @@ class Refitter:
                                      None if bias is None else np.array(constant_array(bias), dtype=np.float64).reshape(-1))
         # positions in the original node order, and a copy of the original model (the targets)
         self.original_index = {u.node: order[u.node] for u in self.layers}
-        self._original = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if self.layers else None
+        self._original = model.clone() if self.layers else None  # shares the (never mutated) weight tensors
 
     def _matrix(self, u: WeightUse, w: np.ndarray) -> np.ndarray:
         """The weight as [inputs, outputs] (conv inputs ordered channel, then kernel position)."""
@@ -479,6 +479,7 @@ class SegmentRunner:
         produced = {v.name for n in nodes for v in n.outputs if v is not None and v.name}
         live = self.state[0]
         inputs, inits, seen = [], [], set()
+        base_dir = None  # where initializers still read from the input's data file are
         for n in nodes:
             for v in _node_inputs(n):
                 if v.name in produced or v.name in seen:
@@ -489,8 +490,10 @@ class SegmentRunner:
                     inputs.append(onnx.helper.make_tensor_value_info(
                         v.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), [None] * arr.ndim))
                 elif v.const_value is not None:
-                    inits.append(ir.serde.serialize_tensor(v.const_value))
+                    inits.append(ir.serde.serialize_tensor(v.const_value))  # external data stays a reference
                     inits[-1].name = v.name
+                    if isinstance(v.const_value, ir.ExternalTensor):
+                        base_dir = str(v.const_value.base_dir)
                 else:
                     raise RuntimeError(f"segment input '{v.name}' is neither computed nor constant")
         keep = [v for n in nodes for v in n.outputs if v is not None and v.name
@@ -503,7 +506,7 @@ class SegmentRunner:
         proto.ir_version = self.model.ir_version or 8
         for f in self.model.functions.values():
             proto.functions.append(ir.serde.serialize_function(f))
-        session = make_session(proto.SerializeToString())
+        session = make_session(proto, base_dir=base_dir)
         in_names = [i.name for i in session.get_inputs()]
         out_names = [v.name for v in keep]
         for st in self.state:

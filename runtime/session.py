@@ -58,15 +58,17 @@ def _external_locations(proto) -> set[str]:
             for entry in t.external_data if entry.key == "location"}
 
 
-def _session(proto, so, providers, weights: dict[str, np.ndarray] | None = None, base_dir: str | None = None):
+def _session(proto, so, providers, weights: dict[str, np.ndarray] | None = None, base_dir: str | None = None,
+             prepack: bool | None = None):
     """A session from a protobuf whose external data is either detached weights or files in `base_dir`.
 
     Nothing is written to disk: ONNX Runtime reads the remaining external files from `base_dir` in place, and
     uses the detached arrays' buffers as they are (the session keeps them alive)."""
     import onnxruntime as ort
 
-    if weights and sum(a.nbytes for a in weights.values()) > PREPACK_LIMIT:
-        # Prepacking would copy every MatMul weight into a second buffer; past this size memory matters more.
+    if prepack is None:  # prepacking holds a second copy of every MatMul weight: past this size memory matters more
+        prepack = sum(a.nbytes for a in (weights or {}).values()) <= PREPACK_LIMIT
+    if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if weights:
         so.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
@@ -83,11 +85,13 @@ def _session(proto, so, providers, weights: dict[str, np.ndarray] | None = None,
 
 def make_session(model, providers: Sequence[str] | None = None,
                  threads: int | None = None, accuracy_level: int | None = None, optimization: str = "all",
-                 custom_ops: bool = True, base_dir: str | None = None):
+                 custom_ops: bool = True, base_dir: str | None = None, prepack: bool | None = None):
     """An `onnxruntime.InferenceSession` for an IR model, a DetachedModel, an onnx.ModelProto, a path or bytes.
 
     Weights are never copied to a temporary file: an IR model's large initializers go to ONNX Runtime as
-    arrays in place (runtime/detached_weights.py), and a ModelProto's external data is read from `base_dir`."""
+    arrays in place (runtime/detached_weights.py), and a ModelProto's external data is read from `base_dir`.
+    `prepack=False` keeps ONNX Runtime from prepacking MatMul weights (a second copy of each, worth it only for
+    sessions that run many times); None prepacks up to PREPACK_LIMIT bytes of weights."""
     import onnx
     import onnxruntime as ort
 
@@ -98,9 +102,9 @@ def make_session(model, providers: Sequence[str] | None = None,
     if isinstance(model, ir.Model):
         model = detach_weights(model)
     if isinstance(model, DetachedModel):
-        return _session(model.proto, so, providers, model.weights, model.base_dir)
+        return _session(model.proto, so, providers, model.weights, prepack=prepack)
     if isinstance(model, onnx.ModelProto):
-        return _session(model, so, providers, base_dir=base_dir)
+        return _session(model, so, providers, base_dir=base_dir, prepack=prepack)
     if isinstance(model, (bytes, bytearray)):
         return ort.InferenceSession(bytes(model), so, providers=providers)
     return ort.InferenceSession(str(model), so, providers=providers)

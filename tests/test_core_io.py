@@ -110,12 +110,13 @@ def test_lower_at_opset(opset):
     assert model.opset_imports[""] == opset
 
 
-def test_models_over_the_threshold_keep_external_data_and_still_run(tmp_path, monkeypatch):
-    """Models too big to hold stay external: verification, capture and MACs go through files, not bytes."""
+def test_external_weights_stay_mapped_and_still_run(tmp_path, monkeypatch):
+    """Weights in external data are not read on load: verification, capture and MACs read them in place, and the
+    output gets a data file of its own."""
     from modelsurgeon.capture import capture
     from modelsurgeon.calibration import synthesize
 
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(model_io, "SMALL_TENSOR_BYTES", 1024)  # W (16 KiB) counts as a large weight
     ir.save(matmul_model(), tmp_path / "big.onnx", external_data="big.onnx.data", size_threshold_bytes=0)
     model = model_io.load(tmp_path / "big.onnx")
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
@@ -126,3 +127,33 @@ def test_models_over_the_threshold_keep_external_data_and_still_run(tmp_path, mo
     assert result.report.rows[0].macs == 64 * 64
     out = result.save(tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").exists()
+
+
+EXTERNAL_PIPELINES = ["cleanup", "prune(ratio=0.25,importance=activation,reconstruct=true)", "lowrank(ratio=0.3)",
+                      "slice(sparsity=0.25),quant4(algo=gptq)", "spquant", "share(groups=2,correct=lowrank(4)),eora(rank=4)",
+                      "drop-blocks(n=1),quant4(algo=awq)", "quant8", "quant4(lm_head=true,embeddings=true)"]
+
+
+@pytest.fixture(scope="module")
+def external_llama(reference_onnx, tmp_path_factory):
+    """The reference llama with every tensor, shapes and axes included, in an external data file (as exporters
+    with a zero size threshold write them): loaded, its large weights stay memory-mapped from that file."""
+    folder = tmp_path_factory.mktemp("external-llama")
+    path = folder / "llama.onnx"
+    onnx.save(onnx.load(reference_onnx("llama")), path, save_as_external_data=True, location="llama.onnx.data",
+              size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("passes", EXTERNAL_PIPELINES)
+def test_every_pass_runs_on_weights_read_in_place(external_llama, tmp_path, passes, monkeypatch):
+    monkeypatch.setattr(model_io, "SMALL_TENSOR_BYTES", 1024)  # the tiny model's weights stay mapped, not read
+    before = {p.name: p.read_bytes() for p in external_llama.parent.iterdir()}
+    model = model_io.load(external_llama)
+    weights = [v for v in model.graph.initializers.values() if v.const_value.nbytes >= 4096]
+    assert weights and all(isinstance(v.const_value, ir.ExternalTensor) for v in weights)
+    out = modelsurgeon.compile(str(external_llama), passes, progress=False).save(tmp_path / "out.onnx")
+    assert {p.name: p.read_bytes() for p in external_llama.parent.iterdir()} == before
+    ids = np.random.default_rng(0).integers(0, 256, (1, 16)).astype(np.int64)
+    logits = run_model(str(out), {"input_ids": ids})
+    assert all(np.all(np.isfinite(v)) for v in logits.values())

@@ -60,6 +60,7 @@ CASES = {
     "report is the input's data file": (["-o", "../elsewhere.onnx", "--report", "m.onnx.data"], "report path is the input's data file"),
     "report is the output": (["-o", "../o.onnx", "--report", "../o.onnx"], "are the same file"),
     "output is /dev/null": (["-o", "/dev/null"], "not a regular file"),
+    "output is /dev/full": (["-o", "/dev/full"], "not a regular file"),
     "output is a pipe": (["-o", "fifo"], "not a regular file"),
     "output folder takes no files": (["-o", "/proc/x.onnx"], "cannot write in folder /proc"),
 }
@@ -87,7 +88,7 @@ def test_output_that_would_touch_the_input_is_refused(tmp_path, case):
     assert expect in lines[0], lines[0]
     assert _digests(folder) == before
     assert sorted(p.name for p in tmp_path.rglob("*")) == listing
-    assert pathlib.Path("/dev/null").is_char_device()
+    assert pathlib.Path("/dev/null").is_char_device() and pathlib.Path("/dev/full").is_char_device()
 
 
 def test_output_keeps_no_reference_to_the_input_data_and_runs_after_moving(tmp_path):
