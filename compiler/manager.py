@@ -27,6 +27,7 @@ from modelsurgeon.pass_api import Pass
 from modelsurgeon.pipeline import build_pipeline, load_pipeline_file, parse_passes
 from modelsurgeon.report import PassRow, Report
 from modelsurgeon.stats import model_stats
+from modelsurgeon.value_types import complete_types
 from modelsurgeon.verify import Verifier, structural_problems, worst
 
 log = logging.getLogger("modelsurgeon")
@@ -134,6 +135,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         calib = calib_mod.load_calibration(model, calibration, tokenizer=tokenizer, num_samples=num_samples,
                                            seq_len=seq_len, seed=seed, warn=needs_calib)
     ctx = PassContext(model=model, calibration=calib, progress=progress, seed=seed, providers=providers)
+    complete_types(model, ctx)  # every value typed (graphs without value_info); again after each pass
     report = Report(input=input_path or type(model).__name__, verified=verify,
                     calibration=None if calib is None else calib.source)
 
@@ -170,6 +172,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
             raise
         model = result.model
         ctx.model = model
+        complete_types(model, ctx)
         if result.modified:
             ctx.analyses.invalidate(p.preserves)
         seconds = time.perf_counter() - t0

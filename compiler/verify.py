@@ -7,12 +7,14 @@ compares every later model's outputs with it: max abs error, relative L2 error a
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from modelsurgeon import ort_schemas
 from modelsurgeon.runtime.detached_weights import detach_weights
 
 
@@ -20,7 +22,10 @@ def structural_problems(model: ir.Model) -> list[str]:
     """Problems the ONNX checker and strict shape inference find (empty when the model is well formed).
 
     Large weights are detached (not copied) and checked as typed graph inputs instead: the checker looks at
-    structure, not weight values, and refuses data files it cannot read as plain files."""
+    structure, not weight values, and refuses data files it cannot read as plain files. ONNX Runtime's own
+    operators (com.microsoft contrib ops, SimplifiedLayerNormalization) are checked against ONNX Runtime's
+    schemas (`ort_schemas`); an op neither knows is refused in the ONNX domains and skipped in others."""
+    ort_schemas.register()
     proto = detach_weights(model).proto
     _weights_as_inputs(proto)
     return _problems(proto, proto)
@@ -44,12 +49,22 @@ def _problems(checkable, proto: onnx.ModelProto) -> list[str]:
     try:
         onnx.checker.check_model(checkable)
     except Exception as exc:
-        problems.append(f"ONNX checker: {str(exc).strip().splitlines()[0]}")
+        problems.append(f"ONNX checker: {_checker_message(str(exc))}")
     try:
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=False)
     except Exception as exc:
         problems.append(f"shape inference: {str(exc).strip().splitlines()[0][:300]}")
     return problems
+
+
+def _checker_message(text: str) -> str:
+    """The checker's first line, with the node it names in its context ("Bad node spec for node. Name: n OpType: T")."""
+    first = text.strip().splitlines()[0] if text.strip() else "failed"
+    node = re.search(r"Bad node spec for node\. Name: *(\S*) +OpType: *(\S+)", text)
+    if node:
+        first = f"{first.rstrip('.')} (node '{node.group(1)}', {node.group(2)})" if node.group(1) else \
+            f"{first.rstrip('.')} ({node.group(2)} node)"
+    return first
 
 
 @dataclasses.dataclass

@@ -375,22 +375,28 @@ def replace(model: ir.Model, old_nodes: list[ir.Node], old_out: ir.Value, new_no
     drop_unused_initializers(model, old_inputs)
 
 
-def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
-    """Declare `domain` at >= `version`; the default domain is converted (onnxscript version converter)."""
+def ensure_opset(model: ir.Model, domain: str, version: int) -> bool:
+    """Declare `domain` at >= `version`; the default domain is converted (onnxscript version converter).
+
+    Returns True when the graph was rebuilt: below opset 18 onnxscript hands the conversion to onnx's C converter,
+    whose graph replaces the model's, so nodes and values taken from the model before the call no longer belong
+    to it. Call it before collecting layers, or collect them again when it returns True."""
     have = model.opset_imports.get(domain)
     if have is not None and have >= version:
-        return
+        return False
     if domain in ("", "ai.onnx") and have is not None:
         from onnxscript import version_converter
 
+        graph = model.graph
         try:
             version_converter.convert_version(model, version, fallback=True)
         except Exception as exc:
             raise UserError(f"cannot upgrade the model from opset {have} to {version} for blocked DequantizeLinear "
                             f"({str(exc).splitlines()[0][:120]}); use format=matmulnbits") from None
         model.opset_imports[""] = max(version, model.opset_imports.get("", version))
-        return
+        return model.graph is not graph
     model.opset_imports[domain] = version
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------

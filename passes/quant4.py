@@ -88,6 +88,10 @@ class Quant4Pass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
         include, exclude = c["include"], c["exclude"]
+        if c["format"] == "matmulnbits":
+            G.ensure_opset(model, "com.microsoft", 1)
+        else:
+            G.ensure_opset(model, "", 21)  # before collecting layers: converting from below opset 18 rebuilds the graph
         protected: list[G.Linear] = []  # with protected_bits=32, find_linears reports them as kept in float
         linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits",
                                           protected=protected if c["protected_bits"] == 8 else None)
@@ -109,10 +113,6 @@ class Quant4Pass(Pass):
 
         tied_heads = {id(lin.node): table for lin in selected if (table := G.tied_table(lin.node)) is not None}
         namer = G.Namer(model)
-        if c["format"] == "matmulnbits":
-            G.ensure_opset(model, "com.microsoft", 1)
-        else:
-            G.ensure_opset(model, "", 21)
 
         runner = None
         if self.needs_calibration and selected:

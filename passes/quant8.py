@@ -115,9 +115,9 @@ class Quant8Pass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         c = self.config
         skipped: list[str] = []
+        G.ensure_opset(model, "", 13)  # per-axis DequantizeLinear; first, as it may rebuild the graph
         targets = _targets(model, self._ops, c["include"], c["exclude"], skipped)
         namer = G.Namer(model)
-        G.ensure_opset(model, "", 13)  # per-axis DequantizeLinear
         gathers = self._embeddings(model, namer, skipped) if c["embeddings"] else 0
         if c["dynamic"]:
             count = self._dynamic(model, namer, targets, skipped)

@@ -218,7 +218,8 @@ class SparseQuantPass(Pass):
                        "4, 8 and 16 have a fast kernel path)", choices=(1, 4, 8, 16)),
     }
 
-    def run(self, model: ir.Model, ctx) -> PassResult:
+    def _select(self, model: ir.Model) -> tuple[list[G.Linear], list[G.Linear], list[str]]:
+        """(layers to compress, precision-sensitive layers stored at 8 bits, skipped layers with reasons)."""
         c = self.config
         include, exclude = c["include"], c["exclude"]
         protected: list[G.Linear] = []  # with protected_bits=32, find_linears reports them as kept in float
@@ -237,6 +238,13 @@ class SparseQuantPass(Pass):
                 skipped.append(f"{lin.name}: K={lin.shape[0]} is below the smallest block (16)")
             else:
                 selected.append(lin)
+        return selected, protected, skipped
+
+    def run(self, model: ir.Model, ctx) -> PassResult:
+        c = self.config
+        selected, protected, skipped = self._select(model)
+        if selected and F.model_opset(model) < F.MIN_OPSET and G.ensure_opset(model, "", F.MIN_OPSET):
+            selected, protected, skipped = self._select(model)  # converted from below opset 18: a new graph
         namer = G.Namer(model)
         for lin in protected:  # precision-sensitive (slice's shortcuts): 8-bit round to nearest, like quant4
             self._emit_nbits(model, namer, lin, Q.quantize_rtn(lin.weight, 8, c["block"], c["symmetric"]))
@@ -244,8 +252,6 @@ class SparseQuantPass(Pass):
             return PassResult(model, bool(protected), notes={"layers_sparse": 0, "protected_8bit": len(protected)},
                               skipped=skipped)
 
-        if F.model_opset(model) < F.MIN_OPSET:
-            G.ensure_opset(model, "", F.MIN_OPSET)
         from modelsurgeon.layerwise import LayerwiseRunner
         from modelsurgeon.passes.quant4 import _input_statistics
 
