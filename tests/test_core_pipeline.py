@@ -232,3 +232,19 @@ def test_symbolic_dims_are_bound_for_verification():
     result = modelsurgeon.compile(tiny_model(), "cleanup")
     assert result.report.rows[-1].max_abs == 0.0
     assert result.report.rows[0].macs == 8 * 16 + 16 * 4  # one sample: batch bound to 1 for MACs
+
+
+def test_input_structural_problem_is_not_blamed_on_a_pass(tmp_path):
+    """An input that ORT runs but strict shape inference rejects (an output declared narrower than computed):
+    the compile warns once and checks passes for new problems only (it used to stop at 'cleanup broke the model')."""
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+                          [onnx.numpy_helper.from_array(w, "W")])
+    path = tmp_path / "declared-too-narrow.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    result = modelsurgeon.compile(str(path), "cleanup", progress=False)
+    assert result.report.rows[-1].rel_l2 == 0.0
+    with pytest.raises(VerificationError, match="quant4"):  # a pass that does break something is still named
+        modelsurgeon.compile(str(path), "quant4(lm_head=true)", max_error=1e-9, progress=False)
