@@ -234,6 +234,42 @@ def smollm2_onnx(opset: int = 18) -> pathlib.Path:
     return _cached_export("smollm2-135m-instruct", opset, build, ["input_ids"], ["logits"], shapes)
 
 
+def smollm2_hf_signature_onnx(opset: int = 18) -> pathlib.Path:
+    """SmolLM2 as a user exports it with Hugging Face's standard signature: plain `torch.onnx.export(dynamo=True)` of
+    `forward(input_ids, attention_mask) -> logits` (Hugging Face's mask construction in the graph, the exporter's own
+    weight names, the tied head as Transpose of the shared table), without this project's lowering. Cached."""
+    if opset < 18:
+        raise UserError(f"opset {opset} is too old for the real models; use 18 or later (e.g. 18 or 23)")
+    path = cache_dir("real") / f"smollm2-135m-instruct-hf-signature-opset{opset}-v{VERSION}.onnx"
+
+    def make(target: pathlib.Path) -> None:
+        import torch
+
+        lm = smollm2_torch()
+
+        class CausalLMWithMask(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model, self.lm_head = lm.model, lm.lm_head
+
+            def forward(self, input_ids, attention_mask):
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+                return self.lm_head(hidden)
+
+        ids = torch.tensor([[1, 504, 2365, 6354, 16438, 27003, 690, 260]] * 2)
+        with torch.no_grad():
+            program = torch.onnx.export(CausalLMWithMask().eval(), (ids, torch.ones_like(ids)), dynamo=True,
+                                        opset_version=opset, input_names=["input_ids", "attention_mask"],
+                                        output_names=["logits"], verbose=False,
+                                        dynamic_shapes={"input_ids": {0: "batch", 1: "seq"},
+                                                        "attention_mask": {0: "batch", 1: "seq"}})
+        partial = target.with_name(target.name + ".partial")
+        program.save(str(partial))
+        os.replace(partial, target)
+
+    return produce_once(path, make)
+
+
 # ------------------------------------------------------------------------------------------------ EfficientNet
 
 @functools.lru_cache(maxsize=1)
