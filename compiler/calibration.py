@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -103,11 +104,26 @@ def _vocab_size(model: ir.Model, input_name: str) -> int | None:
     return None
 
 
-def _bind(shape: tuple, batch: int, seq: int) -> tuple[int, ...]:
+# A KV-cache input (past_key_values.0.key, past_key_0, past.0.value, cache.1.key ...): [batch, heads, past, head_dim]
+_KV_CACHE = re.compile(r"(^|[._/])(past|cache)([._/\d]|_key|_value|$)", re.IGNORECASE)
+
+
+def empty_past_dims(signature: list[tuple[str, np.dtype, tuple | None]]) -> set[str]:
+    """Names of the cached-sequence axis of a decoder's KV-cache inputs (axis 2 of a rank-4 `past...` input).
+
+    Made-up and text inputs bind them to 0: calibration and verification feed prompts with an empty cache, as a
+    generation loop's first step does, and the mask then spans just the prompt."""
+    return {shape[2] for name, _, shape in signature
+            if _KV_CACHE.search(name) and shape is not None and len(shape) == 4 and isinstance(shape[2], str)}
+
+
+def _bind(shape: tuple, batch: int, seq: int, empty: set[str] = frozenset()) -> tuple[int, ...]:
     out = []
     for i, d in enumerate(shape):
         if isinstance(d, int) and d > 0:
             out.append(d)
+        elif d in empty:
+            out.append(0)
         else:
             out.append(batch if i == 0 else seq)
     return tuple(out)
@@ -117,11 +133,13 @@ def synthesize(model: ir.Model, num_samples: int = DEFAULT_BATCH, seq_len: int =
     """Inputs made from the signature: normal floats, token ids within the vocabulary, all-ones masks."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
-    for name, dtype, shape in input_signature(model):
+    signature = input_signature(model)
+    empty = empty_past_dims(signature)
+    for name, dtype, shape in signature:
         if shape is None:
             raise UserError(f"input '{name}' is declared without a shape, so inputs for it cannot be made up; give "
                             "real inputs with --calib (eval: --data), an .npz of input name -> array, samples first")
-        shp = _bind(shape, num_samples, seq_len)
+        shp = _bind(shape, num_samples, seq_len, empty)
         lname = name.lower()
         if np.issubdtype(dtype, np.floating):
             if "mask" in lname:
@@ -233,11 +251,16 @@ def tokenize_texts(texts: Sequence[str], tokenizer, num_samples: int, seq_len: i
 
 
 def from_token_ids(model: ir.Model, ids: np.ndarray, source: str = "text") -> CalibrationData:
-    """Feeds for a language model's inputs from token windows: masks of ones, positions, zero token types."""
+    """Feeds for a language model's inputs from token windows: masks of ones, positions, zero token types, and an
+    empty KV cache (see `empty_past_dims`)."""
     arrays: dict[str, np.ndarray] = {}
-    for name, dtype, shape in input_signature(model):
+    signature = input_signature(model)
+    empty = empty_past_dims(signature)
+    for name, dtype, shape in signature:
         lname = name.lower()
-        if "mask" in lname:
+        if shape is not None and len(shape) == 4 and isinstance(shape[2], str) and shape[2] in empty:
+            arrays[name] = np.zeros(_bind(shape, ids.shape[0], ids.shape[1], empty), dtype)
+        elif "mask" in lname:
             arrays[name] = np.ones(ids.shape, dtype)
         elif "position" in lname:
             arrays[name] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(dtype)

@@ -85,8 +85,14 @@ def capture(model: ir.Model, names: Sequence[str], data: CalibrationData, batch_
     return {n: np.concatenate(p) if p and p[0].ndim else (p[0] if p else np.array([])) for n, p in parts.items()}
 
 
+ONE_SAMPLE_PER_RUN = "modelsurgeon.one_sample_per_run"  # model.meta: the model runs in ORT at batch 1 only
+
+
 def batch_size_for(model: ir.Model, wanted: int = 8) -> int:
-    """The batch size feeds may use: `wanted`, unless an input fixes its first dimension."""
+    """The batch size feeds may use: `wanted`, unless an input fixes its first dimension or the model runs one
+    sample at a time (the pass manager found so: `ONE_SAMPLE_PER_RUN`)."""
+    if model.meta.get(ONE_SAMPLE_PER_RUN):
+        return 1
     for value in model.graph.inputs:
         if value.name in model.graph.initializers or not value.shape or len(value.shape) == 0:
             continue

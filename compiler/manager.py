@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon import calibration as calib_mod
+from modelsurgeon.capture import ONE_SAMPLE_PER_RUN
 from modelsurgeon.context import PassContext
 from modelsurgeon.errors import UserError, VerificationError
 from modelsurgeon.model_io import as_model, save
@@ -114,6 +115,20 @@ def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarra
                 "has no MACs", reason)
 
 
+def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], providers) -> Verifier | None:
+    """A Verifier on the first sample alone, for a model that fails on a batch but runs one sample (torch's opset-23
+    RotaryEmbedding keeps cos/sin at batch 1, which ONNX Runtime 1.32 refuses for larger batches); marks the model
+    so that every pass calibrates one sample per run. None when one sample fails too, or feeds were one already."""
+    if all(np.ndim(v) == 0 or len(v) <= 1 for v in feeds.values()):
+        return None
+    try:
+        verifier = Verifier(model, {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()}, providers)
+    except Exception:
+        return None
+    model.meta[ONE_SAMPLE_PER_RUN] = True
+    return verifier
+
+
 def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inputs: Any = None,
             calibration: Any = None, tokenizer: str | None = None, num_samples: int = 32, seq_len: int = 128,
             verify: bool = True, max_error: float | None = None, cleanup: bool = True, progress: bool = True,
@@ -146,8 +161,13 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         try:
             verifier = Verifier(model, feeds, providers)
         except Exception as exc:
-            raise UserError(f"the input model does not run in ONNX Runtime ({ort_reason(exc)}); "
-                            "fix the model or pass --calib inputs that fit it") from None
+            verifier = _one_sample_verifier(model, feeds, providers)
+            if verifier is None:
+                raise UserError(f"the input model does not run in ONNX Runtime ({ort_reason(exc)}); "
+                                "fix the model or pass --calib inputs that fit it") from None
+            log.warning("the input model runs in ONNX Runtime one sample at a time only (%s): calibrating and "
+                        "verifying with batches of one", ort_reason(exc, 160))
+            feeds = verifier.feeds
         bad = [k for k, v in verifier.reference.items()
                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
         if bad:
@@ -174,6 +194,8 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
             if getattr(p, "required_by", None):  # e.g. slice's fold-norms: name the pass the user asked for
                 raise UserError(f"{p.required_by} runs {p.name} first, which refused: {exc}") from exc
             raise
+        if result.model is not model and model.meta.get(ONE_SAMPLE_PER_RUN):
+            result.model.meta[ONE_SAMPLE_PER_RUN] = True
         model = result.model
         ctx.model = model
         complete_types(model, ctx)

@@ -297,17 +297,28 @@ def venv_versions() -> dict[str, str]:
     return json.loads(proc.stdout)
 
 
-def _venv_export(arch: str, exporter: str, out: pathlib.Path) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("PYTHONPATH", None)
-    cmd = [str(VENV / "bin" / "python"), str(pathlib.Path(__file__).resolve()), "export", arch, exporter, str(out)]
+def _run_exporter(cmd: list[str], out: pathlib.Path, other_python: bool = False) -> subprocess.CompletedProcess:
+    """Run an exporter's command in `out`, offline and quiet (`other_python`: the venv's interpreter, which must
+    not see this environment's PYTHONPATH); running past EXPORT_TIMEOUT raises _TimedOut."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if other_python:
+        env["TOKENIZERS_PARALLELISM"] = "false"
+        env.pop("PYTHONPATH", None)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, env=env, cwd=out)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, env=env, cwd=out)
     except subprocess.TimeoutExpired:
         raise _TimedOut(f"export failed: timed out after {EXPORT_TIMEOUT}s") from None
+
+
+def _output_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+
+
+def _venv_export(arch: str, exporter: str, out: pathlib.Path) -> None:
+    cmd = [str(VENV / "bin" / "python"), str(pathlib.Path(__file__).resolve()), "export", arch, exporter, str(out)]
+    proc = _run_exporter(cmd, out, other_python=True)
     if proc.returncode:
-        lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        lines = _output_lines(proc)
         errors = [line for line in lines if line.startswith("corpus-worker-error: ")]
         reason = errors[-1][len("corpus-worker-error: "):] if errors else (lines[-1] if lines else f"exit {proc.returncode}")
         raise Unavailable(f"export failed: {reason}"[:300])
@@ -516,13 +527,9 @@ def genai_export(arch: str, exporter: str, out: pathlib.Path) -> None:
     precision = exporter.split("-")[1]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out / "_genai"),
            "-p", precision, "-e", "cpu", "-c", str(out / "_cache")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, env=env, cwd=out)
-    except subprocess.TimeoutExpired:
-        raise _TimedOut(f"export failed: timed out after {EXPORT_TIMEOUT}s") from None
+    proc = _run_exporter(cmd, out)
     if proc.returncode:
-        lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        lines = _output_lines(proc)
         raise Unavailable(f"export failed: {lines[-1] if lines else f'the builder exited {proc.returncode}'}"[:300])
     for file in (out / "_genai").iterdir():
         os.replace(file, out / file.name)

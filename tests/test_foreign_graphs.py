@@ -222,3 +222,36 @@ def test_genai_graph_cleans_up_and_quantizes(tmp_path):
             continue
         assert result.report.verified, passes
         assert _rel(run_model(result.model, feeds, accuracy_level=0)["y"], expected) < 0.1, passes
+
+
+def test_kv_cache_decoders_calibrate_and_verify_with_an_empty_cache():
+    """A decoder exported with a KV cache (past_key_values.N.key/value [batch, kv_heads, past, head_dim], a mask over
+    past + seq) gets made-up and text inputs with an empty past, as a generation loop's first step: before, the mask
+    took the past's made-up length and ONNX Runtime refused the model, so every pass refused it."""
+    from modelsurgeon.calibration import empty_past_dims, from_token_ids, input_signature, synthesize
+    from modelsurgeon.models import corpus
+
+    path = corpus.entry("llama/dynamo18-kv").path()
+    model = ir.load(path)
+    assert empty_past_dims(input_signature(model)) == {"past"}
+    made_up = synthesize(model, num_samples=2, seq_len=8).arrays
+    text = from_token_ids(model, np.ones((2, 8), np.int64)).arrays
+    for arrays in (made_up, text):
+        assert arrays["past_key_values.0.key"].shape == (2, 2, 0, 16) and arrays["attention_mask"].shape == (2, 8)
+    result = modelsurgeon.compile(str(path), "quant4", progress=False)
+    assert result.report.rows[-1].rel_l2 < 0.5
+
+
+def test_a_model_that_runs_one_sample_at_a_time_is_calibrated_that_way():
+    """torch's opset-23 export fuses rotary embeddings into RotaryEmbedding with cos/sin of batch 1, which ONNX Runtime
+    1.32 refuses for a batch of 2: the compile verifies and calibrates one sample per run instead of refusing."""
+    from modelsurgeon.capture import ONE_SAMPLE_PER_RUN
+    from modelsurgeon.models import corpus
+
+    path = corpus.entry("llama/dynamo23").path()
+    ids = np.ones((2, 8), np.int64)
+    with pytest.raises(Exception, match="RotaryEmbedding"):
+        run_model(str(path), {"input_ids": ids})
+    result = modelsurgeon.compile(str(path), "slice(sparsity=0.25)", progress=False)
+    assert result.model.meta.get(ONE_SAMPLE_PER_RUN)
+    assert run_model(result.model, {"input_ids": ids[:1]})["logits"].shape == (1, 8, 512)
