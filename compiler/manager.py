@@ -115,14 +115,15 @@ def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarra
                 "has no MACs", reason)
 
 
-def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], providers) -> Verifier | None:
+def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], single: dict[str, np.ndarray],
+                         providers) -> Verifier | None:
     """A Verifier on the first sample alone, for a model that fails on a batch but runs one sample (torch's opset-23
     RotaryEmbedding keeps cos/sin at batch 1, which ONNX Runtime 1.32 refuses for larger batches); marks the model
     so that every pass calibrates one sample per run. None when one sample fails too, or feeds were one already."""
     if all(np.ndim(v) == 0 or len(v) <= 1 for v in feeds.values()):
         return None
     try:
-        verifier = Verifier(model, {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()}, providers)
+        verifier = Verifier(model, single, providers)
     except Exception:
         return None
     model.meta[ONE_SAMPLE_PER_RUN] = True
@@ -161,13 +162,12 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         try:
             verifier = Verifier(model, feeds, providers)
         except Exception as exc:
-            verifier = _one_sample_verifier(model, feeds, providers)
+            verifier = _one_sample_verifier(model, feeds, single, providers)
             if verifier is None:
                 raise UserError(f"the input model does not run in ONNX Runtime ({ort_reason(exc)}); "
                                 "fix the model or pass --calib inputs that fit it") from None
             log.warning("the input model runs in ONNX Runtime one sample at a time only (%s): calibrating and "
                         "verifying with batches of one", ort_reason(exc, 160))
-            feeds = verifier.feeds
         bad = [k for k, v in verifier.reference.items()
                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
         if bad:

@@ -167,8 +167,9 @@ def find_linears(model: ir.Model, fuse_bias: bool = True,
                 continue
             if attr(node, "transB", 0):
                 w = w.T
-            if float(attr(node, "alpha", 1.0)) != 1.0:
-                w = w * float(attr(node, "alpha", 1.0))
+            alpha = float(attr(node, "alpha", 1.0))
+            if alpha != 1.0:  # a copy only when the weight really changes
+                w = w * alpha
             beta = float(attr(node, "beta", 1.0))
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 c = const_array(node.inputs[2])
