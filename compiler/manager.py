@@ -95,11 +95,12 @@ def _feeds_source(calib: calib_mod.CalibrationData | None) -> str:
     return "synthesized sample inputs"
 
 
-def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarray], providers: list[str] | None,
-                                     pipeline: Sequence[Pass]) -> None:
+def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarray], single: dict[str, np.ndarray],
+                                     providers: list[str] | None, pipeline: Sequence[Pass]) -> None:
     """With --no-verify the compile needs ONNX Runtime only for passes that calibrate (they run the model on the
     calibration data): those are refused in one line, naming the op, when ORT cannot run the input model; other
-    pipelines go on without ORT (no MACs in the report), with a warning saying so."""
+    pipelines go on without ORT (no MACs in the report), with a warning saying so. A model that runs one sample at
+    a time only is marked so, as with verification."""
     from modelsurgeon.runtime.session import run_model
 
     try:
@@ -107,6 +108,8 @@ def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarra
         return
     except Exception as exc:
         reason = ort_reason(exc)
+    if _one_sample_verifier(model, feeds, single, providers, reason) is not None:
+        return
     calibrating = [p.name for p in pipeline if p.needs_calibration]
     if calibrating:
         raise UserError(f"{calibrating[0]} runs the model in ONNX Runtime on calibration data, but ONNX Runtime cannot "
@@ -116,7 +119,7 @@ def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarra
 
 
 def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], single: dict[str, np.ndarray],
-                         providers) -> Verifier | None:
+                         providers, reason: str) -> Verifier | None:
     """A Verifier on the first sample alone, for a model that fails on a batch but runs one sample (torch's opset-23
     RotaryEmbedding keeps cos/sin at batch 1, which ONNX Runtime 1.32 refuses for larger batches); marks the model
     so that every pass calibrates one sample per run. None when one sample fails too, or feeds were one already."""
@@ -127,6 +130,8 @@ def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], single: 
     except Exception:
         return None
     model.meta[ONE_SAMPLE_PER_RUN] = True
+    log.warning("the input model runs in ONNX Runtime one sample at a time only (%s): calibrating and verifying "
+                "with batches of one", reason[:160])
     return verifier
 
 
@@ -162,19 +167,17 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         try:
             verifier = Verifier(model, feeds, providers)
         except Exception as exc:
-            verifier = _one_sample_verifier(model, feeds, single, providers)
+            verifier = _one_sample_verifier(model, feeds, single, providers, ort_reason(exc))
             if verifier is None:
                 raise UserError(f"the input model does not run in ONNX Runtime ({ort_reason(exc)}); "
                                 "fix the model or pass --calib inputs that fit it") from None
-            log.warning("the input model runs in ONNX Runtime one sample at a time only (%s): calibrating and "
-                        "verifying with batches of one", ort_reason(exc, 160))
         bad = [k for k, v in verifier.reference.items()
                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
         if bad:
             raise UserError(f"the input model outputs NaN or Inf in '{bad[0]}' on the {_feeds_source(calib)}, so there "
                             "is nothing to verify against; pass --calib inputs it runs correctly on")
     else:
-        _check_runs_without_verification(model, single, providers, pipeline)
+        _check_runs_without_verification(model, feeds, single, providers, pipeline)
     report.rows.append(PassRow("(input)", **model_stats(model, single)))
     previous = verifier.reference if verifier else None
     inherited = set(structural_problems(model))  # the input's own: never blamed on a pass

@@ -255,3 +255,5 @@ def test_a_model_that_runs_one_sample_at_a_time_is_calibrated_that_way():
     result = modelsurgeon.compile(str(path), "slice(sparsity=0.25)", progress=False)
     assert result.model.meta.get(ONE_SAMPLE_PER_RUN)
     assert run_model(result.model, {"input_ids": ids[:1]})["logits"].shape == (1, 8, 512)
+    unverified = modelsurgeon.compile(str(path), "quant8", verify=False, progress=False)  # calibrates too
+    assert unverified.model.meta.get(ONE_SAMPLE_PER_RUN)
