@@ -38,4 +38,14 @@ if ! cmp -s models/corpus_exporters.txt "$EXPORTERS/requirements.installed"; the
         rm -rf "$EXPORTERS"
     fi
 fi
+
+# 4. .torchvision: torchvision 0.28.0 (the release for torch 2.13.0) for the corpus's CNNs, in its own folder that only
+#    models/corpus.py puts on sys.path: its CUDA-built extension cannot load beside the CPU torch, and installed in
+#    site-packages it would make every `import transformers` model class fail. numpy and pillow are already here.
+TORCHVISION=.torchvision
+if [ ! -f "$TORCHVISION/installed-0.28.0" ]; then
+    rm -rf "$TORCHVISION"
+    $PY -m pip install -q --no-deps --target "$TORCHVISION" "torchvision==0.28.0"
+    touch "$TORCHVISION/installed-0.28.0"
+fi
 echo "modelsurgeon: setup done"

@@ -27,15 +27,19 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPORTS = {"ours": ("smollm2_onnx", "fp32 ONNX export, opset 18"),
+           "hf-signature": ("smollm2_hf_signature_onnx", "plain torch.onnx.export(dynamo=True) of forward(input_ids, attention_mask), opset 18"),
+           "optimum": ("smollm2_optimum_onnx", "Optimum's text-generation export (TorchScript exporter)")}
 
 
-def perplexity(session, windows: np.ndarray, batch: int = 4) -> float:
+def perplexity(session, windows: np.ndarray, feeds, batch: int = 4) -> float:
+    """`feeds(ids) -> dict`: the model's inputs for a batch of token windows (masks and positions too)."""
     from modelsurgeon.runtime.evaluate import next_token_nll
 
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch):
         ids = windows[i:i + batch]
-        part, n = next_token_nll(session.run(None, {"input_ids": ids})[0], ids)
+        part, n = next_token_nll(session.run(["logits"], feeds(ids))[0], ids)
         nll, count = nll + part, count + n
     return float(np.exp(nll / count))
 
@@ -57,6 +61,10 @@ def latencies(sessions: dict[str, object], feeds: dict[str, np.ndarray], rounds:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
+    ap.add_argument("--export", default="ours", choices=sorted(EXPORTS),
+                    help="which export of SmolLM2: this project's (input_ids -> logits), a plain torch.onnx.export of "
+                         "forward(input_ids, attention_mask), or Optimum's text-generation (TorchScript, with "
+                         "attention_mask and position_ids)")
     ap.add_argument("--calib-play", default="others",
                     help="the play to calibrate on, several joined by ';' (the windows are split among them), or 'others' "
                          "for every text of the collection but --eval-play")
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     texts = real.shakespeare_texts()
     tok = load_tokenizer(real.smollm2_tokenizer())
-    dense_path = real.smollm2_onnx()
+    dense_path = getattr(real, EXPORTS[args.export][0])()
     dense = ir.load(dense_path)
     if args.calib_play == "others":
         plays = sorted(p for p in texts if p != args.eval_play)
@@ -108,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     where = f", from window {args.calib_offset}" if args.calib_offset else ""
     calib = from_token_ids(dense, calib_ids, f"{args.calib_play} ({len(calib_ids)}x{args.seq} tokens{where})")
 
+    def feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
+        return from_token_ids(dense, ids).arrays
+
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="slice-bench-"))
     models: dict[str, dict] = {"dense": {"path": str(dense_path), "sparsity": 0.0, "params": count_parameters(dense)}}
     from modelsurgeon.analyses.blocks import find_blocks
 
     d_model = find_blocks(dense).d_model
-    del dense
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     extra = f",{args.options}" if args.options else ""
     runs = [(f"slice {s:g}", f"slice(sparsity={s}{extra})", s) for s in sparsities]
@@ -143,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions = {k: make_session(v["path"]) for k, v in models.items()}
     for name, s in sessions.items():
-        models[name]["perplexity"] = round(perplexity(s, eval_ids), 3)
+        models[name]["perplexity"] = round(perplexity(s, eval_ids, feeds), 3)
         print(f"{name}: perplexity {models[name]['perplexity']}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()
     if not args.no_latency:
-        lat128 = latencies(sessions, {"input_ids": eval_ids[:1]}, args.rounds)
-        lat1 = latencies(sessions, {"input_ids": eval_ids[:1, :1]}, args.rounds * 4)
+        lat128 = latencies(sessions, feeds(eval_ids[:1]), args.rounds)
+        lat1 = latencies(sessions, feeds(eval_ids[:1, :1]), args.rounds * 4)
     load_after = os.getloadavg()
     del sessions
     if args.keep_models:
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {
         "command": "python benchmarks/slice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": "SmolLM2-135M-Instruct (fp32 ONNX export, opset 18)",
+        "model": f"SmolLM2-135M-Instruct ({EXPORTS[args.export][1]})", "export": args.export,
         "calibration": calib.source, "evaluation": f"{args.eval_play} ({len(eval_ids)}x{args.seq} tokens)",
         "slice_options": args.options or "defaults", "d_model": d_model, "onnxruntime": onnxruntime.__version__,
         "cpu_count": os.cpu_count(), "loadavg_before_latency": [round(x, 2) for x in load_before],

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-import re
 from typing import Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.errors import UserError
+from modelsurgeon.input_dims import KV_CACHE, fixed_dims
 
 log = logging.getLogger("modelsurgeon")
 
@@ -104,24 +104,25 @@ def _vocab_size(model: ir.Model, input_name: str) -> int | None:
     return None
 
 
-# A KV-cache input (past_key_values.0.key, past_key_0, past.0.value, cache.1.key ...): [batch, heads, past, head_dim]
-_KV_CACHE = re.compile(r"(^|[._/])(past|cache)([._/\d]|_key|_value|$)", re.IGNORECASE)
-
-
 def empty_past_dims(signature: list[tuple[str, np.dtype, tuple | None]]) -> set[str]:
     """Names of the cached-sequence axis of a decoder's KV-cache inputs (axis 2 of a rank-4 `past...` input).
 
     Made-up and text inputs bind them to 0: calibration and verification feed prompts with an empty cache, as a
     generation loop's first step does, and the mask then spans just the prompt."""
     return {shape[2] for name, _, shape in signature
-            if _KV_CACHE.search(name) and shape is not None and len(shape) == 4 and isinstance(shape[2], str)}
+            if KV_CACHE.search(name) and shape is not None and len(shape) == 4 and isinstance(shape[2], str)}
 
 
-def _bind(shape: tuple, batch: int, seq: int, empty: set[str] = frozenset()) -> tuple[int, ...]:
+def _bind(shape: tuple, batch: int, seq: int, empty: set[str] = frozenset(),
+          fixed: dict[int, int] | None = None) -> tuple[int, ...]:
+    """Sizes for a declared shape: its fixed sizes, those `fixed` gives (`input_dims.fixed_dims`), 0 for an empty
+    past, `batch` for axis 0 and `seq` for the rest."""
     out = []
     for i, d in enumerate(shape):
         if isinstance(d, int) and d > 0:
             out.append(d)
+        elif fixed and i in fixed:
+            out.append(fixed[i])
         elif d in empty:
             out.append(0)
         else:
@@ -135,11 +136,12 @@ def synthesize(model: ir.Model, num_samples: int = DEFAULT_BATCH, seq_len: int =
     arrays: dict[str, np.ndarray] = {}
     signature = input_signature(model)
     empty = empty_past_dims(signature)
+    fixed = fixed_dims(model)
     for name, dtype, shape in signature:
         if shape is None:
             raise UserError(f"input '{name}' is declared without a shape, so inputs for it cannot be made up; give "
                             "real inputs with --calib (eval: --data), an .npz of input name -> array, samples first")
-        shp = _bind(shape, num_samples, seq_len, empty)
+        shp = _bind(shape, num_samples, seq_len, empty, fixed.get(name))
         lname = name.lower()
         if np.issubdtype(dtype, np.floating):
             if "mask" in lname:
@@ -256,10 +258,11 @@ def from_token_ids(model: ir.Model, ids: np.ndarray, source: str = "text") -> Ca
     arrays: dict[str, np.ndarray] = {}
     signature = input_signature(model)
     empty = empty_past_dims(signature)
+    fixed = fixed_dims(model)
     for name, dtype, shape in signature:
         lname = name.lower()
         if shape is not None and len(shape) == 4 and isinstance(shape[2], str) and shape[2] in empty:
-            arrays[name] = np.zeros(_bind(shape, ids.shape[0], ids.shape[1], empty), dtype)
+            arrays[name] = np.zeros(_bind(shape, ids.shape[0], ids.shape[1], empty, fixed.get(name)), dtype)
         elif "mask" in lname:
             arrays[name] = np.ones(ids.shape, dtype)
         elif "position" in lname:

@@ -379,7 +379,20 @@ def _rewrite_mean_of_squares(site, plan: PrunePlan, editor: _Editor) -> bool:
     return True
 
 
+def _rewrite_identity_gather(site, plan: PrunePlan, editor: _Editor) -> bool:
+    """An identity gather (torch's as_strided of a contiguous tensor) reads a flat view at offsets computed for the
+    original sizes: its users read its source instead, and it is removed (its index arithmetic is left dead)."""
+    node, source = site.node, site.info["source"]
+    out = node.outputs[0]
+    if out.is_graph_output() or not (plan.changed(source) or plan.changed(out)):
+        return False
+    ir.convenience.replace_all_uses_with(out, source)
+    node.graph.remove(node, safe=True)
+    return True
+
+
 _SITE_REWRITES: dict[str, Any] = {
+    "identity_gather": _rewrite_identity_gather,
     "shape": _rewrite_shape,
     "slice": _rewrite_slice,
     "split": _rewrite_split,

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 
-from modelsurgeon.argtypes import nonnegative_int, positive_float, positive_int
+from modelsurgeon.argtypes import input_shape, nonnegative_int, positive_float, positive_int
 from modelsurgeon.errors import UserError
 
 log = logging.getLogger("modelsurgeon")
@@ -61,9 +61,12 @@ def cmd_compile(args) -> int:
     build_pipeline(specs, cleanup=not args.no_cleanup)  # validate the pipeline before loading anything big
     model = load(args.model)
     t0 = time.perf_counter()
+    shapes = dict(args.input_shape or ())
+    if len(shapes) < len(args.input_shape or ()):
+        raise UserError("--input-shape names the same input twice; give each input once")
     result = compile_model(model, specs, calibration=args.calib, tokenizer=args.tokenizer, num_samples=args.num_samples,
                            seq_len=args.seq_len, verify=not args.no_verify, max_error=args.max_error,
-                           cleanup=not args.no_cleanup, progress=not args.quiet)
+                           cleanup=not args.no_cleanup, progress=not args.quiet, input_shapes=shapes)
     result.input_path = args.model
     result.report.input = args.model
     out = result.save(args.output, external_data=True if args.external_data else None)
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", help="e.g. 'slice(sparsity=0.25),quant4(block=32,algo=gptq)'")
     p.add_argument("--pipeline", help="JSON pipeline file instead of --passes")
     _add_calibration(p)
+    p.add_argument("--input-shape", type=input_shape, action="append", metavar="NAME=D0,D1,...",
+                   help="sizes for an input's symbolic dimensions when inputs are made up (no --calib), e.g. "
+                        "pixel_values=1,3,224,224 (repeatable; the first, sample axis is chosen by calibration)")
     p.add_argument("--max-error", type=positive_float, help="stop at the pass whose output error (relative L2, worst output) exceeds this")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison after each pass")
     p.add_argument("--no-cleanup", action="store_true", help="do not append the cleanup pass")

@@ -66,6 +66,10 @@ def analysis_description(model: ir.Model, name: str) -> str | None:
 
     if name not in registered_analyses():
         return None
+    if name == "blocks":  # what the structural passes see: they run `canonicalize` first (the model is inspect's own)
+        from modelsurgeon.canonical import canonicalize
+
+        canonicalize(model)
     ctx = PassContext(model=model, progress=False)
     result = ctx.analysis(name)
     if result is None:

@@ -23,17 +23,17 @@ from modelsurgeon import calibration as calib_mod
 from modelsurgeon.capture import ONE_SAMPLE_PER_RUN
 from modelsurgeon.context import PassContext
 from modelsurgeon.errors import UserError, VerificationError
+from modelsurgeon.input_dims import INPUT_SHAPES, SOURCE_PATH, guessed_dims, input_shape_example, set_input_shapes
 from modelsurgeon.model_io import as_model, save
-from modelsurgeon.pass_api import Pass
+from modelsurgeon.pass_api import Pass, Stage
 from modelsurgeon.pipeline import build_pipeline, load_pipeline_file, parse_passes
 from modelsurgeon.report import PassRow, Report
 from modelsurgeon.stats import model_stats
 from modelsurgeon.value_types import complete_types
-from modelsurgeon.verify import Verifier, structural_problems, worst
+from modelsurgeon.verify import EXACT_REL_L2, Verifier, exact_bound, structural_problems, worst
 
 log = logging.getLogger("modelsurgeon")
 
-EXACT_REL_L2 = 1e-4  # an exact pass may move outputs by at most this (relative L2, fp32 round-off)
 VERIFY_SAMPLES = 2
 
 
@@ -95,6 +95,22 @@ def _feeds_source(calib: calib_mod.CalibrationData | None) -> str:
     return "synthesized sample inputs"
 
 
+def _run_hint(model: ir.Model, calib: calib_mod.CalibrationData | None) -> str:
+    """How to make a model that fails on made-up inputs run: the sizes of its float inputs that nothing fixed
+    (`input_dims`), as an --input-shape to fill in, or real inputs."""
+    if calib is not None and calib.source != "synthesized" and calib.num_samples:
+        return "fix the model or pass --calib inputs that fit it"
+    guessed = guessed_dims(model, calib_mod.empty_past_dims(calib_mod.input_signature(model)))
+    if not guessed and model.meta.get(INPUT_SHAPES):
+        return "check the sizes given with --input-shape, or pass --calib inputs that fit it"
+    if not guessed:
+        return "fix the model or pass --calib inputs that fit it"
+    names = list(dict.fromkeys(g.split(": ", 1)[0] for g in guessed))
+    examples = [f"--input-shape {input_shape_example(model, name)}" for name in names]
+    return (f"made-up inputs guessed sizes nothing in the model or its folder fixes ({', '.join(guessed)}): give "
+            f"them with {' '.join(examples)}, or pass --calib inputs that fit it")
+
+
 def _check_runs_without_verification(model: ir.Model, feeds: dict[str, np.ndarray], single: dict[str, np.ndarray],
                                      providers: list[str] | None, pipeline: Sequence[Pass]) -> None:
     """With --no-verify the compile needs ONNX Runtime only for passes that calibrate (they run the model on the
@@ -138,11 +154,14 @@ def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], single: 
 def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inputs: Any = None,
             calibration: Any = None, tokenizer: str | None = None, num_samples: int = 32, seq_len: int = 128,
             verify: bool = True, max_error: float | None = None, cleanup: bool = True, progress: bool = True,
-            providers: list[str] | None = None, seed: int = 0, export_opset: int = 18) -> CompileResult:
+            providers: list[str] | None = None, seed: int = 0, export_opset: int = 18,
+            input_shapes: dict[str, Sequence[int]] | None = None) -> CompileResult:
     """Compile `model` (path, onnx/IR model or torch module + example_inputs) through `passes`.
 
     `passes` is a `--passes` string, a JSON pipeline path, or a list of strings, (name, options) pairs
-    and Pass instances. Returns the compiled model and its report; call `.save(path)` to write it.
+    and Pass instances. `input_shapes` ({input name: sizes}) sizes the dimensions an input leaves symbolic
+    for made-up inputs (`input_dims`; a symbolic first axis stays the sample axis). Returns the compiled
+    model and its report; call `.save(path)` to write it.
     """
     input_path = str(model) if isinstance(model, (str, pathlib.Path)) else None
     if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
@@ -150,6 +169,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
     pipeline = build_pipeline(_as_specs(passes), cleanup=cleanup)
     model = as_model(model, example_inputs, opset=export_opset)
     check_interface(model)
+    set_input_shapes(model, input_shapes)
     needs_calib = any(p.needs_calibration for p in pipeline)
     calib = None
     if calibration is not None or needs_calib:
@@ -170,7 +190,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
             verifier = _one_sample_verifier(model, feeds, single, providers, ort_reason(exc))
             if verifier is None:
                 raise UserError(f"the input model does not run in ONNX Runtime ({ort_reason(exc)}); "
-                                "fix the model or pass --calib inputs that fit it") from None
+                                f"{_run_hint(model, calib)}") from None
         bad = [k for k, v in verifier.reference.items()
                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
         if bad:
@@ -180,6 +200,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         _check_runs_without_verification(model, feeds, single, providers, pipeline)
     report.rows.append(PassRow("(input)", **model_stats(model, single)))
     previous = verifier.reference if verifier else None
+    exact_limit = exact_bound(model, previous) if previous is not None else EXACT_REL_L2
     inherited = set(structural_problems(model))  # the input's own: never blamed on a pass
     if inherited:
         log.warning("the input model already fails the structural checks (%s); passes are checked for new problems "
@@ -197,13 +218,17 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
             if getattr(p, "required_by", None):  # e.g. slice's fold-norms: name the pass the user asked for
                 raise UserError(f"{p.required_by} runs {p.name} first, which refused: {exc}") from exc
             raise
-        if result.model is not model and model.meta.get(ONE_SAMPLE_PER_RUN):
-            result.model.meta[ONE_SAMPLE_PER_RUN] = True
+        if result.model is not model:  # facts about the input model hold for what a pass made of it
+            for key in (ONE_SAMPLE_PER_RUN, INPUT_SHAPES, SOURCE_PATH):
+                if key in model.meta and key not in result.model.meta:
+                    result.model.meta[key] = model.meta[key]
         model = result.model
         ctx.model = model
         complete_types(model, ctx)
         if result.modified:
             ctx.analyses.invalidate(p.preserves)
+        elif getattr(p, "required_by", None) and p.stage == Stage.CLEANUP:
+            continue  # an exact pass brought in as a requirement (canonicalize) that found nothing to do: no row
         seconds = time.perf_counter() - t0
         row = PassRow(repr(p), seconds=seconds, modified=result.modified, notes=result.notes,
                       skipped=list(result.skipped), **model_stats(model, single))
@@ -215,9 +240,9 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
             row.max_abs, row.rel_l2, row.cosine = w.max_abs, w.rel_l2, w.cosine
             row.per_output = {k: e.as_dict() for k, e in checked["errors"].items()}
             step = worst(checked["step_errors"])
-            if p.exact and step is not None and step.rel_l2 > EXACT_REL_L2:
+            if p.exact and step is not None and step.rel_l2 > exact_limit:
                 raise VerificationError(p.name, f"an exact rewrite changed the outputs (relative L2 {step.rel_l2:.2e} "
-                                                f"> {EXACT_REL_L2:g}, max abs {step.max_abs:.2e})")
+                                                f"> {exact_limit:.2g}, max abs {step.max_abs:.2e})")
             if max_error is not None and w.rel_l2 > max_error:
                 raise VerificationError(p.name, f"output error {w.rel_l2:.3g} (relative L2) exceeds --max-error {max_error:g}")
             previous = checked["outputs"]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import onnx_ir as ir
 
 from modelsurgeon.errors import UserError
+from modelsurgeon.input_dims import SOURCE_PATH
 from modelsurgeon.write_targets import check_targets, data_file_of, protected_files
 
 # Domains ONNX Runtime's stock CPU/CUDA builds know, plus our own custom-op domain.
@@ -45,6 +46,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     # Small ones (shapes, axes: exporters with a zero threshold put them there too) are read now, since shape
     # inference in ONNX Runtime and in onnx cannot read external data.
     _read_small_external(model)
+    model.meta[SOURCE_PATH] = str(path)  # its folder's configs size the dims the graph leaves symbolic
     return model
 
 

@@ -101,6 +101,42 @@ def worst(errors: dict[str, OutputError]) -> OutputError | None:
                        min(e.cosine for e in errors.values()))
 
 
+EXACT_REL_L2 = 1e-4  # an exact pass may move float32 outputs by at most this (relative L2)
+EXACT_EPS = 4  # ... and outputs computed in a coarser float type by this many of its machine epsilons
+
+
+def compute_dtype(model: ir.Model, outputs: dict[str, np.ndarray]) -> np.dtype:
+    """The float type the model computes in: the coarser of its float outputs' type and the type holding most of
+    its float weights (an fp16 model with float32 inputs and outputs still rounds every product to fp16)."""
+    floats = [np.dtype(v.dtype) for v in outputs.values() if np.issubdtype(v.dtype, np.floating)]
+    sizes: dict[np.dtype, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        try:
+            dtype = np.dtype(value.dtype.numpy())
+        except TypeError:  # bfloat16 and float8 have no numpy type here
+            dtype = np.dtype(np.float16)
+        sizes[dtype] = sizes.get(dtype, 0) + tensor.size
+    if sizes:
+        floats.append(max(sizes, key=sizes.get))
+    return max(floats, key=lambda t: np.finfo(t).eps) if floats else np.dtype(np.float32)
+
+
+def exact_bound(model: ir.Model, outputs: dict[str, np.ndarray]) -> float:
+    """How far (relative L2) an exact pass may move the outputs of `model`: 1e-4 for a model computing in float32,
+    `EXACT_EPS` machine epsilons of a coarser type (3.9e-3 for float16).
+
+    An exact rewrite (folding norms into weights, reordering a sum) computes the same function with different
+    round-offs: each rounding moves a value by up to half an epsilon, and they add up through the layers. 1e-4 is
+    about 800 float32 epsilons, so any real change of the function (errors of 1e-2 and more) exceeds it; in float16
+    one rounding alone is 4.9e-4 (GPT-2 in fp16 moves by 4.3e-4 when fold-norms scales its weights), so the bound
+    there is counted in the type's own epsilons instead."""
+    eps = float(np.finfo(compute_dtype(model, outputs)).eps)
+    return max(EXACT_REL_L2, EXACT_EPS * eps)
+
+
 class Verifier:
     """Holds sample inputs and the original model's outputs; checks later models against them."""
 

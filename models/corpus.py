@@ -19,7 +19,10 @@ to fold. Architectures (`ARCHS`):
   value_info, as hand-written graphs come.
 - `light-*`: the ONNX wheel's light model zoo (`onnx/backend/test/data/light/*.onnx`: AlexNet, DenseNet-121,
   Inception v1/v2, ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512; constant weights made by the graph).
-  torchvision's CNNs are not in the corpus: torchvision cannot be installed beside torch 2.13 here.
+- `tv-*`: torchvision's classifiers (`TORCHVISION`: resnet18, mobilenet_v3_small, efficientnet_b0, regnet_x_400mf,
+  convnext_tiny, vit_b_16, swin_t, densenet121, shufflenet_v2_x1_0, squeezenet1_0, googlenet, mnasnet1_0), seeded
+  random weights (`weights=None`), at a small input resolution where the architecture allows it; exported by
+  `dynamo18` only (what they test is the graphs of real CNN and vision-transformer designs, not the exporters).
 
 Exporters (`EXPORTERS`; `applies(arch, exporter)` says which pairs exist):
 
@@ -120,7 +123,8 @@ EXPORTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genai-int4": ("genai", ("decoder",)),
 }
 # The slow test's subset (tests/test_corpus.py): every architecture and every exporter at least once, the exports
-# whose cells verify today first, and the two smallest light-zoo graphs (the whole corpus takes about 11 minutes).
+# whose cells verify today first, the two smallest light-zoo graphs and two torchvision graphs (depthwise and
+# squeeze-excite convolutions; channel shuffles and splits) (the whole corpus takes about 11 minutes).
 TEST_MODELS = (
     "llama/dynamo18", "llama/dynamo18-kv", "llama/dynamo23", "llama/torchscript", "llama/fp16", "llama/optimum",
     "llama/optimum-past", "llama/genai-fp32", "llama/genai-int4",
@@ -132,7 +136,29 @@ TEST_MODELS = (
     "bert/dynamo18-mask", "bert/dynamo23", "bert/torchscript", "bert/optimum",
     "vit/dynamo18", "vit/optimum",
     "helper/onnx.helper", "light-squeezenet/onnx zoo", "light-shufflenet/onnx zoo",
+    "tv-mobilenet_v3_small/dynamo18", "tv-shufflenet_v2_x1_0/dynamo18",  # the two cheapest torchvision graphs
 )
+# torchvision architectures (arch `tv-NAME`): NAME -> (input resolution, constructor kwargs). Small resolutions keep
+# the prune test of all twelve within minutes on two cores (the MAC ratio, not the absolute count, is what matters):
+# 64x64 for the CNNs (every stage keeps at least 2x2), ViT-B/16 at 64 (`image_size` is a constructor argument: 16
+# tokens of 4x4 patches), Swin-T at 224 (its 7x7 windows and the shifted-window mask are what the graph is about: at
+# 224 every stage holds whole windows).
+TORCHVISION: dict[str, tuple[int, dict[str, Any]]] = {
+    "resnet18": (64, {}),
+    "mobilenet_v3_small": (64, {}),
+    "efficientnet_b0": (64, {}),
+    "regnet_x_400mf": (64, {}),
+    "convnext_tiny": (64, {}),
+    "vit_b_16": (64, {"image_size": 64}),
+    "swin_t": (224, {}),
+    "densenet121": (64, {}),
+    "shufflenet_v2_x1_0": (64, {}),
+    "squeezenet1_0": (64, {}),
+    "googlenet": (64, {"aux_logits": False, "init_weights": True}),
+    "mnasnet1_0": (64, {}),
+}
+TV_EXPORTER = "dynamo18"
+TV_VERSION = "2"  # part of the torchvision entries' cache keys: bump it when `build_torchvision` changes
 OPTIMUM_TASKS = {"decoder": "text-generation", "encoder": "feature-extraction", "vision": "image-classification"}
 HELPER_OPSET = 18
 
@@ -156,6 +182,8 @@ def light_models() -> list[str]:
 
 
 def applies(arch: str, exporter: str) -> bool:
+    if arch.startswith("tv-"):
+        return arch[3:] in TORCHVISION and exporter == TV_EXPORTER
     kind = ARCHS[arch][2]
     if kind not in EXPORTERS[exporter][1]:
         return False
@@ -184,6 +212,11 @@ class Entry:
         if self.arch == "helper":
             return _cached(self, {"opset": HELPER_OPSET, "onnx": main_versions()["onnx"]},
                            lambda out: build_helper(out / "model.onnx"))
+        if self.arch.startswith("tv-"):
+            name = self.arch[3:]
+            versions = {**main_versions(), "torchvision": torchvision_version()}
+            return _cached(self, {"versions": versions, "config": TORCHVISION[name], "recipe": TV_VERSION},
+                           lambda out: export_torchvision(name, out / "model.onnx"))
         if self.needs_venv:
             versions = venv_versions()  # raises Unavailable without the venv
             return _cached(self, {"versions": versions, "config": ARCHS[self.arch]},
@@ -199,6 +232,7 @@ class Entry:
 def entries(include_light: bool = True) -> list[Entry]:
     """Every corpus model, architectures in `ARCHS` order, then the helper graph and the light zoo."""
     out = [Entry(a, e) for a in ARCHS for e in EXPORTERS if applies(a, e)]
+    out += [Entry(f"tv-{name}", TV_EXPORTER) for name in TORCHVISION]
     out.append(Entry("helper", "onnx.helper"))
     if include_light:
         out += [Entry(f"light-{n}", "onnx zoo") for n in light_models()]
@@ -455,6 +489,84 @@ def export_main(arch: str, exporter: str, target: pathlib.Path) -> None:
     opset = 23 if exporter.startswith("dynamo23") else 18
     program = torch.onnx.export(module, tuple(args), dynamo=True, opset_version=opset, input_names=names,
                                 output_names=output_names, dynamic_shapes=dyn, verbose=False)
+    program.save(str(target))
+
+
+# ------------------------------------------------------------------------------------------------ torchvision
+
+TORCHVISION_DIR = ROOT / ".torchvision"  # setup.sh: pip install --no-deps --target .torchvision torchvision==0.28.0
+
+
+def torchvision_version() -> str:
+    """The version of the torchvision in `TORCHVISION_DIR`; `Unavailable` when it is not there."""
+    from importlib.metadata import distributions
+
+    found = [d.version for d in distributions(path=[str(TORCHVISION_DIR)]) if d.metadata["Name"] == "torchvision"]
+    if not found:
+        raise Unavailable(f"torchvision is not in {TORCHVISION_DIR.name}: run `bash setup.sh`")
+    return found[0]
+
+
+def import_torchvision():
+    """`import torchvision` from `TORCHVISION_DIR`, for its model definitions only.
+
+    The torchvision wheel made for torch 2.13 (0.28.0) ships a CUDA build of its `_C` extension, which cannot load
+    beside the CPU torch; `torchvision/_meta_registrations.py` then fails at import ("operator torchvision::nms does
+    not exist") because it registers fake kernels for `_C`'s operators. The models need none of `_C` (it holds
+    detection ops, nms and roi_align, and the video decoders), so an empty module stands in for
+    `_meta_registrations` before the import. Installed in site-packages it would break `transformers`, which
+    imports torchvision whenever it finds it (and then fails on every model class): so it lives in its own folder,
+    which only this function puts on `sys.path`, after which transformers finds the module already imported. This is
+    the only place that imports torchvision."""
+    import types
+
+    torchvision_version()
+    if str(TORCHVISION_DIR) not in sys.path:
+        sys.path.append(str(TORCHVISION_DIR))
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torchvision
+
+    return torchvision
+
+
+def build_torchvision(name: str):
+    """The seeded random-weight torchvision classifier `name` (eval mode), as `TORCHVISION` configures it. BatchNorm
+    running statistics get seeded noise (mean 0 +- 0.1, variance 1 +- 10%) so that folding them is not a no-op, and
+    weight matrices torchvision initializes to zeros (ViT's classifier head) get normal(0, 0.02) values: a zero head
+    makes every output 0, and then no check of a rewrite can fail."""
+    import torch
+
+    tv = import_torchvision()
+    torch.manual_seed(SEED)
+    model = getattr(tv.models, name)(weights=None, **TORCHVISION[name][1])
+    gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2 and not param.any():
+                param.normal_(0.0, 0.02, generator=gen)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.add_(0.1 * torch.randn(module.running_mean.shape, generator=gen))
+                module.running_var.mul_(1 + 0.1 * torch.rand(module.running_var.shape, generator=gen))
+    return model.eval()
+
+
+def export_torchvision(name: str, target: pathlib.Path) -> None:
+    """`torch.onnx.export(dynamo=True)` at opset 18 of torchvision's `name`: pixel_values [batch, 3, R, R] ->
+    logits [batch, 1000], dynamic batch."""
+    import warnings
+
+    import torch
+    from torch.export import Dim
+
+    warnings.filterwarnings("ignore")
+    model = build_torchvision(name)
+    res = TORCHVISION[name][0]
+    x = torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(SEED))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    program = torch.onnx.export(model, (x,), dynamo=True, opset_version=18, input_names=["pixel_values"],
+                                output_names=["logits"], dynamic_shapes={"x": {0: Dim("batch", min=1, max=1024)}},
+                                verbose=False)
     program.save(str(target))
 
 

@@ -3,6 +3,9 @@
     from modelsurgeon.models import real
     real.minilm_onnx()          # all-MiniLM-L6-v2: input_ids, attention_mask -> last_hidden_state, sentence_embedding
     real.smollm2_onnx()         # SmolLM2-135M-Instruct (fp32, ~540 MB): input_ids -> logits
+    real.smollm2_hf_signature_onnx()   # the same through plain torch.onnx.export: input_ids, attention_mask -> logits
+    real.smollm2_optimum_onnx(task)    # the same through Optimum (.venv-exporters), with or without the KV cache
+    real.smollm2_hf_folder()    # a Hugging Face folder of it (for Optimum and the GenAI builder)
     real.efficientnet_lite0_onnx()  # pixels [N, 3, 224, 224] -> logits [N, 1000]
     real.minilm_tokenizer(), real.smollm2_tokenizer()   # tokenizer.json paths
     real.photos(n), real.shakespeare_texts(), real.sentences(n, seed)   # from models/data.py
@@ -268,6 +271,82 @@ def smollm2_hf_signature_onnx(opset: int = 18) -> pathlib.Path:
         os.replace(partial, target)
 
     return produce_once(path, make)
+
+
+def smollm2_hf_folder() -> pathlib.Path:
+    """SmolLM2 as a Hugging Face folder (config.json, model.safetensors, tokenizer files), made once from the GGUF.
+
+    `save_pretrained` refuses a model loaded from a GGUF ("quantized with gguf and is not serializable"), so the
+    dequantized weights go into a plain `LlamaForCausalLM` of the same config first. transformers 5 writes the rotary
+    base under `rope_parameters`; `rope_theta` is added for transformers 4.x readers (Optimum's venv), which would
+    otherwise fall back to 10000 instead of SmolLM2's 100000."""
+    folder = cache_dir("real", f"smollm2-hf-v{VERSION}")
+
+    def make(target: pathlib.Path) -> None:
+        import json
+        import shutil
+        import tempfile
+
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+        gguf = smollm2_gguf()
+        lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = lm.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(lm.state_dict(), strict=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            plain.save_pretrained(tmp)
+            for file in smollm2_tokenizer().parent.iterdir():
+                if not file.name.endswith(".lock"):
+                    shutil.copy(file, pathlib.Path(tmp) / file.name)
+            config_path = pathlib.Path(tmp) / "config.json"
+            fields = json.loads(config_path.read_text())
+            rope = fields.get("rope_parameters") or {}
+            if "rope_theta" in rope:
+                fields.setdefault("rope_theta", rope["rope_theta"])
+            config_path.write_text(json.dumps(fields, indent=2))
+            for file in pathlib.Path(tmp).iterdir():  # config.json last: it marks the folder complete
+                if file.name != "config.json":
+                    os.replace(file, folder / file.name)
+            os.replace(config_path, target)
+
+    produce_once(folder / "config.json", make)
+    return folder
+
+
+def smollm2_optimum_onnx(task: str = "text-generation") -> pathlib.Path:
+    """SmolLM2 exported by Optimum (`python -m optimum.exporters.onnx --task TASK`, TorchScript underneath: inputs
+    `input_ids`, `attention_mask`, `position_ids` and, with `-with-past`, the KV cache), run in `.venv-exporters`
+    (transformers 4.57; setup.sh makes it) from `smollm2_hf_folder()`. Cached."""
+    from modelsurgeon.models import corpus
+
+    if task not in ("text-generation", "text-generation-with-past"):
+        raise UserError(f"unknown Optimum task {task!r}; use text-generation or text-generation-with-past")
+    corpus.venv_versions()  # raises corpus.Unavailable naming `bash setup.sh` when the venv is missing
+    folder = cache_dir("real", f"smollm2-optimum-{task}-v{VERSION}")
+
+    def make(target: pathlib.Path) -> None:
+        import shutil
+        import tempfile
+
+        hf = smollm2_hf_folder()
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            out = pathlib.Path(tmp) / "optimum"
+            cmd = [str(corpus.VENV / "bin" / "python"), "-m", "optimum.exporters.onnx", "-m", str(hf), "--task", task,
+                   "--device", "cpu", "--library-name", "transformers", str(out)]
+            proc = corpus._run_exporter(cmd, pathlib.Path(tmp), other_python=True)
+            if proc.returncode or not (out / "model.onnx").exists():
+                lines = corpus._output_lines(proc)
+                raise RuntimeError(f"Optimum's export of SmolLM2 failed: {lines[-1] if lines else proc.returncode}")
+            for file in out.iterdir():
+                if file.name != "model.onnx":
+                    shutil.move(str(file), folder / file.name)
+            os.replace(out / "model.onnx", target)
+
+    return produce_once(folder / "model.onnx", make)
 
 
 # ------------------------------------------------------------------------------------------------ EfficientNet

@@ -92,6 +92,7 @@ def bypass_block(graph: ir.Graph, block) -> None:
 @register_pass
 class DropBlocksPass(Pass):
     name = "drop-blocks"
+    requires = ("canonicalize",)  # the block finder reads the canonical form
     summary = "remove whole transformer blocks ranked by block influence or angular distance on calibration data"
     analyses = ("blocks",)
     needs_calibration = True

@@ -22,7 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.analyses.blocks import (Linear, Norm, TransformerBlocks, const_array, copy_type, drop_if_unused,
-                                          naming, new_initializer, unique_name)
+                                          naming, new_initializer, require_float_linears, unique_name,
+                                          views_of)
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Pass, PassResult, Stage, register_pass
 
@@ -46,13 +47,19 @@ def opset_of(model: ir.Model) -> int:
 
 
 def emit_rms_norm(graph: ir.Graph, x: ir.Value, epsilon: float, scale: np.ndarray, opset: int,
-                  before: ir.Node, name: str) -> ir.Value:
+                  before: ir.Node, name: str, compute_dtype: ir.DataType | None = None,
+                  out_dtype: ir.DataType | None = None) -> ir.Value:
     """Insert `x / sqrt(mean(x^2, -1) + eps) * scale` before `before`; return its output value.
 
     Opset >= 23: one RMSNormalization; below: Pow, ReduceMean, Add, Sqrt, Div, Mul (ORT fuses this form
     into SimplifiedLayerNormalization; the Reciprocal form the torch exporter writes is not fused).
+    With `compute_dtype` (a norm that ran in float32 inside Casts, as fp16 exports do) x is cast to it first,
+    and the result is cast to `out_dtype` (default: x's type).
     """
-    dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
+    in_dtype = x.dtype
+    out_dtype = out_dtype or in_dtype
+    work = compute_dtype or in_dtype
+    dtype = np.float16 if work == ir.DataType.FLOAT16 else np.float32
     g = new_initializer(graph, np.asarray(scale, dtype), f"{name}.scale")
     nodes: list[ir.Node] = []
 
@@ -61,9 +68,18 @@ def emit_rms_norm(graph: ir.Graph, x: ir.Value, epsilon: float, scale: np.ndarra
                     name=unique_name(graph, f"{name}/{op}"))
         n.outputs[0].name = unique_name(graph, f"{name}/{op.lower()}")
         copy_type(n.outputs[0], x)
+        if op == "Cast":
+            n.outputs[0].dtype = ir.DataType(attrs["to"])
+        elif work is not None:
+            n.outputs[0].dtype = work
         nodes.append(n)
         return n.outputs[0]
 
+    source = x
+    if work is not None and in_dtype is not None and work != in_dtype:
+        x = node("Cast", [x], to=int(work))
+        copy_type(x, source, shape=True)
+        x.dtype = work
     if opset >= 23:
         y = node("RMSNormalization", [x, g], axis=-1, epsilon=float(epsilon))
     else:
@@ -77,14 +93,19 @@ def emit_rms_norm(graph: ir.Graph, x: ir.Value, epsilon: float, scale: np.ndarra
             ms = node("ReduceMean", [sq], axes=[-1], keepdims=1)
         rms = node("Sqrt", [node("Add", [ms, eps])])
         y = node("Mul", [node("Div", [x, rms]), g])
-    copy_type(y, x, shape=True)
+    if work is not None and out_dtype is not None and out_dtype != work:
+        y = node("Cast", [y], to=int(out_dtype))
+    copy_type(y, source, shape=True)
+    if out_dtype is not None:
+        y.dtype = out_dtype
     graph.insert_before(before, nodes)
     return y
 
 
 def replace_norm(graph: ir.Graph, norm: Norm, epsilon: float, scale: np.ndarray, opset: int, name: str) -> ir.Value:
     """Swap `norm` for a new RMS norm of `scale`; the old nodes and their constants go."""
-    y = emit_rms_norm(graph, norm.input, epsilon, scale, opset, norm.nodes[0], name)
+    y = emit_rms_norm(graph, norm.input, epsilon, scale, opset, norm.nodes[0], name,
+                      compute_dtype=norm.compute_dtype, out_dtype=norm.output.dtype)
     old_out = norm.output
     was_output = old_out.is_graph_output()
     ir.convenience.replace_all_uses_with(old_out, y, replace_graph_outputs=True)
@@ -105,11 +126,23 @@ def head_is_tied(tb: TransformerBlocks) -> bool:
     return tb.lm_head is not None and tb.embedding is not None and tb.lm_head.weight is tb.embedding.table
 
 
+def _is_view_node(node: ir.Node, of: ir.Value) -> bool:
+    return any(v is node.outputs[0] for v in views_of(of)) if node.outputs else False
+
+
 def norm_readers(norm: Norm) -> list[ir.Node] | None:
-    """The nodes reading the norm's output, or None when something other than a node reads it (a graph output)."""
+    """The nodes reading the norm's output, or None when something other than a node reads it (a graph output).
+
+    Shape nodes are left out: they read only the shape, which folding keeps (the legacy exporter reads the
+    norm's shape to reshape q, k and v)."""
     if norm.output.is_graph_output():
         return None
-    return [n for n, _ in norm.output.uses()]
+    out = []
+    for v in [norm.output] + [x for x in views_of(norm.output) if x is not norm.output]:
+        if v.is_graph_output():
+            return None
+        out += [n for n, _ in v.uses() if n.op_type != "Shape" and not _is_view_node(n, norm.output)]
+    return out
 
 
 def fold_affine_into(graph: ir.Graph, linears: list[Linear], g: np.ndarray, b: np.ndarray | None) -> None:
@@ -187,6 +220,7 @@ def center_writers(graph: ir.Graph, tb: TransformerBlocks) -> int:
 @register_pass
 class FoldNormsPass(Pass):
     name = "fold-norms"
+    requires = ("canonicalize",)  # the block finder reads the canonical form
     summary = "LayerNorm -> RMSNorm on pre-norm transformers; fold norm scales and biases into the next linear layers"
     analyses = ("blocks",)
     stage = Stage.STRUCTURE
@@ -195,6 +229,7 @@ class FoldNormsPass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         tb: TransformerBlocks = ctx.analysis("blocks")
         require_pre_norm(tb, self.name)
+        require_float_linears(tb, self.name)
         with naming(model.graph):
             return self._fold(model, tb)
 
@@ -225,9 +260,10 @@ class FoldNormsPass(Pass):
         for label, norm, linears in plan:
             d = tb.d_model
             readers = norm_readers(norm)
+            inputs = {id(v) for v in views_of(norm.output)}
             foldable = linears is not None and readers is not None and \
                 sorted(id(n) for n in readers) == sorted(id(l.node) for l in linears) and \
-                all(l.input is norm.output and l.in_features == d for l in linears)
+                all(id(l.input) in inputs and l.in_features == d for l in linears)
             if not foldable:
                 if norm.kind == "layer":
                     # keep the scale and bias as they are; the LayerNorm on a centered stream is an RMS norm

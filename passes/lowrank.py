@@ -258,18 +258,30 @@ def _remove_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
 
 def _constant_matrix(graph: ir.Graph, namer: Namer, base: str, matrix: np.ndarray, dtype: np.dtype, bits: int,
                      nodes: list[ir.Node]) -> ir.Value:
-    """A constant matrix input: float initializer (bits=32), or int8 per-column DequantizeLinear (bits=8)."""
+    """A constant matrix input: float initializer (bits=32), or int8 per-column DequantizeLinear (bits=8).
+
+    DequantizeLinear takes a float16 scale from opset 19 on; at older opsets an fp16 model's factors are
+    dequantized with a float32 scale and cast to float16."""
     if bits >= 16:
         return add_initializer(graph, namer, base, matrix.astype(dtype))
     amax = np.abs(matrix).max(axis=0)
     scale = np.where(amax > 0, amax / 127.0, 1.0)
     q = np.clip(np.round(matrix / scale), -127, 127).astype(np.int8)
+    cast = np.dtype(dtype) != np.float32 and graph.opset_imports.get("", 1) < 19
     qv = add_initializer(graph, namer, base + "_quantized", q)
-    sv = add_initializer(graph, namer, base + "_scale", scale.astype(dtype))
+    sv = add_initializer(graph, namer, base + "_scale", scale.astype(np.float32 if cast else dtype))
     node = ir.Node("", "DequantizeLinear", [qv, sv], [ir.AttrInt64("axis", 1)], name=namer(base + "_dq"),
-                   outputs=[ir.Value(name=namer(base))])
+                   outputs=[ir.Value(name=namer(base + "_dequantized" if cast else base))])
     nodes.append(node)
-    return node.outputs[0]
+    if not cast:
+        return node.outputs[0]
+    to = ir.DataType.from_numpy(np.dtype(dtype))
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    cast_node = ir.Node("", "Cast", node.outputs, [ir.AttrInt64("to", int(to))], name=namer(base + "_cast"),
+                        outputs=[ir.Value(name=namer(base))])
+    cast_node.outputs[0].dtype = to
+    nodes.append(cast_node)
+    return cast_node.outputs[0]
 
 
 def factorize(graph: ir.Graph, lin: ConstLinear, a: np.ndarray, b: np.ndarray, namer: Namer | None = None) -> list[ir.Node]:
@@ -368,6 +380,7 @@ def _selected(name: str, include: str | None, exclude: str | None) -> bool:
 @register_pass
 class LowRankPass(Pass):
     name = "lowrank"
+    requires = ("canonicalize",)  # the block finder reads the canonical form
     summary = "factor MatMul/Gemm weights as A·B (svd, asvd, svdllm) where that saves parameters and MACs"
     analyses = ("blocks",)  # to leave the LM head alone
     options = {
@@ -606,8 +619,11 @@ def effective_weights(model: ir.Model, nodes: list[ir.Node]) -> dict[int, np.nda
     graph = ir.Graph(inputs, outputs, nodes=new_nodes, initializers=list(inits.values()),
                      opset_imports=dict(model.opset_imports))
     mini = ir.Model(graph, ir_version=model.ir_version)
-    feeds_eye = {n: np.eye(k, dtype=np.float32) for n, k in dims.items()}
-    feeds_zero = {n: np.zeros((k, k), np.float32) for n, k in dims.items()}
+    # fed in each layer input's own float type (an fp16 model's layers take float16): the identity and zero are
+    # exact in every float type, and fp16 products of them are the weights' own values
+    types = {xi.name: xi.dtype.numpy() for xi in inputs}
+    feeds_eye = {n: np.eye(k, dtype=types[n]) for n, k in dims.items()}
+    feeds_zero = {n: np.zeros((k, k), types[n]) for n, k in dims.items()}
     at_eye = run_model(mini, feeds_eye, accuracy_level=0)
     at_zero = run_model(mini, feeds_zero, accuracy_level=0)
     return {nid: np.asarray(at_eye[o.name], np.float64) - np.asarray(at_zero[o.name], np.float64)

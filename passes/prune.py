@@ -3,7 +3,18 @@
 Changes: removes whole channels (attention heads, FFN units, convolution channels, the residual width) from
 every tensor that carries them, as the `channel_groups` analysis couples them: weights, biases, BatchNorm
 statistics, norm scales, Reshape/Expand shape literals, Slice bounds, Split sizes, Conv groups and head counts
-(see `modelsurgeon.channel_surgery`). Each group keeps the indices with the highest importance:
+(see `modelsurgeon.channel_surgery`).
+
+How much: `heads=`, `ffn=`, `channels=`, `hidden=` remove that fraction of every group of their kind. `ratio=` is a
+fraction of the model's MACs: one channel fraction r for every kind not set explicitly is solved for (bisection
+on `MacModel`, the analysis's own MAC count under a plan), so that the plan removes about `ratio` of the MACs;
+a CNN whose every conv loses r of its inputs and outputs loses about 1 - (1 - r)^2 of its MACs, so
+`ratio=0.3` prunes about 16% of each group there. The notes give `macs_removed` and `macs_requested`, and a
+`warning` (also logged) when they differ by more than 5 points: frozen channels (an op the analysis does not
+know) or coarse rounding. Counts are rounded to `multiple` per convolution channel axis: the width of a grouped
+convolution's groups only as far as groups x width stays a multiple (`rounding_step`).
+
+Each group keeps the indices with the highest importance:
 
 - `magnitude`: L2 (or L1, `norm=1`) norms of the weight slices of each index, each member tensor normalized to
   mean 1, summed over the group;
@@ -29,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.analyses.channel_deps import ChannelGroup, ChannelGroups, WeightUse, constant_array, is_constant
+from modelsurgeon.analyses.channel_macs import MacModel, product_cofactor
 from modelsurgeon.calibration import require_finite
 from modelsurgeon.channel_surgery import PrunePlan, apply_plan
 from modelsurgeon.errors import UserError
@@ -43,7 +55,7 @@ MAX_GRAM_ROWS = 8192  # rows of activations per batch and layer that enter a lea
 
 def _ratio_check(v: float | None) -> str | None:
     if v is not None and not 0.0 <= v < 1.0:
-        return "must be in [0, 1): the fraction of each group's channels to remove"
+        return "must be in [0, 1): the fraction to remove"
     return None
 
 
@@ -52,8 +64,8 @@ class PrunePass(Pass):
     name = "prune"
     summary = "structured pruning of heads, FFN units, conv channels or the hidden width, dependency-aware"
     options = {
-        "ratio": Option((float, type(None)), None, "fraction of channels removed from every kind not set below",
-                        check=_ratio_check),
+        "ratio": Option((float, type(None)), None, "fraction of the MACs removed, by pruning every kind not set below "
+                        "(one channel fraction for all, solved for)", check=_ratio_check),
         "heads": Option((float, type(None)), None, "fraction of attention heads removed", check=_ratio_check),
         "ffn": Option((float, type(None)), None, "fraction of FFN hidden units removed", check=_ratio_check),
         "channels": Option((float, type(None)), None, "fraction of convolution channels removed", check=_ratio_check),
@@ -76,35 +88,71 @@ class PrunePass(Pass):
         self.needs_calibration = c["importance"] == "activation" or c["reconstruct"]
 
     def ratios(self) -> dict[str, float]:
-        c = self.config
-        return {k: (c[k] if c[k] is not None else c["ratio"]) for k in KINDS
-                if (c[k] if c[k] is not None else c["ratio"]) is not None}
+        """Channel fractions of the kinds set explicitly (`heads=`, `ffn=`, ...)."""
+        return {k: self.config[k] for k in KINDS if self.config[k] is not None}
 
     def run(self, model: ir.Model, ctx) -> PassResult:
         groups: ChannelGroups = ctx.analysis("channel_groups")
-        ratios = self.ratios()
-        targets = [g for g in groups.groups if ratios.get(g.kind, 0.0) > 0.0]
+        c = self.config
+        explicit = self.ratios()
+        target = c["ratio"]  # a fraction of the MACs, reached by the kinds not set explicitly
+        solved = [k for k in KINDS if k not in explicit] if target else []
+        kinds = {k for k, r in explicit.items() if r > 0} | set(solved)
+        targets = [g for g in groups.groups if g.kind in kinds]
         blocked = [g for g in groups.groups if g.kind == "other" and g.frozen and _blocked_by_op(g)]
         skipped = [f"{_label(g)}: {g.frozen[0]}" for g in targets + blocked if not g.prunable]
-        counts = {g.leaf: keep_count(g.size, ratios[g.kind], self.config["multiple"] if g.kind in ROUNDED_KINDS else 1)
-                  for g in targets if g.prunable}
-        counts = {leaf: k for leaf, k in counts.items() if k < groups.atoms.size(leaf)}
-        notes: dict[str, Any] = {"groups_pruned": len(counts), "groups_frozen": len(skipped)}
+        candidates = [g for g in targets if g.prunable]
+        steps = {g.leaf: rounding_step(groups, g, c["multiple"]) if g.kind in ROUNDED_KINDS else 1
+                 for g in candidates}
+        notes: dict[str, Any] = {"groups_pruned": 0, "groups_frozen": len(skipped)}
+        if not candidates:
+            return PassResult(model, False, notes, skipped)
+        calib = ctx.require_calibration(self.name) if self.needs_calibration else None
+        stats = None
+        if c["importance"] == "activation":
+            stats = collect_statistics(model, groups, candidates, calib, ctx)
+        order: dict[int, np.ndarray] = {}
+        for g in ctx.progress_bar(candidates, desc="prune: ranking channels", total=len(candidates)):
+            score = importance(groups, g, c["importance"], c["norm"], stats)
+            order[g.leaf] = np.lexsort((np.arange(len(score)), -score))  # most important first
+
+        def plan_for(r: float) -> dict[int, int]:
+            counts = {}
+            for g in candidates:
+                ratio = explicit.get(g.kind, r)
+                k = keep_count(g.size, ratio, steps[g.leaf])
+                if k < g.size:
+                    counts[g.leaf] = k
+            return counts
+
+        macs = MacModel(groups)
+        if solved and target > 0:
+            channel_ratio = solve_channel_ratio(lambda r: macs.removed(_masks(plan_for(r), order)), target)
+            notes["channel_ratio"] = round(channel_ratio, 4)
+        else:
+            channel_ratio = 0.0
+        counts = plan_for(channel_ratio)
+        notes["groups_pruned"] = len(counts)
+        if macs.base:
+            achieved = macs.removed(_masks(counts, order))
+            notes["macs_removed"] = round(achieved, 4)
+            if solved and target > 0:
+                notes["macs_requested"] = target
+                if abs(achieved - target) > MAC_TOLERANCE:
+                    why = ("frozen channels leave too little to prune, or `multiple` rounds small groups coarsely"
+                           if achieved < target else "channel counts round coarsely (see `multiple`)")
+                    warning = (f"removes {achieved:.1%} of the MACs where {target:.1%} was asked ({why}; "
+                               "`modelsurgeon inspect MODEL --groups` shows what is frozen)")
+                    notes["warning"] = warning
+                    log.warning("prune: %s", warning)
         if not counts:
             return PassResult(model, False, notes, skipped)
-        chosen = [g for g in targets if g.leaf in counts]
-        stats = None
-        calib = ctx.require_calibration(self.name) if self.needs_calibration else None
-        if self.config["importance"] == "activation":
-            stats = collect_statistics(model, groups, chosen, calib, ctx)
-        keep: dict[int, np.ndarray] = {}
-        for g in ctx.progress_bar(chosen, desc="prune: ranking channels", total=len(chosen)):
-            score = importance(groups, g, self.config["importance"], self.config["norm"], stats)
-            keep[g.leaf] = top_k_mask(score, counts[g.leaf])
+        chosen = [g for g in candidates if g.leaf in counts]
+        keep = _masks(counts, order)
         plan = PrunePlan(groups, keep)
         refit = None
-        if self.config["reconstruct"]:
-            refit = Refitter(model, groups, plan, self.config["damp"])  # reads the original model: before surgery
+        if c["reconstruct"]:
+            refit = Refitter(model, groups, plan, c["damp"])  # reads the original model: before surgery
             skipped.extend(refit.skipped)
         removed: dict[str, list[int]] = {}
         for g in chosen:
@@ -117,6 +165,56 @@ class PrunePass(Pass):
         for kind, (before, after) in removed.items():
             notes[f"{kind}_kept"] = f"{after}/{before}"
         return PassResult(model, True, notes, skipped)
+
+
+MAC_TOLERANCE = 0.05  # prune warns when the MACs it removes differ from `ratio` by more than this
+MAX_CHANNEL_RATIO = 0.95  # the most of any group that `ratio` removes while chasing its MAC target
+
+
+def _masks(counts: dict[int, int], order: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    out = {}
+    for leaf, k in counts.items():
+        mask = np.zeros(len(order[leaf]), dtype=bool)
+        mask[order[leaf][:k]] = True
+        out[leaf] = mask
+    return out
+
+
+def solve_channel_ratio(removed, target: float, iterations: int = 24) -> float:
+    """The channel fraction r (the same for every group) whose plan removes the fraction `target` of the MACs.
+
+    `removed(r)` is non-decreasing in r (each group keeps a prefix of one fixed ranking, shorter as r grows), so
+    bisection finds the smallest r that reaches the target; the result is that r or the largest one below it,
+    whichever lands closer. r stays within [0, max(target, min(2 target, MAX_CHANNEL_RATIO))]: a model with much
+    frozen falls short of the target (and prune says so) instead of losing almost all of what it can prune."""
+    cap = max(target, min(2 * target, MAX_CHANNEL_RATIO))
+    lo, hi = 0.0, cap
+    if removed(hi) < target:
+        return hi
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if removed(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return lo if abs(removed(lo) - target) < abs(removed(hi) - target) else hi
+
+
+def rounding_step(groups: ChannelGroups, g: ChannelGroup, multiple: int) -> int:
+    """The step a group's kept count is rounded to so that every convolution's channel count stays a multiple of
+    `multiple`: a leaf that is the channels-per-group of a grouped convolution (RegNet's group width 16 in 25
+    groups) repeats once per group in the channel axis, so its count need only be a multiple of
+    multiple / gcd(multiple, groups); rounding the width itself to `multiple` would cut 16 down to 8."""
+    if multiple <= 1:
+        return 1
+    cof = 0
+    for use in groups.weight_uses:
+        if use.role != "conv" or use.data is None:
+            continue
+        lay = groups.layouts.get(use.data)
+        if lay is not None and len(lay) > 1:
+            cof = max(cof, product_cofactor(groups.atoms, lay[1], g.leaf))
+    return multiple // math.gcd(multiple, cof) if cof > 1 else multiple
 
 
 def _blocked_by_op(g: ChannelGroup) -> bool:

@@ -10,6 +10,10 @@ into int8 kernels:
   forms QLinearConv; MatMul outputs stay float (ORT forms MatMulIntegerToFloat, which keeps the bias Add float).
 `dynamic=true`: weight-only int8 per output channel with activations quantized at run time, as
 `com.microsoft.DynamicQuantizeMatMul` (bias fused) for MatMul and Gemm; Conv is left float (listed).
+Float16 layers (fp16 exports) in either mode: weight-only int8, per output channel, dequantized with a float32
+scale and cast back to float16 before the layer (ONNX Runtime's int8 kernels take float32 activations, and
+DequantizeLinear has float16 scales only from opset 19): half the weight bytes, fp16 compute. Float16 embedding
+tables likewise.
 
 Preserves: graph inputs and outputs and every node not listed. Lossy: the manager measures the error.
 Layers whose weight is not constant (activation x activation MatMuls) are counted in one skipped line.
@@ -30,6 +34,7 @@ from modelsurgeon.passes import _quant_graph as G
 
 _TARGETS = ("Conv", "MatMul", "Gemm")
 _FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
+_WEIGHT_ONLY = (ir.DataType.FLOAT16,)  # layers computing in these types get int8 weights only (see the docstring)
 
 
 @dataclasses.dataclass
@@ -38,13 +43,15 @@ class _Target:
     weight: np.ndarray   # as stored (Conv [M, C/g, ...], MatMul [K, N], Gemm as stored)
     axis: int            # the output-channel axis of the stored weight
     bias_index: int | None
+    weight_only: bool = False  # a float16 layer: int8 weight, dequantized and cast back; activations stay fp16
 
 
 def _targets(model: ir.Model, ops: tuple[str, ...], include, exclude, skipped: list[str]) -> list[_Target]:
     found = []
     for node, label, x_dtype, w in G.weighted_nodes(model, ops, skipped):
-        if x_dtype != ir.DataType.FLOAT or w.dtype != np.float32:
-            skipped.append(f"{label}: only float32 layers are quantized to 8 bits")
+        weight_only = x_dtype in _WEIGHT_ONLY and w.dtype == x_dtype.numpy()
+        if not weight_only and (x_dtype != ir.DataType.FLOAT or w.dtype != np.float32):
+            skipped.append(f"{label}: only float32 and float16 layers are quantized to 8 bits")
             continue
         names = (node.name, node.inputs[1].name)
         if include and not G.matches(include, *names):
@@ -77,7 +84,7 @@ def _targets(model: ir.Model, ops: tuple[str, ...], include, exclude, skipped: l
                     skipped.append(f"{label}: Gemm C is not a constant per-column bias")
                     continue
                 bias_index = 2
-        found.append(_Target(node, w, axis, bias_index))
+        found.append(_Target(node, w, axis, None if weight_only else bias_index, weight_only))
     return found
 
 
@@ -119,13 +126,18 @@ class Quant8Pass(Pass):
         targets = _targets(model, self._ops, c["include"], c["exclude"], skipped)
         namer = G.Namer(model)
         gathers = self._embeddings(model, namer, skipped) if c["embeddings"] else 0
+        weight_only = [t for t in targets if t.weight_only]
+        targets = [t for t in targets if not t.weight_only]
+        for t in weight_only:
+            self._quantize_weight(model, namer, t)
+        more = {"weight_only_layers": len(weight_only)} if weight_only else {}
         if c["dynamic"]:
             count = self._dynamic(model, namer, targets, skipped)
-            return PassResult(model, count + gathers > 0, notes={"mode": "dynamic", "layers": count, "embeddings": gathers},
-                              skipped=skipped)
+            return PassResult(model, count + gathers + len(weight_only) > 0,
+                              notes={"mode": "dynamic", "layers": count, "embeddings": gathers, **more}, skipped=skipped)
         if not targets:
-            return PassResult(model, gathers > 0, notes={"mode": "static", "layers": 0, "embeddings": gathers},
-                              skipped=skipped)
+            return PassResult(model, gathers + len(weight_only) > 0,
+                              notes={"mode": "static", "layers": 0, "embeddings": gathers, **more}, skipped=skipped)
         activations = self._activation_tensors(targets)
         ranges = self._calibrate(model, ctx, activations)
         qparams = {name: Q.activation_qparams(*ranges[name], c["symmetric_activations"]) for name in activations}
@@ -135,7 +147,7 @@ class Quant8Pass(Pass):
         for t in targets:
             self._quantize_weight(model, namer, t)
         notes = {"mode": "static", "layers": len(targets), "embeddings": gathers, "activations": len(activations),
-                 "calibrate": c["calibrate"],
+                 "calibrate": c["calibrate"], **more,
                  "samples": ctx.calibration.num_samples if ctx.calibration is not None else 0}
         return PassResult(model, True, notes=notes, skipped=skipped)
 
@@ -207,22 +219,15 @@ class Quant8Pass(Pass):
         node = t.node
         w = t.weight
         if c["per_channel"]:
-            wq, ws = Q.quantize_per_channel_int8(w, t.axis)
+            wq, ws = Q.quantize_per_channel_int8(w.astype(np.float32), t.axis)
         else:
-            amax = float(np.abs(w).max())
+            amax = float(np.abs(w.astype(np.float32)).max())
             ws = np.array(amax / 127.0 if amax > 0 else 1.0, np.float32)
             wq = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
         old_w = node.inputs[1]
         base = G.weight_name(node, node.name or node.outputs[0].name)
-
-        wq_v = G.add_initializer(model, namer, f"{base}_int8", wq)
-        ws_v = G.add_initializer(model, namer, f"{base}_scale", ws)
-        wz_v = G.add_initializer(model, namer, f"{base}_zero_point", np.zeros(ws.shape, np.int8))
-        attrs = [ir.AttrInt64("axis", t.axis)] if ws.ndim else []
-        dq = ir.Node("", "DequantizeLinear", [wq_v, ws_v, wz_v], attrs, name=namer(f"{base}_DequantizeLinear"))
-        dq.outputs[0].name = namer(f"{base}_dequantized")
-        model.graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
+        node.replace_input_with(1, _dequantized(model, namer, base, wq, ws.astype(np.float32), t.axis,
+                                                ir.DataType.from_numpy(w.dtype), before=node))
         olds = [old_w]
         if t.bias_index is not None:
             x_dq = node.inputs[0]
@@ -259,18 +264,18 @@ class Quant8Pass(Pass):
         count = 0
         for node, table in found:
             label = node.name or node.outputs[0].name
-            if table.dtype != np.float32:
-                skipped.append(f"{label}: only float32 embedding tables are stored in int8")
+            if table.dtype not in (np.float32, np.float16):
+                skipped.append(f"{label}: only float32 and float16 embedding tables are stored in int8")
                 continue
-            wq, ws = Q.quantize_per_channel_int8(table, 1)
+            wq, ws = Q.quantize_per_channel_int8(table.astype(np.float32), 1)
             base = node.inputs[0].name
             table_v = G.add_initializer(model, namer, f"{base}_int8", wq)
             gather = ir.Node("", "Gather", [table_v, node.inputs[1]], [ir.AttrInt64("axis", 0)], name=namer(f"{label}_int8"))
             gather.outputs[0].name = namer(f"{node.outputs[0].name}_int8")
-            dq = ir.Node("", "DequantizeLinear", [gather.outputs[0], G.add_initializer(model, namer, f"{base}_scale", ws.astype(table.dtype)),
-                                                  G.add_initializer(model, namer, f"{base}_zero_point", np.zeros(ws.shape, np.int8))],
-                         [ir.AttrInt64("axis", -1)], name=namer(f"{label}_DequantizeLinear"))
-            G.replace(model, [node], node.outputs[0], [gather, dq], dq.outputs[0])
+            nodes = [gather]
+            out = _dequantized(model, namer, base, gather.outputs[0], ws.astype(np.float32), -1,
+                               ir.DataType.from_numpy(table.dtype), nodes=nodes)
+            G.replace(model, [node], node.outputs[0], nodes, out)
             count += 1
         return count
 
@@ -312,6 +317,32 @@ class Quant8Pass(Pass):
             G.replace(model, old, old[-1].outputs[0], nodes, nodes[-1].outputs[0])
             count += 1
         return count
+
+
+def _dequantized(model: ir.Model, namer, base: str, q, scale: np.ndarray, axis: int, dtype: ir.DataType, *,
+                 before: ir.Node | None = None, nodes: list[ir.Node] | None = None) -> ir.Value:
+    """DequantizeLinear(q (an int8 array or value), float32 scale, zero point 0) and, for a float16 layer, a Cast to
+    float16 (DequantizeLinear has float16 scales only from opset 19). The nodes go before `before`, or are
+    appended to `nodes`."""
+    q_v = G.add_initializer(model, namer, f"{base}_int8", q) if isinstance(q, np.ndarray) else q
+    attrs = [ir.AttrInt64("axis", axis)] if scale.ndim else []
+    dq = ir.Node("", "DequantizeLinear", [q_v, G.add_initializer(model, namer, f"{base}_scale", scale),
+                                          G.add_initializer(model, namer, f"{base}_zero_point",
+                                                            np.zeros(scale.shape, np.int8))],
+                 attrs, name=namer(f"{base}_DequantizeLinear"))
+    dq.outputs[0].name = namer(f"{base}_dequantized")
+    made = [dq]
+    if dtype != ir.DataType.FLOAT:
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        cast = ir.Node("", "Cast", dq.outputs, [ir.AttrInt64("to", int(dtype))], name=namer(f"{base}_Cast"))
+        cast.outputs[0].name = namer(f"{base}_dequantized_{dtype.name.lower()}")
+        cast.outputs[0].dtype = dtype
+        made.append(cast)
+    if before is not None:
+        model.graph.insert_before(before, made)
+    if nodes is not None:
+        nodes.extend(made)
+    return made[-1].outputs[0]
 
 
 def _position(model: ir.Model, node: ir.Node) -> int:

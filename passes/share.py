@@ -105,6 +105,7 @@ def _whitened_error(delta: np.ndarray, site: "_Site", rank: int, damp: float,
 @register_pass
 class SharePass(Pass):
     name = "share"
+    requires = ("canonicalize",)  # the block finder reads the canonical form
     summary = "share projection weights across consecutive blocks (representative chosen on calibration data)"
     analyses = ("blocks",)
     needs_calibration = True
@@ -142,7 +143,10 @@ class SharePass(Pass):
         from modelsurgeon.passes.drop_blocks import found_blocks
         from modelsurgeon.passes.lowrank import Namer, add_lowrank_branch, input_statistics
 
+        from modelsurgeon.analyses.blocks import require_float_linears
+
         tb = found_blocks(ctx, self.name)
+        require_float_linears(tb, self.name)
         blocks = tb.blocks
         groups = [grp for grp in self._groups(len(blocks)) if len(grp) > 1]
         skipped: list[str] = []

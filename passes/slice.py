@@ -41,6 +41,7 @@ from modelsurgeon.calibration import require_finite
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 from modelsurgeon.passes._quant_graph import mark_keep_float
+from modelsurgeon.analyses.blocks import require_float_linears
 from modelsurgeon.passes.fold_norms import head_is_tied, opset_of, replace_norm, require_pre_norm
 
 log = logging.getLogger("modelsurgeon")
@@ -550,8 +551,49 @@ def resize_stream_reshapes(graph: ir.Graph, tb: TransformerBlocks, d: int, k: in
                 graph.insert_before(node, concat)
                 node.replace_input_with(1, concat.outputs[0])
             continue
+        source = _width_source(node)
+        if source is node.inputs[0]:
+            continue  # x.view(-1, x.size(-1)) (the legacy exporter's Conv1D): follows x's new width by itself
+        if source is not None and p is not None and p.op_type == "Concat":
+            # the width read from another stream-wide value (GPT-2's final view reads the embedding's): now k
+            out_shape = node.outputs[0].shape
+            if out_shape is None or not len(out_shape) or not isinstance(out_shape[-1], int) or out_shape[-1] == d:
+                tail = new_initializer(graph, np.asarray([k], np.int64), "stream_width.sliced")
+                concat = ir.Node("", "Concat", [*p.inputs[:-1], tail], attributes=[ir.convenience.convert_attribute("axis", 0)],
+                                 name=unique_name(graph, (p.name or "concat") + "_sliced"))
+                concat.outputs[0].name = unique_name(graph, (shape_v.name or "shape") + "_sliced")
+                concat.outputs[0].dtype = ir.DataType.INT64
+                graph.insert_before(node, concat)
+                node.replace_input_with(1, concat.outputs[0])
+                continue
         raise UserError(f"slice: the residual stream is reshaped by '{node.name}' to a shape computed at run time; "
                         "re-export the model with a constant hidden size in that reshape")
+
+
+def _width_source(reshape: ir.Node) -> ir.Value | None:
+    """The value whose last dimension the last entry of the Reshape's target shape is read from at run time
+    (Shape -> Slice/Gather of -1 -> Squeeze/Unsqueeze -> Concat's last input), else None."""
+    v = reshape.inputs[1]
+    p = v.producer()
+    if p is None or p.op_type != "Concat" or not p.inputs:
+        return None
+    v = p.inputs[-1]
+    for _ in range(6):
+        p = v.producer() if v is not None else None
+        if p is None:
+            return None
+        if p.op_type == "Shape":
+            return p.inputs[0] if p.attributes.get("end") is None else None
+        if p.op_type == "Concat" and p.inputs and const_array(p.inputs[-1]) is not None:
+            return p.inputs[-1]  # a Shape of the stream that pin_shape_readers pinned to width d
+        if p.op_type not in ("Slice", "Gather", "Squeeze", "Unsqueeze", "Cast", "Identity"):
+            return None
+        if p.op_type in ("Slice", "Gather"):  # must pick the last dimension
+            idx = const_array(p.inputs[1])
+            if idx is None or int(np.asarray(idx).reshape(-1)[0]) != -1:
+                return None
+        v = p.inputs[0]
+    return None
 
 
 def pin_shape_readers(graph: ir.Graph, values: list[ir.Value], d: int, opset: int) -> int:
@@ -682,7 +724,8 @@ def apply_rotations(model: ir.Model, tb: TransformerBlocks, plan: SlicePlan, ks:
         read_in([tb.lm_head], qk[-1], plan.head_map)
         slice_norm(final, qk[-1], "final_norm.sliced")
     elif final is not None:  # the norm's output leaves the model: rotate back to d coordinates before it
-        back = new_initializer(graph, qk[-1].T.astype(np.float32), "final_norm.unrotate")
+        back = new_initializer(graph, qk[-1].T.astype(np.float16 if final.input.dtype == ir.DataType.FLOAT16
+                                                      else np.float32), "final_norm.unrotate")
         mm = _node(graph, "MatMul", [final.input, back], "final_norm/unrotate")
         copy_type(mm.outputs[0], final.input)
         graph.insert_before(final.nodes[0], mm)
@@ -763,6 +806,7 @@ class SlicePass(Pass):
     def run(self, model: ir.Model, ctx) -> PassResult:
         tb: TransformerBlocks = ctx.analysis("blocks")
         require_pre_norm(tb, self.name)
+        require_float_linears(tb, self.name)
         if tb.problems:
             raise UserError(f"slice: the block finder stopped early ({tb.problems[0]}); slicing part of a model is "
                             "not supported")

@@ -25,7 +25,8 @@ API (stable; drop-blocks, share, lowrank, fold-norms and slice read it):
                                            #   (side computations such as masks and rotary tables are not included)
     tb.final_norm                          # Norm | None
     tb.lm_head                             # Linear | None (reads final_norm's output)
-    tb.stream_reshapes                     # Reshape nodes on the residual stream (OPT flattens it to 2-D)
+    tb.stream_reshapes                     # Reshape nodes on the residual stream (OPT flattens it to 2-D), and
+                                           #   between it and the projections (GPT-2's Conv1D flattens to 2-D)
     tb.problems                            # why detection stopped early, if it did (blocks found so far are kept)
 
 A `Linear` is one MatMul or Gemm whose weight is a constant (initializer or Constant, possibly behind a
@@ -33,6 +34,17 @@ Transpose, or Gemm transB=1), with an optional constant bias (Gemm input C, or a
 `Linear.weight_matrix()` always returns [in, out] (y = x @ W + b) whatever the storage layout;
 `Linear.set_weight` / `set_bias` store new values in the node's own layout under a new initializer, so
 initializers shared with other nodes (tied embeddings, deduplicated zeros) are never changed in place.
+
+Exporters covered (the corpus, docs/corpus.md): torch dynamo at opset 18/23 (with or without mask and KV cache),
+the TorchScript exporter and Optimum through it, fp16, and ONNX Runtime GenAI's builder. `find_blocks` reads graphs in
+the canonical form of `modelsurgeon.canonical` (exact rewrites, which the `canonicalize` pass makes and every pass
+reading the blocks requires): no-op Casts removed, com.microsoft skip norms split into Add + norm, a tied table
+gathered through a Transpose stored the embedding's way. Besides:
+a norm wrapped in Casts (`x -> Cast(float32) -> norm -> Cast(float16)`) is one Norm with `compute_dtype`; a
+projection may read the norm, or write the stream, through flattening Reshapes (GPT-2's Conv1D; those Reshapes
+join `stream_reshapes`); Shape readers of the embedding or a norm are ignored; a com.microsoft MatMulNBits is a
+`Linear` with `quantized=True` (its structure is known, its float weight is not: weight-rewriting passes refuse
+through `require_float_linears`), and a GatherBlockQuantized table is a 4-bit embedding (`Embedding.quantized`).
 
 Detection relies only on structure: starting from the largest Gather of a constant table, it follows the
 residual stream from Add to Add (an Add is residual when its other input is computed from the stream);
@@ -69,10 +81,16 @@ class Linear:
     bias: ir.Value | None = None           # constant bias (Gemm input C, or the constant of the Add after the MatMul)
     bias_node: ir.Node | None = None       # the Add holding the bias (None for Gemm or no bias)
     transpose_node: ir.Node | None = None  # Transpose between the stored weight and the MatMul, if any
+    quantized: bool = False                # a com.microsoft MatMulNBits: `weight` is its packed 4-bit B; the
+                                           #   structure is known, the float weight is not (weight_matrix refuses)
 
     @property
     def input(self) -> ir.Value:
         return self.node.inputs[0]
+
+    def _nbits_dims(self) -> tuple[int, int]:
+        a = self.node.attributes
+        return int(a["K"].value), int(a["N"].value)
 
     @property
     def output(self) -> ir.Value:
@@ -81,14 +99,22 @@ class Linear:
 
     @property
     def in_features(self) -> int:
+        if self.quantized:
+            return self._nbits_dims()[0]
         return int(_const(self.weight).shape[1 if self.transposed else 0])
 
     @property
     def out_features(self) -> int:
+        if self.quantized:
+            return self._nbits_dims()[1]
         return int(_const(self.weight).shape[0 if self.transposed else 1])
 
     def weight_matrix(self) -> np.ndarray:
-        """The weight as an [in, out] array (a copy, in the stored dtype)."""
+        """The weight as an [in, out] array (a copy, in the stored dtype). Refuses a 4-bit (MatMulNBits) weight."""
+        if self.quantized:
+            from modelsurgeon.errors import UserError
+
+            raise UserError(QUANTIZED_MESSAGE.format(what="this pass"))
         w = np.array(_const(self.weight))
         return np.ascontiguousarray(w.T) if self.transposed else w
 
@@ -97,6 +123,8 @@ class Linear:
 
     def set_weight(self, graph: ir.Graph, w_in_out: np.ndarray) -> None:
         """Store a new [in, out] weight (its shape may differ) in this node's layout, as a new initializer."""
+        if self.quantized:
+            self.weight_matrix()  # refuses
         dtype = _const(self.weight).dtype
         if self.transpose_node is not None:  # a Transpose of a (shared) constant: store [in, out] directly
             t, old = self.transpose_node, self.weight
@@ -112,6 +140,8 @@ class Linear:
 
     def set_bias(self, graph: ir.Graph, b: np.ndarray) -> None:
         """Store a new bias [out]; adds an Add node after a bias-less MatMul (or an input C to a Gemm)."""
+        if self.quantized:
+            self.weight_matrix()  # refuses
         dtype = _const(self.weight).dtype
         b = np.asarray(b).astype(dtype).reshape(-1)
         if self.bias is None:
@@ -142,6 +172,8 @@ class Norm:
     scale: ir.Value | None = None         # constant (None: no scale)
     bias: ir.Value | None = None          # constant (None: no bias)
     fused: bool = False                   # one op (LayerNormalization / RMSNormalization / SimplifiedLayerNormalization)
+    compute_dtype: ir.DataType | None = None  # the float type it normalizes in when a Cast wraps it (fp16 models
+                                          #   normalize in float32): input -> Cast -> norm -> Cast -> output
 
     def scale_vector(self, width: int) -> np.ndarray:
         """The scale as float64 [width] (ones when the norm has none)."""
@@ -171,6 +203,15 @@ class Embedding:
     extra_tables: list[tuple[ir.Node, ir.Value]] = dataclasses.field(default_factory=list)  # (Gather, table)
     added_constants: list[tuple[ir.Node, ir.Value]] = dataclasses.field(default_factory=list)  # (Add, constant [.., d])
     norm: Norm | None = None              # post-norm models: the LayerNorm after the embedding
+    quantized: int = 0                    # bits of a com.microsoft GatherBlockQuantized table (GenAI int4 with a
+                                          #   tied head); `table` is then its packed data, not a [vocab, d] array
+
+    @property
+    def width(self) -> int:
+        """d, the width of the rows gathered."""
+        if self.quantized:
+            return int(self.gather.outputs[0].shape[-1])
+        return int(_const(self.table).shape[1])
 
 
 @dataclasses.dataclass(eq=False)
@@ -388,8 +429,42 @@ def scope_of(node: ir.Node | None) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+QUANTIZED_MESSAGE = ("{what} rewrites float weights, and the projections are already 4-bit (MatMulNBits); "
+                     "run {what} on the float model, then quant4")
+
+
+def require_float_linears(tb: "TransformerBlocks", what: str) -> None:
+    """Raise a UserError when a block's projections are 4-bit MatMulNBits (their float weights are gone)."""
+    if any(lin.quantized for b in tb.blocks for lin in b.linears().values()):
+        from modelsurgeon.errors import UserError
+
+        raise UserError(QUANTIZED_MESSAGE.format(what=what))
+
+
+def _match_nbits(node: ir.Node) -> Linear | None:
+    """A quantized Linear for com.microsoft MatMulNBits (ONNX Runtime GenAI's int4 models, our quant4)."""
+    if node.domain != "com.microsoft" or node.op_type != "MatMulNBits" or len(node.inputs) < 3:
+        return None
+    if node.attributes.get("K") is None or node.attributes.get("N") is None or node.inputs[0] is None:
+        return None
+    if _const(node.inputs[1]) is None:
+        return None
+    n = int(node.attributes["N"].value)
+    bias, bias_node = (node.inputs[5], None) if len(node.inputs) > 5 and node.inputs[5] is not None else (None, None)
+    if bias is None:
+        uses = node.outputs[0].uses()
+        if len(uses) == 1 and uses[0][0].op_type == "Add" and not node.outputs[0].is_graph_output():
+            other = uses[0][0].inputs[1 - uses[0][1]]
+            c = _const(other)
+            if c is not None and c.size == n and c.shape[-1:] == (n,):
+                bias, bias_node = other, uses[0][0]
+    return Linear(node, node.inputs[1], True, bias, bias_node, None, quantized=True)
+
+
 def match_linear(node: ir.Node) -> Linear | None:
-    """A Linear when `node` is a MatMul/Gemm of an activation by a constant 2-D weight."""
+    """A Linear when `node` is a MatMul/Gemm of an activation by a constant 2-D weight (or a MatMulNBits)."""
+    if node.op_type == "MatMulNBits":
+        return _match_nbits(node)
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
     w = node.inputs[1]
@@ -488,6 +563,43 @@ def _is_last_axis_mean(node: ir.Node, x: ir.Value) -> bool:
     return axes is not None and len(axes) == 1 and _last_axis(axes[0], _rank(x))
 
 
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+def _cast_to(node: ir.Node | None) -> ir.DataType | None:
+    """The target type of a float-to-float Cast node (None for anything else)."""
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or node.attributes.get("to") is None:
+        return None
+    to = ir.DataType(node.attributes["to"].value)
+    src = node.inputs[0].dtype if node.inputs and node.inputs[0] is not None else None
+    if to not in _FLOATS or (src is not None and src not in _FLOATS):
+        return None
+    return to
+
+
+def is_noop_cast(node: ir.Node) -> bool:
+    """A Cast to the type its input already has (the legacy exporter writes `.to(float32)` of float32 so)."""
+    to = _cast_to(node)
+    return to is not None and node.inputs[0].dtype == to
+
+
+def _wrap_casts(norm: Norm) -> Norm:
+    """Extend a norm over the Casts around it: `x -> Cast -> norm -> Cast -> y` is a norm of x computing in the
+    inner type (fp16 exports normalize in float32). The input Cast is absorbed only when nothing else reads it."""
+    p = norm.input.producer()
+    if _cast_to(p) is not None and not is_noop_cast(p):
+        inside = {id(n) for n in norm.nodes}
+        if not norm.input.is_graph_output() and all(id(n) in inside for n, _ in norm.input.uses()):
+            norm.compute_dtype = _cast_to(p)
+            norm.nodes.insert(0, p)
+            norm.input = p.inputs[0]
+    c = _only_use(norm.output)
+    if c is not None and _cast_to(c) is not None and norm.compute_dtype is not None:
+        norm.nodes.append(c)
+        norm.output = c.outputs[0]
+    return norm
+
+
 def _match_fused_norm(node: ir.Node) -> Norm | None:
     kind = _FUSED_NORMS.get(node.op_type)
     if kind is None or node.domain not in ("", "ai.onnx", "com.microsoft"):
@@ -503,7 +615,7 @@ def _match_fused_norm(node: ir.Node) -> Norm | None:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if (scale is not None and _const(scale) is None) or (bias is not None and _const(bias) is None):
         return None
-    return Norm(kind, x, node.outputs[0], [node], float(eps), scale, bias, fused=True)
+    return _wrap_casts(Norm(kind, x, node.outputs[0], [node], float(eps), scale, bias, fused=True))
 
 
 def _match_decomposed_norm(rm: ir.Node) -> Norm | None:
@@ -564,12 +676,16 @@ def _match_decomposed_norm(rm: ir.Node) -> Norm | None:
     if y is None:
         return None
     scale = bias = None
+    casts = []  # a Cast back to the stream's type may sit between the normalization and its scale
     m = _only_use(y)
+    if _cast_to(m) is not None:
+        casts, m = [m], _only_use(m.outputs[0])
     if m is not None and m.op_type == "Mul":
-        other = _other_input(m, y)
+        other = _other_input(m, (casts[0] if casts else y.producer()).outputs[0])
         c = _const(other)
         if c is not None and c.ndim <= 1:
-            scale, y = other, m.outputs[0]
+            nodes += casts
+            scale, y, casts = other, m.outputs[0], []
             nodes.append(m)
     a = _only_use(y)
     if a is not None and a.op_type == "Add":
@@ -578,7 +694,7 @@ def _match_decomposed_norm(rm: ir.Node) -> Norm | None:
         if c is not None and c.ndim == 1 and c.size > 1:
             bias, y = other, a.outputs[0]
             nodes.append(a)
-    return Norm(kind, x, y, nodes, float(eps), scale, bias, fused=False)
+    return _wrap_casts(Norm(kind, x, y, nodes, float(eps), scale, bias, fused=False))
 
 
 def find_norms(graph: ir.Graph) -> list[Norm]:
@@ -599,6 +715,23 @@ _ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAtten
 _ACTIVATIONS = {"Sigmoid", "Relu", "Gelu", "FastGelu", "QuickGelu", "BiasGelu", "Tanh", "Erf", "HardSigmoid", "Silu",
                 "Swish", "Elu", "Selu", "LeakyRelu", "Softplus", "Mish", "HardSwish"}
 _TRANSPARENT = {"Reshape", "Identity", "Dropout"}
+
+
+def views_of(value: ir.Value) -> list[ir.Value]:
+    """`value` and the values equal to it up to Reshape/Identity/Dropout that keep its last axis (GPT-2's Conv1D
+    flattens the norm's output to [tokens, d] before its Gemm; OPT flattens the stream)."""
+    out, frontier = [value], [value]
+    while frontier:
+        v = frontier.pop()
+        for node, i in v.uses():
+            if node.op_type in _TRANSPARENT and i == 0 and node.outputs:
+                o = node.outputs[0]
+                if o.shape is not None and value.shape is not None and len(o.shape) and len(value.shape) \
+                        and o.shape[-1] != value.shape[-1]:
+                    continue
+                out.append(o)
+                frontier.append(o)
+    return out
 
 
 def _table_gather(value: ir.Value, d: int) -> tuple[ir.Node | None, list[ir.Node]]:
@@ -638,18 +771,7 @@ class _Finder:
 
     def aliases(self, value: ir.Value) -> list[ir.Value]:
         """The value and the values equal to it up to Reshape/Identity (the stream seen through views)."""
-        out, frontier = [value], [value]
-        while frontier:
-            v = frontier.pop()
-            for node, i in v.uses():
-                if node.op_type in _TRANSPARENT and i == 0 and node.outputs:
-                    o = node.outputs[0]
-                    if o.shape is not None and value.shape is not None and len(o.shape) and len(value.shape) \
-                            and o.shape[-1] != value.shape[-1]:
-                        continue
-                    out.append(o)
-                    frontier.append(o)
-        return out
+        return views_of(value)
 
     def ancestors_within(self, value: ir.Value, low: int) -> set[int]:
         """ids of nodes reached backward from `value` without going to nodes at index < low."""
@@ -700,12 +822,23 @@ class _Finder:
                 continue
             if best is None or table.shape[0] > _const(best.inputs[0]).shape[0]:
                 best = node
-        if best is None:
-            return None
-        d = _const(best.inputs[0]).shape[1]
+        bits = 0
+        if best is None:  # a 4-bit table (GenAI int4 ties its head to the embedding so)
+            for node in self.graph:
+                a = node.attributes
+                if node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft" \
+                        and (a.get("gather_axis") is None or a["gather_axis"].value == 0) \
+                        and node.outputs[0].shape is not None and isinstance(node.outputs[0].shape[-1], int):
+                    best, bits = node, int(a["bits"].value) if a.get("bits") is not None else 4
+                    break
+            if best is None:
+                return None
+        d = best.outputs[0].shape[-1] if bits else _const(best.inputs[0]).shape[1]
         out, nodes, extra, consts = best.outputs[0], [best], [], []
         while True:
-            nxt = _only_use(out)
+            # Shape readers do not count (the legacy exporter reads the embedding's shape for the masks)
+            uses = [n for n, _ in out.uses() if n.op_type != "Shape"]
+            nxt = uses[0] if len(uses) == 1 and not out.is_graph_output() else None
             if nxt is None:
                 break
             other = _other_input(nxt, out) if len(nxt.inputs) == 2 else None
@@ -725,7 +858,7 @@ class _Finder:
             else:
                 break
             out = nxt.outputs[0]
-        return Embedding(best, best.inputs[0], out, nodes, extra, consts)
+        return Embedding(best, best.inputs[0], out, nodes, extra, consts, quantized=bits)
 
     def residual_add(self, stream: list[ir.Value]) -> tuple[ir.Node, ir.Value, ir.Value, Linear | None] | None:
         """The first Add that adds to the stream something computed from it.
@@ -794,13 +927,32 @@ class _Finder:
                 continue
             if p.op_type == "Add":  # a bias Add
                 for x in p.inputs:
-                    if x is not None and x.producer() is not None and x.producer().op_type in ("MatMul", "Gemm"):
+                    if x is not None and x.producer() is not None and x.producer().op_type in ("MatMul", "Gemm", "MatMulNBits"):
                         lin = match_linear(x.producer())
                         if lin is not None and lin.output is v:
                             return lin
                 return None
             lin = match_linear(p)
             return lin if lin is not None and lin.output is v else None
+
+    def _projection_reshapes(self, b: Block) -> None:
+        """Record the Reshapes that carry a stream-width value between the stream and the projections: from a norm
+        to the projections reading it, and from the o/down projections to the residual Adds (GPT-2's Conv1D is
+        `view(-1, d) -> addmm -> view(b, s, d)`). Slicing resizes them with the stream's."""
+        found = []
+        for lin in b.attn_inputs + b.mlp_inputs:
+            v = lin.input
+            while (p := v.producer()) is not None and p.op_type in _TRANSPARENT:
+                found.append(p)
+                v = p.inputs[0]
+        for lin, add in ((b.o, b.attn_add), (b.down, b.mlp_add)):
+            v = lin.output
+            while (n := _only_use(v)) is not None and n is not add and n.op_type in _TRANSPARENT:
+                found.append(n)
+                v = n.outputs[0]
+        for n in found:
+            if n.op_type == "Reshape" and n not in self.stream_reshapes:
+                self.stream_reshapes.append(n)
 
     def label_attention(self, block: Block, projs: list[Linear], branch: list[ir.Node]) -> str | None:
         if len(projs) == 1:
@@ -877,6 +1029,14 @@ class _Finder:
             block.gate = gated[0]
             block.up = projs[1] if gated[0] is projs[0] else projs[0]
             return None
+        # the up projection feeds only the product with the activated gate (an activation written out as
+        # several ops, as the legacy exporter writes GELU, reads the gate more than once)
+        ups = [p for i, p in enumerate(projs) if (m := _only_use(p.output)) is not None and m.op_type == "Mul"
+               and (o := _other_input(m, p.output)) is not None and self.reaches(projs[1 - i].output, o)]
+        if len(ups) == 1:
+            block.up = ups[0]
+            block.gate = projs[1] if ups[0] is projs[0] else projs[0]
+            return None
         names = [scope_of(p.node).rsplit(".", 1)[-1] for p in projs]
         if "gate_proj" in names:
             g = names.index("gate_proj")
@@ -889,7 +1049,7 @@ class _Finder:
         emb = self.find_embedding()
         if emb is None:
             return TransformerBlocks("unknown", None, [], None, None, 0, problems=["no token embedding (Gather of a constant table) found"])
-        d = int(_const(emb.table).shape[1])
+        d = emb.width
         h = emb.output
         layout: str = "unknown"
         first = self.norm_on([h])
@@ -943,11 +1103,15 @@ class _Finder:
         if layout == "pre-norm" and blocks:
             tb.final_norm = self.norm_on(self.aliases(end))
             if tb.final_norm is not None:
-                users = [n for n, i in tb.final_norm.output.uses()]
-                if len(users) == 1 and not tb.final_norm.output.is_graph_output():
-                    lin = match_linear(users[0])
-                    if lin is not None and lin.input is tb.final_norm.output:
+                out = tb.final_norm.output
+                views = views_of(out)
+                users = [(n, v) for v in views for n, _ in v.uses() if not any(n is v2.producer() for v2 in views)]
+                if len(users) == 1 and not any(v.is_graph_output() for v in views):
+                    lin = match_linear(users[0][0])
+                    if lin is not None and lin.input is users[0][1]:
                         tb.lm_head = lin
+                        self.stream_reshapes += [v.producer() for v in views[1:] if v.producer().op_type == "Reshape"
+                                                 and v.producer() not in self.stream_reshapes]
         elif layout == "post-norm" and blocks:
             tb.final_norm = None
             users = [n for n, i in blocks[-1].residual_out.uses()]
@@ -990,6 +1154,7 @@ class _Finder:
             nodes |= {id(n) for n in self.between([b.residual_in], b.residual_out)}
             b.nodes = [n for n in self.graph if id(n) in nodes]
             b.scope = _common_scope([lin.node for lin in b.linears().values()])
+            self._projection_reshapes(b)
             blocks.append(b)
             i += 2
         if i < len(subs) and not self.problems:
@@ -1012,7 +1177,11 @@ def _common_scope(nodes: list[ir.Node]) -> str:
 
 
 def find_blocks(model: ir.Model) -> TransformerBlocks:
-    """Find the transformer structure of `model` (see the module docstring)."""
+    """Find the transformer structure of `model` (see the module docstring).
+
+    Reads the graph only. It expects the canonical form of `modelsurgeon.canonical` (no-op Casts removed, fused
+    skip norms split into Add + norm): passes that read the blocks require the `canonicalize` pass, which the
+    pipeline runs first; other callers run `canonicalize(model)` themselves (`inspect` does)."""
     return _Finder(model).run()
 
 
@@ -1046,7 +1215,9 @@ def describe(tb: TransformerBlocks) -> str:
     lines = [f"{len(tb.blocks)} {tb.layout} transformer blocks, d_model {tb.d_model}"]
     e = tb.embedding
     extra = f" + {len(e.extra_tables)} added table(s)" if e.extra_tables else ""
-    lines.append(f"  embedding: {e.table.name} {tuple(_const(e.table).shape)}{extra} -> {e.output.name}"
+    table = f"{e.quantized}-bit {e.table.name} [.., {e.width}]" if e.quantized else \
+        f"{e.table.name} {tuple(_const(e.table).shape)}"
+    lines.append(f"  embedding: {table}{extra} -> {e.output.name}"
                  + (f" -> {_norm(e.norm)}" if e.norm is not None else ""))
     lines.append(f"  {'#':>3} {'scope':<22} {'attn norm':<12} {'q/k/v|qkv':<26} {'o':<10} {'mlp norm':<12} "
                  f"{'gate/up':<20} {'down':<10}")

@@ -936,9 +936,9 @@ def reshape_layout(b: Builder, x: ir.Value, lay: list[int], specs: list[tuple], 
                     out[k] = specs[k][1]
                 elif specs[k][0] == "lit":
                     out[k] = b.new(specs[k][1])
+                elif out_monos[k][1]:
+                    out[k] = _infer_dynamic(b, out_monos[k], k == gj[0], k == gj[-1], [lay[i] for i in gi])
                 else:
-                    if out_monos[k][1]:
-                        raise RuleError("a -1 dimension shares a dynamic group")
                     out[k] = b.new(out_monos[k][0])
             b.same(in_part, atoms.make_product([out[k] for k in gj]), "reshape")
         mapping = "reshape " + ("split" if len(gj) > len(gi) else "merge" if len(gi) > len(gj) else "identity")
@@ -948,6 +948,24 @@ def reshape_layout(b: Builder, x: ir.Value, lay: list[int], specs: list[tuple], 
     while i < n_in:  # trailing size-1 input axes
         i += 1
     return [atoms.find(a) for a in out]
+
+
+def _infer_dynamic(b: Builder, mono, first: bool, last: bool, group: list[int]) -> int:
+    """The atom of a -1 output axis whose size involves one dynamic size (torch's multi-head attention reshapes
+    [seq, batch, hidden] to [seq, -1, head_dim], -1 = batch x heads): the dynamic leaf itself, or its product with
+    a new static factor, ordered as the dynamic leaf sits in the input axes it comes from (first or last)."""
+    coef, syms = mono
+    if len(syms) != 1:
+        raise RuleError("a -1 dimension spans several dynamic sizes")
+    leaf = b.atoms.find(syms[0])
+    if coef == 1:
+        return leaf
+    flat = [b.atoms.find(f) for a in group for f in b.atoms.product_factors(a)]
+    if first and flat and flat[0] == leaf:
+        return b.atoms.make_product([leaf, b.new(coef)])
+    if last and flat and flat[-1] == leaf:
+        return b.atoms.make_product([b.new(coef), leaf])
+    raise RuleError("a -1 dimension shares a dynamic group")
 
 
 def _same_dynamic(b: Builder, pi, pj) -> bool:
@@ -1016,114 +1034,6 @@ def _tile(b: Builder, node: ir.Node) -> None:
             s = b.size(a)
             out.append(b.new(None if s is None else s * int(rep), f"{b.where()}: tiled"))
     b.set(node.outputs[0], out)
-
-
-@rule("Concat")
-def _concat(b: Builder, node: ir.Node) -> None:
-    inputs = [v for v in node.inputs if v is not None]
-    lays = [b.L(v) for v in inputs]
-    r = len(lays[0])
-    if any(len(lay) != r for lay in lays):
-        raise RuleError("inputs of different ranks")
-    axis = _attr(node, "axis", 0) % r
-    y = node.outputs[0]
-    out = []
-    for k in range(r):
-        if k == axis:
-            out.append(b.atoms.make_concat([lay[k] for lay in lays], origin=b.where()))
-        else:
-            a0 = lays[0][k]
-            for v, lay in zip(inputs[1:], lays[1:]):
-                b.edge(inputs[0], k, v, k, "identity")
-                b.same(a0, lay[k], "concat")
-            out.append(a0)
-    b.set(y, out)
-    offset = 0
-    for v, lay in zip(inputs, lays):
-        s = b.size(lay[axis])
-        b.edge(v, axis, y, axis, f"concat offset {offset}" if s is not None else "concat")
-        offset += s or 0
-
-
-@rule("Split")
-def _split(b: Builder, node: ir.Node) -> None:
-    x = node.inputs[0]
-    lay = b.L(x)
-    axis = _attr(node, "axis", 0) % len(lay)
-    n = b.size(lay[axis])
-    outs = [o for o in node.outputs]
-    if n is None:
-        raise RuleError("splitting a dynamic axis")
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        sizes = _constant(node.inputs[1])
-        if sizes is None:
-            raise RuleError("split sizes are not constant")
-        sizes = [int(s) for s in sizes.reshape(-1)]
-    elif "split" in node.attributes:
-        sizes = list(_attr(node, "split"))
-    else:
-        k = len(outs)
-        chunk = -(-n // k)
-        sizes = [min(chunk, n - i * chunk) for i in range(k)]
-    pos = 0
-    for out, s in zip(outs, sizes):
-        try:
-            seg = b.atoms.segment(lay[axis], pos, pos + s)
-        except Exception as exc:
-            raise RuleError(str(exc))
-        b.set(out, [seg if k == axis else a for k, a in enumerate(lay)])
-        b.edge(x, axis, out, axis, f"split [{pos}:{pos + s})")
-        pos += s
-    b.sites.append(Site(node, "split", {"axis": axis, "outputs": outs}))
-
-
-@rule("Slice")
-def _slice(b: Builder, node: ir.Node) -> None:
-    x = node.inputs[0]
-    lay = b.L(x)
-    bounds = _slice_bounds(node, b.opset)
-    if bounds is None:
-        raise RuleError("its bounds are not constant")
-    out = list(lay)
-    sliced = []
-    for start, end, axis, step in zip(*bounds):
-        axis = int(axis) % len(lay)
-        n = b.size(lay[axis])
-        if n is None:
-            out[axis] = b.new(None, f"{b.where()}: slice of a dynamic axis")
-            continue
-        s, e, _ = slice(int(start), int(end), int(step)).indices(n)
-        if int(step) != 1:
-            b.atoms.freeze(lay[axis], f"{b.where()}: strided slice")
-            out[axis] = b.new(len(range(s, e, int(step))), f"{b.where()}: strided slice")
-            continue
-        e = max(e, s)
-        try:
-            out[axis] = b.atoms.segment(lay[axis], s, e)
-        except Exception as exc:
-            raise RuleError(str(exc))
-        sliced.append((axis, s, e))
-        b.edge(x, axis, node.outputs[0], axis, f"slice [{s}:{e})")
-    b.set(node.outputs[0], out)
-    b.sites.append(Site(node, "slice", {"sliced": sliced, "input": x}))
-
-
-@rule("Gather")
-def _gather(b: Builder, node: ir.Node) -> None:
-    data, idx = node.inputs[0], node.inputs[1]
-    dl, il = b.L(data), b.L(idx)
-    axis = _attr(node, "axis", 0) % len(dl)
-    b.atoms.freeze(dl[axis], f"{b.where()}: indexed by Gather")
-    out = dl[:axis] + il + dl[axis + 1:]
-    b.set(node.outputs[0], out)
-    if is_constant(data) and len(dl) == 2 and axis == 0:
-        b.weight_uses.append(WeightUse(node, data, "embedding", None, 1))
-        b.tag(dl[1], "embedding")
-
-
-@rule("GatherElements", "GatherND", "ScatterElements", "ScatterND", "Scatter")
-def _gather_elements(b: Builder, node: ir.Node) -> None:
-    raise RuleError("index-valued access")
 
 
 @rule("Pad")
@@ -1592,3 +1502,7 @@ def channel_groups(model: ir.Model, ctx: Any = None) -> ChannelGroups:
     builder = Builder(model)
     builder.run()
     return builder.result()
+
+
+# Rule families in their own modules (they register into RULES on import; they import this module's helpers).
+from modelsurgeon.analyses import channel_index_rules  # noqa: E402,F401  Concat, Split, Slice, Gather, ScatterND
