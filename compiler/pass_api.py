@@ -7,7 +7,8 @@ A pass is a class with a `name`, typed `options`, and `run(model, ctx) -> PassRe
 - `requires`: passes that must run earlier (added automatically, e.g. slice needs fold-norms),
 - `analyses`: analyses the pass reads through `ctx.analysis(name)` (cached until invalidated),
 - `preserves`: analyses still valid after the pass changed the model (everything else is invalidated),
-- `stage`: STRUCTURE passes (pruning, slicing, ...) must precede QUANTIZE passes; CLEANUP may go anywhere.
+- `stage`: STRUCTURE passes (pruning, slicing, ...) must precede QUANTIZE passes, and both precede FUSE passes;
+  CLEANUP may go anywhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Stage(enum.IntEnum):
     STRUCTURE = 0
     QUANTIZE = 1
     CLEANUP = 2  # may run anywhere
+    FUSE = 3  # after every STRUCTURE and QUANTIZE pass (fusions hide the decomposed form analyses read)
 
 
 @dataclasses.dataclass(frozen=True)

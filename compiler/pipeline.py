@@ -161,7 +161,16 @@ def _closure(cls: type[Pass], seen: tuple[str, ...] = ()) -> list[str]:
 
 
 def check_order(passes: list[Pass]) -> None:
-    """Quantizing passes come after every structural pass; refuse with the right order otherwise."""
+    """Quantizing passes come after every structural pass, fusing ones after both; refuse with the right order
+    otherwise."""
+    first_fuse = next((p for p in passes if p.stage == Stage.FUSE), None)
+    if first_fuse is not None:
+        late = [p for p in passes[passes.index(first_fuse):] if p.stage in (Stage.STRUCTURE, Stage.QUANTIZE)]
+        if late:
+            order = ",".join(p.name for p in passes if p.stage != Stage.FUSE)
+            order += "," + ",".join(p.name for p in passes if p.stage == Stage.FUSE)
+            raise UserError(f"pass '{late[0].name}' cannot run after fusing pass '{first_fuse.name}': "
+                            f"fuse last, e.g. --passes {order}")
     first_quant = next((p for p in passes if p.stage == Stage.QUANTIZE), None)
     if first_quant is None:
         return

@@ -727,6 +727,23 @@ def pass_spec(name: str) -> str:
     return f"{name}({opts})" if opts else name
 
 
+QUANTIZERS = ("quant4", "quant8", "spquant", "eora")
+BLOCK_PASSES = ("slice", "drop-blocks", "share", "lowrank")
+
+
+def required_passes(entry: Entry) -> set[str]:
+    """The passes that must verify on `entry` (issue 15's contract; tests/test_corpus.py holds the recorded matrix to
+    it): every quantizer and prune on every model; slice, drop-blocks, share and lowrank on every pre-norm decoder from
+    every exporter. ONNX Runtime GenAI's int4 graphs are the one exception: their projections are already 4-bit
+    MatMulNBits, whose float weights slice (through fold-norms) and share would have to rewrite, so those two refuse
+    with that reason; drop-blocks and lowrank must still verify there."""
+    kind = ARCHS[entry.arch][2] if entry.arch in ARCHS else ("decoder" if entry.arch == "helper" else "vision")
+    out = {*QUANTIZERS, "prune"}
+    if kind == "decoder":
+        out |= set(BLOCK_PASSES) - ({"slice", "share"} if entry.exporter == "genai-int4" else set())
+    return out
+
+
 def pass_names() -> list[str]:
     """The shipped passes (those of modelsurgeon.passes), not ones a host program or a test registered."""
     from modelsurgeon.pass_api import registered_passes

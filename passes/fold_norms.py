@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.analyses.blocks import (Linear, Norm, TransformerBlocks, const_array, copy_type, drop_if_unused,
-                                          naming, new_initializer, require_float_linears, unique_name,
+                                          naming, new_initializer, replace_value, require_float_linears, unique_name,
                                           views_of)
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Pass, PassResult, Stage, register_pass
@@ -106,13 +106,7 @@ def replace_norm(graph: ir.Graph, norm: Norm, epsilon: float, scale: np.ndarray,
     """Swap `norm` for a new RMS norm of `scale`; the old nodes and their constants go."""
     y = emit_rms_norm(graph, norm.input, epsilon, scale, opset, norm.nodes[0], name,
                       compute_dtype=norm.compute_dtype, out_dtype=norm.output.dtype)
-    old_out = norm.output
-    was_output = old_out.is_graph_output()
-    ir.convenience.replace_all_uses_with(old_out, y, replace_graph_outputs=True)
-    if was_output:
-        keep = old_out.name
-        old_out.name = unique_name(graph, keep + "_old")
-        y.name = keep
+    replace_value(graph, norm.output, y)
     consts = {id(v): v for n in norm.nodes for v in n.inputs if v is not None and v.is_initializer()}
     graph.remove(list(reversed(norm.nodes)), safe=True)
     for v in consts.values():

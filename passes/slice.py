@@ -525,6 +525,17 @@ def _produced_through(v: ir.Value, target: ir.Value) -> bool:
     return v is target
 
 
+def _reshape_to_new_tail(graph: ir.Graph, reshape: ir.Node, concat: ir.Node, tail: ir.Value) -> None:
+    """`reshape` reads a copy of its shape `concat` whose last input is `tail` (the sliced width)."""
+    shape_v = reshape.inputs[1]
+    new = ir.Node("", "Concat", [*concat.inputs[:-1], tail], attributes=[ir.convenience.convert_attribute("axis", 0)],
+                  name=unique_name(graph, (concat.name or "concat") + "_sliced"))
+    new.outputs[0].name = unique_name(graph, (shape_v.name or "shape") + "_sliced")
+    new.outputs[0].dtype = ir.DataType.INT64
+    graph.insert_before(reshape, new)
+    reshape.replace_input_with(1, new.outputs[0])
+
+
 def resize_stream_reshapes(graph: ir.Graph, tb: TransformerBlocks, d: int, k: int) -> None:
     """Reshapes on the stream whose target shape names d in its last entry now name k."""
     for node in tb.stream_reshapes:
@@ -543,13 +554,7 @@ def resize_stream_reshapes(graph: ir.Graph, tb: TransformerBlocks, d: int, k: in
             if last.size and int(last[-1]) == d:
                 new_last = last.copy()
                 new_last[-1] = k
-                concat = ir.Node("", "Concat", [*p.inputs[:-1], new_initializer(graph, new_last, "shape_tail.sliced")],
-                                 attributes=[ir.convenience.convert_attribute("axis", 0)],
-                                 name=unique_name(graph, (p.name or "concat") + "_sliced"))
-                concat.outputs[0].name = unique_name(graph, (shape_v.name or "shape") + "_sliced")
-                concat.outputs[0].dtype = ir.DataType.INT64
-                graph.insert_before(node, concat)
-                node.replace_input_with(1, concat.outputs[0])
+                _reshape_to_new_tail(graph, node, p, new_initializer(graph, new_last, "shape_tail.sliced"))
             continue
         source = _width_source(node)
         if source is node.inputs[0]:
@@ -558,13 +563,8 @@ def resize_stream_reshapes(graph: ir.Graph, tb: TransformerBlocks, d: int, k: in
             # the width read from another stream-wide value (GPT-2's final view reads the embedding's): now k
             out_shape = node.outputs[0].shape
             if out_shape is None or not len(out_shape) or not isinstance(out_shape[-1], int) or out_shape[-1] == d:
-                tail = new_initializer(graph, np.asarray([k], np.int64), "stream_width.sliced")
-                concat = ir.Node("", "Concat", [*p.inputs[:-1], tail], attributes=[ir.convenience.convert_attribute("axis", 0)],
-                                 name=unique_name(graph, (p.name or "concat") + "_sliced"))
-                concat.outputs[0].name = unique_name(graph, (shape_v.name or "shape") + "_sliced")
-                concat.outputs[0].dtype = ir.DataType.INT64
-                graph.insert_before(node, concat)
-                node.replace_input_with(1, concat.outputs[0])
+                _reshape_to_new_tail(graph, node, p, new_initializer(graph, np.asarray([k], np.int64),
+                                                                      "stream_width.sliced"))
                 continue
         raise UserError(f"slice: the residual stream is reshaped by '{node.name}' to a shape computed at run time; "
                         "re-export the model with a constant hidden size in that reshape")

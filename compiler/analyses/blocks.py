@@ -319,6 +319,16 @@ def _base_name(value: ir.Value) -> str:
 _NAMES_KEY = "modelsurgeon.blocks.names"
 
 
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value, old_suffix: str = "_old") -> None:
+    """Every reader of `old` reads `new`; a graph output keeps its name (`new` takes it, `old` gets a suffix)."""
+    was_output = old.is_graph_output()
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        keep = old.name
+        old.name = unique_name(graph, keep + old_suffix)
+        new.name = keep
+
+
 def unique_name(graph: ir.Graph, base: str) -> str:
     """A value name not used anywhere in the graph.
 

@@ -1,0 +1,182 @@
+"""The fuse pass: each fusion puts ONNX Runtime's fused op in place of the decomposed subgraph, with the same outputs."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+import modelsurgeon
+from modelsurgeon.errors import UserError
+from modelsurgeon.model_io import load
+from modelsurgeon.runtime import run_model
+
+
+def ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.all_nodes())
+
+
+def _model(nodes, inputs, outputs, inits) -> ir.Model:
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def rms_residual_model() -> ir.Model:
+    """y = RMSNorm(a + b) * scale, written out as Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul; also outputs a + b."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "scale"),
+             onnx.numpy_helper.from_array(np.float32(2.0), "two"), onnx.numpy_helper.from_array(np.float32(1e-6), "eps"),
+             onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+    nodes = [helper.make_node("Add", ["a", "b"], ["h"]),
+             helper.make_node("Pow", ["h", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, noop_with_empty_axes=0),  # as torch writes it
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["rms"]),
+             helper.make_node("Reciprocal", ["rms"], ["inv"]),
+             helper.make_node("Mul", ["h", "inv"], ["n"]),
+             helper.make_node("Mul", ["n", "scale"], ["y"])]
+    io = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["b", "s", 16]) for k in ("a", "b")]
+    outs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["b", "s", 16]) for k in ("y", "h")]
+    return _model(nodes, io, outs, inits)
+
+
+def erf_gelu_model() -> ir.Model:
+    """y = 0.5 * x * (1 + erf(x / sqrt(2))) after a MatMul."""
+    rng = np.random.default_rng(1)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(np.float32(np.sqrt(2.0)), "sqrt2"),
+             onnx.numpy_helper.from_array(np.float32(1.0), "one"), onnx.numpy_helper.from_array(np.float32(0.5), "half")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+             helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]),
+             helper.make_node("Mul", ["h", "e1"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])], inits)
+
+
+def _feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in model.graph.inputs:
+        shape = [d if isinstance(d, int) else 3 for d in v.shape]
+        feeds[v.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _assert_same(a: dict, b: dict, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        err = np.linalg.norm((a[k] - b[k]).astype(np.float64)) / max(np.linalg.norm(a[k].astype(np.float64)), 1e-30)
+        assert err < rtol, (k, err)
+
+
+def test_residual_rms_norm_becomes_skip_simplified_layer_normalization():
+    model = rms_residual_model()
+    feeds = _feeds(model)
+    ref = run_model(model, feeds)
+    result = modelsurgeon.compile(model, "fuse", cleanup=False)
+    got = ops(result.model)
+    assert got["SkipSimplifiedLayerNormalization"] == 1
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(got)
+    _assert_same(ref, run_model(result.model, feeds))
+    assert result.report.rows[-1].notes["fused"] == {"SkipSimplifiedLayerNormalization": 1}
+
+
+def test_erf_gelu_becomes_gelu():
+    model = erf_gelu_model()
+    feeds = _feeds(model)
+    ref = run_model(model, feeds)
+    result = modelsurgeon.compile(model, "fuse", cleanup=False)
+    assert ops(result.model)["Gelu"] == 1 and "Erf" not in ops(result.model)
+    _assert_same(ref, run_model(result.model, feeds))
+
+
+def test_nothing_to_fuse_leaves_the_model_unchanged():
+    rng = np.random.default_rng(2)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], [w])
+    result = modelsurgeon.compile(model, "fuse", cleanup=False)
+    row = result.report.rows[-1]
+    assert not row.modified and row.notes["fused"] == "nothing to fuse"
+    assert [n.op_type for n in result.model.graph] == ["MatMul", "Relu"]
+
+
+def test_fuse_runs_after_quantization_only():
+    with pytest.raises(UserError, match="cannot run after fusing pass 'fuse'.*fuse last"):
+        modelsurgeon.compile(rms_residual_model(), "fuse,quant4")
+
+
+def _decode_feeds(model: ir.Model, past: int, seq: int, batch: int = 2) -> dict[str, np.ndarray]:
+    """One decode step with `past` cached positions (random cache), masks of ones."""
+    rng = np.random.default_rng(3)
+    feeds = {}
+    for v in model.graph.inputs:
+        if v.name == "input_ids":
+            feeds[v.name] = rng.integers(0, 500, size=(batch, seq)).astype(np.int64)
+        elif v.name == "attention_mask":
+            feeds[v.name] = np.ones((batch, past + seq), np.int64)
+        elif v.name == "position_ids":
+            feeds[v.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))
+        else:  # past_key_values.N.key / value [batch, kv heads, past, head size]
+            feeds[v.name] = rng.standard_normal((batch, v.shape[1], past, v.shape[3])).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("name", ["llama/dynamo18-kv", "qwen2/dynamo18-kv"])
+def test_kv_cache_decoder_gets_group_query_attention_and_decodes_the_same(corpus_model, name):
+    path = corpus_model(name)
+    result = modelsurgeon.compile(path, "fuse")
+    got = ops(result.model)
+    assert got["GroupQueryAttention"] == 2 and got["SkipSimplifiedLayerNormalization"] == 4
+    assert got["SimplifiedLayerNormalization"] == 1
+    assert sum(got.values()) < sum(ops(load(path)).values()) / 3
+    original = load(path)
+    # prompt, one decode step, a chunk after a cache (batch 1: ONNX Runtime's GroupQueryAttention refuses a batch of
+    # several rows with both a cache and several new tokens, as in GenAI's models)
+    for past, seq, batch in ((0, 7, 2), (9, 1, 2), (9, 4, 1)):
+        feeds = _decode_feeds(original, past, seq, batch)
+        _assert_same(run_model(original, feeds), run_model(result.model, feeds))
+
+
+def test_rotary_without_attention_fusion_broadcasts_positions(corpus_model):
+    """phi3 (as many KV heads as heads) gets RotaryEmbedding + MultiHeadAttention; its position_ids come from a
+    Range ([1, S]) and must serve a batch of 2."""
+    path = corpus_model("phi3/dynamo18")
+    result = modelsurgeon.compile(path, "fuse")
+    got = ops(result.model)
+    assert got["RotaryEmbedding"] == 4 and got["MultiHeadAttention"] == 2
+    original = load(path)
+    feeds = {"input_ids": np.random.default_rng(4).integers(0, 500, size=(2, 6)).astype(np.int64)}
+    _assert_same(run_model(original, feeds), run_model(result.model, feeds))
+
+
+def test_encoder_gets_attention_skip_layer_norm_and_bias_gelu(corpus_model):
+    result = modelsurgeon.compile(corpus_model("bert/dynamo18"), "fuse")
+    got = ops(result.model)
+    assert got["Attention"] == 2 and got["SkipLayerNormalization"] == 4 and got["BiasGelu"] == 2
+    assert result.report.rows[-2].rel_l2 < 1e-5  # the fuse row, verified against the input
+
+
+def test_invalid_attention_fusion_falls_back_to_norms(corpus_model):
+    """onnxscript's attention fusion gives GPT-2's [B*S, D] Gemm input rank 3: the pass keeps attention decomposed,
+    says so, and still fuses the norms."""
+    result = modelsurgeon.compile(corpus_model("gpt2/dynamo18"), "fuse")
+    row = next(r for r in result.report.rows if r.name == "fuse")
+    assert row.modified and row.notes["fused"].get("SkipLayerNormalization") == 4
+    assert "MultiHeadAttention" not in ops(result.model)
+    assert any("attention left decomposed" in s for s in row.skipped)
+
+
+def test_fusions_find_norms_and_attention_around_4bit_projections(corpus_model):
+    result = modelsurgeon.compile(corpus_model("llama/dynamo18"), "quant4,fuse")
+    got = ops(result.model)
+    assert got["MatMulNBits"] == 14 and got["GroupQueryAttention"] == 2 and got["SkipSimplifiedLayerNormalization"] == 4
+    fuse_row = next(r for r in result.report.rows if r.name == "fuse")
+    quant_row = next(r for r in result.report.rows if r.name.startswith("quant4"))
+    assert abs(fuse_row.rel_l2 - quant_row.rel_l2) < 1e-4  # fusion adds no error to quantization's
