@@ -103,10 +103,15 @@ def _guard_extras(node, parents) -> set[str]:
     return named
 
 
+# Distributions setup.sh installs into a folder of their own, which only a models/ loader puts on sys.path:
+# torchvision (`pip install --no-deps --target .torchvision`; see models/corpus.py `import_torchvision`).
+OWN_FOLDER = {"torchvision"}
+
+
 def undeclared_imports(source: str, where: str, *, loaders: bool = False) -> list[str]:
     """What in `source` breaks the rule above (loaders=True: models/'s rule); each as `where:line: why`."""
     core, extras = declared()
-    packaged = {normalize(m) for m in _check_script().PACKAGED_MODELS}
+    packaged = {normalize(m) for m in _check_script().PACKAGED_MODELS} | OWN_FOLDER
     tree = ast.parse(source)
     parents = _parents(tree)
     problems = []
