@@ -226,7 +226,8 @@ def tokenize_text(text: str, tokenizer, num_samples: int, seq_len: int, add_spec
     return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer, num_samples: int, seq_len: int, skip: int = 0) -> np.ndarray:
+def tokenize_texts(texts: Sequence[str], tokenizer, num_samples: int, seq_len: int, skip: int = 0,
+                   warn: bool = True) -> np.ndarray:
     """Windows spread evenly over several texts: the first ceil(num_samples / len(texts)) windows of each (after
     its first `skip`), then the first `num_samples` of those (texts too short for their share give what they have).
 
@@ -246,7 +247,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer, num_samples: int, seq_len: i
         raise UserError(f"none of the {len(texts)} calibration texts holds a window of {seq_len} tokens; give longer "
                         "texts or a smaller --seq-len")
     ids = np.concatenate(parts)[:num_samples]
-    if len(ids) < num_samples:
+    if len(ids) < num_samples and warn:
         log.warning("%d texts give only %d windows of %d tokens (asked for %d)", len(texts), len(ids), seq_len,
                     num_samples)
     return ids
@@ -280,6 +281,53 @@ def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | Calibra
                      tokenizer: str | pathlib.Path | None = None, num_samples: int = 32, seq_len: int = 128,
                      seed: int = 0, warn: bool = True) -> CalibrationData:
     """Resolve any accepted calibration source into CalibrationData; synthesize (with a warning) if none."""
+    return _load(model, calib, tokenizer, num_samples, seq_len, seed, warn, extra=0)[0]
+
+
+HOLDOUT_MAX = 8  # samples held back for verification at most (the verification run is one per pass)
+
+
+def holdout_size(n: int) -> int:
+    """How many of `n` calibration samples verification holds back by default: a quarter, at most `HOLDOUT_MAX`;
+    none below 4 (too few to spare)."""
+    return 0 if n < 4 else min(HOLDOUT_MAX, n // 4)
+
+
+def load_with_holdout(model: ir.Model, calib: str | pathlib.Path | dict | CalibrationData, *,
+                      holdout: int | None = None, tokenizer: str | pathlib.Path | None = None, num_samples: int = 32,
+                      seq_len: int = 128, seed: int = 0, warn: bool = True
+                      ) -> tuple[CalibrationData, CalibrationData | None, str]:
+    """Calibration data for the passes and samples held back from them for verification, with a line saying where
+    the held-back samples come from.
+
+    `holdout` samples (default `holdout_size(num_samples)`; 0: none, the third item is then None) are taken from
+    beyond the first `num_samples` when the source has more (the windows that follow in each text, the rows after
+    `num_samples` of arrays), so the passes calibrate on what they would without verification; otherwise from the
+    end of the calibration samples, which the passes then do without. At least one sample stays with the passes."""
+    want = holdout_size(num_samples) if holdout is None else holdout
+    data, extra = _load(model, calib, tokenizer, num_samples, seq_len, seed, warn, extra=want)
+    if want <= 0:
+        return data, None, ""
+    if extra is not None and extra.num_samples:
+        return data, extra, (f"{extra.num_samples} held-out sample(s) of {data.source} (those after the "
+                             f"{data.num_samples} the passes calibrate on)")
+    n = data.num_samples
+    k = min(want if holdout is not None else holdout_size(n), n - 1)
+    if k <= 0:
+        if warn:
+            log.warning("calibration (%s) has %d sample(s), too few to hold any back: verifying on the samples the "
+                        "passes calibrate on (give 4 or more, or --eval data)", data.source, n)
+        return data, None, ""
+    rest, held = data.split(n - k)
+    rest.files = held.files = data.files
+    return rest, held, (f"{k} held-out sample(s) of {data.source} (its last {k}; the passes calibrate on the other "
+                        f"{n - k})")
+
+
+def _load(model: ir.Model, calib, tokenizer, num_samples: int, seq_len: int, seed: int, warn: bool,
+          extra: int) -> tuple[CalibrationData, CalibrationData | None]:
+    """The calibration data (see `load_calibration`), and up to `extra` samples of the source beyond its first
+    `num_samples` (None for synthesized data)."""
     if isinstance(calib, CalibrationData):
         data = calib
     elif isinstance(calib, dict):
@@ -289,7 +337,7 @@ def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | Calibra
         if warn:
             log.warning("no calibration data given: synthesizing random inputs from the input signature "
                         "(pass --calib for statistics that match real use)")
-        return data
+        return data, None
     else:
         path = pathlib.Path(calib)
         if not path.exists():
@@ -311,15 +359,32 @@ def load_calibration(model: ir.Model, calib: str | pathlib.Path | dict | Calibra
                     raise UserError(f"{file}: cannot read ({exc.strerror})") from None
             tok = load_tokenizer(tokenizer)
             if text_folder:
+                source = f"{path} ({len(files)} texts)"
                 ids = tokenize_texts(texts, tok, num_samples, seq_len)
-                return from_token_ids(model, ids, f"{path} ({len(files)} texts)")
-            return from_token_ids(model, tokenize_text(texts[0], tok, num_samples, seq_len), str(path))
+                more = None
+                if extra > 0:  # the windows after each text's share of the calibration windows
+                    try:
+                        more = tokenize_texts(texts, tok, extra, seq_len, skip=-(-num_samples // len(texts)),
+                                              warn=False)
+                    except UserError:  # no text has windows to spare
+                        more = None
+                return (from_token_ids(model, ids, source),
+                        from_token_ids(model, more, source) if more is not None and len(more) else None)
+            ids = tokenize_text(texts[0], tok, num_samples + extra, seq_len, warn=False)
+            if len(ids) < num_samples and warn:
+                log.warning("text gives only %d windows of %d tokens (asked for %d)", len(ids), seq_len, num_samples)
+            return (from_token_ids(model, ids[:num_samples], str(path)),
+                    from_token_ids(model, ids[num_samples:], str(path)) if len(ids) > num_samples else None)
     check_against(model, data)
+    more = None
     if data.num_samples > num_samples:
-        log.warning("calibration (%s): using the first %d of its %d samples (raise num_samples / --num-samples to "
-                    "use more)", data.source, num_samples, data.num_samples)
-        data = CalibrationData(data.head(num_samples), data.source)
-    return data
+        if extra > 0:
+            more = CalibrationData(data.rows(slice(num_samples, num_samples + extra)), data.source)
+        if warn and data.num_samples > num_samples + (more.num_samples if more is not None else 0):
+            log.warning("calibration (%s): using the first %d of its %d samples (raise num_samples / --num-samples to "
+                        "use more)", data.source, num_samples, data.num_samples)
+        data = CalibrationData(data.head(num_samples), data.source, data.files)
+    return data, more
 
 
 def check_against(model: ir.Model, data: CalibrationData) -> None:

@@ -46,13 +46,31 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per text sample (default 128)")
 
 
+def _check_compile_output(args) -> None:
+    """Before any work: the output may be written (a folder for a GenAI or Optimum folder, unless it names an .onnx)."""
+    import pathlib
+
+    from modelsurgeon.model_io import check_output_path
+
+    if pathlib.Path(args.model).is_dir():
+        from modelsurgeon import model_folder
+
+        folder = model_folder.open_folder(args.model)
+        if not str(args.output).endswith(".onnx"):
+            return model_folder.check_output(args.output, folder, report=args.report)
+        args_model = folder.model_file
+    else:
+        args_model = args.model
+    check_output_path(args.output, args_model, report=args.report)
+
+
 def cmd_compile(args) -> int:
     from modelsurgeon.manager import compile as compile_model
     from modelsurgeon.model_io import check_output_path, load
 
     if not args.passes and not args.pipeline:
         raise UserError("say what to run: --passes 'cleanup' or --pipeline FILE.json (list passes with `modelsurgeon passes`)")
-    check_output_path(args.output, args.model, report=args.report)
+    _check_compile_output(args)
     if args.num_samples < 1 or args.seq_len < 1:
         raise UserError("--num-samples and --seq-len must be positive")
     from modelsurgeon.pipeline import build_pipeline, load_pipeline_file, parse_passes
@@ -66,7 +84,9 @@ def cmd_compile(args) -> int:
         raise UserError("--input-shape names the same input twice; give each input once")
     result = compile_model(model, specs, calibration=args.calib, tokenizer=args.tokenizer, num_samples=args.num_samples,
                            seq_len=args.seq_len, verify=not args.no_verify, max_error=args.max_error,
-                           cleanup=not args.no_cleanup, progress=not args.quiet, input_shapes=shapes)
+                           cleanup=not args.no_cleanup, progress=not args.quiet, input_shapes=shapes,
+                           eval_data=args.eval, holdout=args.holdout, quality=args.quality,
+                           min_quality=args.min_quality, allow_degraded=args.allow_degraded)
     result.input_path = args.model
     result.report.input = args.model
     out = result.save(args.output, external_data=True if args.external_data else None)
@@ -126,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="run passes on a model and save the result")
-    p.add_argument("model", help="input .onnx file")
-    p.add_argument("-o", "--output", required=True, help="output .onnx file (never the input)")
+    p.add_argument("model", help="input .onnx file, or an ONNX Runtime GenAI or Optimum decoder folder (docs/folders.md)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (never the input); for a model folder, "
+                        "an output folder of the same kind")
     p.add_argument("--passes", help="e.g. 'slice(sparsity=0.25),quant4(block=32,algo=gptq)'")
     p.add_argument("--pipeline", help="JSON pipeline file instead of --passes")
     _add_calibration(p)
@@ -136,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "pixel_values=1,3,224,224 (repeatable; the first, sample axis is chosen by calibration)")
     p.add_argument("--max-error", type=positive_float, help="stop at the pass whose output error (relative L2, worst output) exceeds this")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison after each pass")
+    p.add_argument("--eval", metavar="DATA", help="verify on this data (as --calib takes it; its first 8 samples, or "
+                        "--holdout) instead of calibration samples held back from the passes")
+    p.add_argument("--holdout", type=nonnegative_int, metavar="N", help="calibration samples held back from the passes "
+                        "to verify on (default: a quarter of --num-samples, at most 8; 0: verify on the samples the "
+                        "passes calibrate on)")
+    p.add_argument("--quality", choices=("ppl", "cosine", "top1", "rel-l2"), help="the report's task metric: "
+                        "perplexity ratio, embedding cosine, top-1 agreement or relative L2 (default: chosen from the "
+                        "model's outputs)")
+    p.add_argument("--min-quality", type=positive_float, metavar="X", help="the quality floor that stops the compile "
+                        "(exit 1, nothing written): a cosine or top-1 agreement (default 0.5, 0.3), or the largest "
+                        "perplexity ratio (default 10)")
+    p.add_argument("--allow-degraded", action="store_true", help="keep a model past the quality floor (with a warning)")
     p.add_argument("--no-cleanup", action="store_true", help="do not append the cleanup pass")
     p.add_argument("--report", help="also write the report as JSON here")
     p.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data (automatic over 1.5 GB)")

@@ -26,12 +26,20 @@ SMALL_TENSOR_BYTES = 64 * 1024  # external tensors under this are read into memo
 
 
 def load(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX file into the IR, checking that it is ONNX and that its external data is present."""
+    """Load an ONNX file into the IR, checking that it is ONNX and that its external data is present.
+
+    A GenAI or Optimum decoder folder loads its model file, with the folder kept in `model.meta[model_folder.FOLDER]`
+    (a compile of it saves a folder of the same kind); any other folder is refused."""
     path = pathlib.Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file; give the path of an .onnx model")
     if path.is_dir():
-        raise UserError(f"{path}: is a folder; give the path of an .onnx model file")
+        from modelsurgeon import model_folder
+
+        folder = model_folder.open_folder(path)
+        model = load(folder.model_file)
+        model.meta[model_folder.FOLDER] = folder
+        return model
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf DecodeError, truncated files, text files...
@@ -170,6 +178,23 @@ def from_torch(module: Any, example_inputs: tuple | dict, *, opset: int = 18, in
             output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize, verbose=False,
         )
     return program.model
+
+
+def constant_weights(model: ir.Model) -> int:
+    """Make initializers that are also graph inputs plain constants; returns how many.
+
+    Graphs written before IR version 4 list every initializer as a graph input too (the ONNX wheel's zoo graphs
+    list their biases so), which makes it a default value a caller could override: no pass may then treat the
+    weight as a constant, and the quantizers left such layers alone. Nobody feeds a model its weights: the compile
+    drops them from the inputs (ONNX Runtime's own advice, `remove_initializer_from_input`) and raises the IR version
+    to 4, the first that allows an initializer that is not an input."""
+    inputs = list(model.graph.inputs)
+    kept = [v for v in inputs if v.name not in model.graph.initializers]
+    if len(kept) < len(inputs):
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(kept)
+        model.ir_version = max(model.ir_version or 0, 4)  # IR 3 requires every initializer to be an input
+    return len(inputs) - len(kept)
 
 
 def as_model(model: Any, example_inputs: Any = None, **export_kwargs) -> ir.Model:

@@ -10,11 +10,16 @@ Tokens are weighted by `attention_mask` when the model has one (padding does not
 
 The stream is rewired around each removed block (its output's readers read its input instead), then the
 removed blocks' nodes and initializers are deleted (anything still used elsewhere, such as shared rotary
-tables or masks, stays). Graph inputs and outputs keep their names; the report lists the blocks removed
-with their scores. Works on pre-norm (Llama, OPT) and post-norm (BERT) stacks found by the "blocks" analysis.
+tables or masks, stays). A KV-cache decoder's removed blocks lose their cache outputs (`present.N.key/value`,
+found as the cache-named outputs computed inside them) and the cache inputs only they read
+(`past_key_values.N.*`), so their attention is not computed any more; verification expects those outputs no
+more (`verify.REMOVED_OUTPUTS`). The other inputs and outputs keep their names (a model folder's writer renumbers
+the cache to match its config: `model_folder`); the report lists the blocks removed with their scores. Works on pre-norm (Llama, OPT) and post-norm (BERT) stacks found by the "blocks" analysis.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +27,7 @@ import onnx_ir as ir
 from modelsurgeon.calibration import require_finite
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, register_pass
+from modelsurgeon.verify import REMOVED_OUTPUTS
 
 
 def found_blocks(ctx, pass_name: str):
@@ -89,6 +95,48 @@ def bypass_block(graph: ir.Graph, block) -> None:
         ir.convenience.replace_all_uses_with(old, new)
 
 
+def _only_shape_read(graph: ir.Graph, value: ir.Value) -> bool:
+    """True when `value` (a graph input that lost readers) has none left, or only Shape readers, which then read a
+    graph input of the same declared shape and type instead (Optimum reads the past length off layer 0's cache);
+    False when something else still reads it."""
+    readers = [node for node, _ in value.uses()]
+    if not readers:
+        return True
+    if any(n.op_type != "Shape" or n.domain not in ("", "ai.onnx") for n in readers) or not CACHE_NAME.search(value.name):
+        return False
+    twin = next((v for v in graph.inputs if v is not value and CACHE_NAME.search(v.name or "") and v.dtype == value.dtype
+                 and v.shape is not None and value.shape is not None and list(v.shape) == list(value.shape)
+                 and any(n.op_type != "Shape" for n, _ in v.uses())), None)
+    if twin is None:
+        return False
+    for node in readers:
+        node.replace_input_with(0, twin)
+    return True
+
+
+CACHE_NAME = re.compile(r"present|past|cache|key|value", re.IGNORECASE)
+
+
+def removed_cache_outputs(graph: ir.Graph, blocks, drop: list[int]) -> list[ir.Value]:
+    """The graph outputs computed inside the dropped blocks (a KV-cache decoder's `present.N.key/value`): outputs
+    named like a cache whose latest residual-stream ancestor is a dropped block's input. Each block's attention
+    reads its own input stream and nothing later, so its cache depends on no later stream value."""
+    level: dict[int, int] = {id(b.residual_in): b.index for b in blocks}
+    level[id(blocks[-1].residual_out)] = len(blocks)
+    stream = set(level)
+    dropped = {blocks[i].index for i in drop}
+
+    def of(value: ir.Value | None) -> int:
+        return -1 if value is None else level.get(id(value), -1)
+
+    for node in graph:  # topological order
+        here = max((of(v) for v in node.inputs), default=-1)
+        for out in node.outputs:
+            if id(out) not in stream:
+                level[id(out)] = here
+    return [v for v in graph.outputs if id(v) not in stream and of(v) in dropped and CACHE_NAME.search(v.name or "")]
+
+
 @register_pass
 class DropBlocksPass(Pass):
     name = "drop-blocks"
@@ -135,9 +183,19 @@ class DropBlocksPass(Pass):
             score_note = {f"{_label(blocks[i])}..{_label(blocks[i + n - 1])}": round(d, 6) for i, d in dist.items()}
 
         params_before = _initializer_elements(model)
+        cache_outputs = removed_cache_outputs(model.graph, blocks, drop)
+        uses_before = {id(v): len(v.uses()) for v in model.graph.inputs}
         for i in sorted(drop, reverse=True):
             bypass_block(model.graph, blocks[i])
+        for value in cache_outputs:
+            model.graph.outputs.remove(value)
         remove_unused(model)
+        cache_inputs = [v for v in model.graph.inputs if uses_before.get(id(v)) and len(v.uses()) < uses_before[id(v)]
+                        and not v.is_graph_output() and _only_shape_read(model.graph, v)]
+        for value in cache_inputs:
+            model.graph.inputs.remove(value)
+        if cache_outputs:
+            model.meta[REMOVED_OUTPUTS] = [*model.meta.get(REMOVED_OUTPUTS, ()), *(v.name for v in cache_outputs)]
         removed = params_before - _initializer_elements(model)
         notes = {
             "metric": metric,
@@ -145,6 +203,7 @@ class DropBlocksPass(Pass):
             "removed_indices": drop,
             "blocks_left": count - n,
             "parameters_removed": int(removed),
+            **({"cache_removed": [v.name for v in cache_inputs + cache_outputs]} if cache_outputs else {}),
             "bi" if metric == "bi" else "angular_distance": score_note,
         }
         return PassResult(model, True, notes=notes)

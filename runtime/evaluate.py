@@ -12,6 +12,11 @@ accumulated over all batches, worst output first in `metrics`):
   similarities, nearest-neighbour agreement and top-5 neighbour overlap.
 - `classification`: top-1 agreement with the reference, and top-1 accuracy of both when labels are given.
 - `output`: only the raw output error (any model; inputs from data or synthesized).
+- `generate` (KV-cache decoders, `runtime/generate.py`): from the first half of each text window, `gen_tokens`
+  greedy tokens by a generation loop (prefill, then one token per step with the cache), model and reference each
+  continuing its own text: token agreement (share of positions where the two generated the same token) and the
+  tokens generated before the first difference; and perplexity of the whole windows through that cached path
+  (first half in one step, the rest one token per step), of both, their ratio and next-token top-1 agreement.
 
 Models run in ONNX Runtime through `make_session` (spinning off, custom ops registered); memory stays bounded
 by one batch (LM log-probabilities are computed in row chunks).
@@ -32,10 +37,10 @@ from modelsurgeon.errors import UserError
 
 log = logging.getLogger("modelsurgeon")
 
-TASKS = ("lm", "embedding", "classification", "output")
+TASKS = ("lm", "embedding", "classification", "output", "generate")
 # (headline metric, higher is better) per task; sweeps plot the headline.
 HEADLINE = {"lm": ("perplexity", False), "embedding": ("cosine_mean", True), "classification": ("top1_agreement", True),
-            "output": ("rel_l2", False)}
+            "output": ("rel_l2", False), "generate": ("token_agreement", True)}
 _LOGPROB_ROWS = 512  # rows of [tokens, vocab] turned into log-probabilities at a time
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
@@ -371,6 +376,8 @@ def check_request(task: str, data: Any, tokenizer: Any, has_reference: bool, num
         raise UserError(f"the {task} task compares with the original: pass --reference ORIGINAL.onnx")
     if data is None and task != "output":
         raise UserError({"lm": "the lm task needs --data: a text file (with --tokenizer) or an .npz of token ids",
+                         "generate": "the generate task needs --data: a text file (with --tokenizer) or an .npz of "
+                                     "token ids (prompts are the first half of each window)",
                          "embedding": "the embedding task needs --data: a text file of sentences (with --tokenizer) "
                                       "or an .npz of inputs",
                          "classification": "the classification task needs --data: an .npz of inputs (with a 'labels' "
@@ -385,7 +392,7 @@ def evaluate(model: Any, reference: Any = None, *, task: str = "output", data: A
              labels: Any = None, num_samples: int = 64, seq_len: int = 128, batch_size: int = 8,
              output: str | None = None, providers: Sequence[str] | None = None, threads: int | None = None,
              accuracy_level: int | None = None, progress: bool = False, model_label: str | None = None,
-             reference_label: str | None = None) -> EvalResult:
+             reference_label: str | None = None, gen_tokens: int = 32) -> EvalResult:
     """Evaluate `model` (path or IR model) on `data`, against `reference` when given. See the module docstring."""
     from modelsurgeon.capture import batch_size_for
     from modelsurgeon.model_io import as_model
@@ -396,6 +403,11 @@ def evaluate(model: Any, reference: Any = None, *, task: str = "output", data: A
     providers = check_providers(providers)
     label = model_label or (str(model) if not isinstance(model, ir.Model) else "model")
     ref_label = reference_label or (None if reference is None else str(reference) if not isinstance(reference, ir.Model) else "reference")
+    if task == "generate":
+        return _evaluate_generate(model, reference, data=data, tokenizer=tokenizer, num_samples=num_samples,
+                                  seq_len=seq_len, batch_size=batch_size, gen_tokens=gen_tokens,
+                                  session_kwargs=dict(providers=providers, threads=threads, accuracy_level=accuracy_level),
+                                  progress=progress, label=label, ref_label=ref_label)
     ir_model = as_model(model)
     bs = batch_size_for(ir_model, batch_size)
     path = _data_path(data)
@@ -546,3 +558,48 @@ def _ids_feed(runner: _Runner, feeds: dict[str, np.ndarray]) -> str:
         if np.issubdtype(feeds[name].dtype, np.integer) and not any(w in lname for w in ("mask", "position", "type", "segment")):
             return name
     raise UserError("the model has no integer token-id input; the lm task needs one")
+
+
+def _evaluate_generate(model: Any, reference: Any, *, data: Any, tokenizer: Any, num_samples: int, seq_len: int,
+                       batch_size: int, gen_tokens: int, session_kwargs: dict, progress: bool, label: str,
+                       ref_label: str | None) -> EvalResult:
+    """The `generate` task (module docstring): greedy generation and cached-path perplexity, model vs reference."""
+    from modelsurgeon.model_io import as_model
+    from modelsurgeon.progress import progress as progress_bar
+    from modelsurgeon.runtime.generate import Decoder, cached_nll, greedy, model_file
+
+    if seq_len < 4:
+        raise UserError("the generate task needs --seq-len of at least 4 (prompts are the first half of each window)")
+    paths = [model_file(m) if isinstance(m, (str, pathlib.Path)) else m for m in (model, reference)]
+    ir_model = as_model(paths[0])
+    ids = lm_data(ir_model, data, tokenizer, num_samples, seq_len).arrays[ids_input(ir_model)]
+    del ir_model
+    decoders = [Decoder(m, label=lab, source=str(m) if isinstance(m, pathlib.Path) else None, **session_kwargs)
+                for m, lab in zip(paths, (label, ref_label)) if m is not None]
+    half = ids.shape[1] // 2
+    nll = [0.0, 0.0]
+    tokens = agree_next = agree_gen = before_diff = 0.0
+    batches = [ids[s:s + batch_size] for s in range(0, len(ids), batch_size)]
+    for window in progress_bar(batches, desc="eval generate", total=len(batches), enabled=progress):
+        scored = [cached_nll(d, window, half) for d in decoders]
+        tokens += scored[0][0].size
+        for i, (n, _) in enumerate(scored):
+            nll[i] += float(n.sum())
+        if len(decoders) > 1:
+            agree_next += float(np.sum(scored[0][1] == scored[1][1]))
+            made = [greedy(d, window[:, :half], gen_tokens) for d in decoders]
+            same = made[0] == made[1]
+            agree_gen += float(same.sum())
+            before_diff += float(np.where(same.all(1), gen_tokens, np.argmin(same, axis=1)).sum())
+    metrics: dict[str, float | None] = {"perplexity": float(np.exp(nll[0] / tokens))}
+    if len(decoders) > 1:
+        metrics["perplexity_reference"] = float(np.exp(nll[1] / tokens))
+        metrics["perplexity_ratio"] = metrics["perplexity"] / metrics["perplexity_reference"]
+        metrics["top1_agreement"] = agree_next / tokens
+        metrics["token_agreement"] = agree_gen / (len(ids) * gen_tokens)
+        metrics["tokens_before_divergence"] = before_diff / len(ids)
+    metrics["generated_tokens"] = gen_tokens
+    metrics["tokens"] = int(tokens)
+    headline = "token_agreement" if len(decoders) > 1 else "perplexity"
+    return EvalResult(task="generate", model=label, reference=ref_label, data=str(data), samples=len(ids),
+                      metrics=metrics, outputs={}, headline=headline, higher_is_better=len(decoders) > 1)

@@ -101,3 +101,24 @@ def corpus_model():
             pytest.skip(f"{name}: {exc}")
 
     return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """`cli("compile", path, ...) -> (exit code, stdout, stderr)`: the command line's `main()` in this process (much
+    faster than a subprocess per case); restores the logging it configures."""
+    import logging
+
+    from modelsurgeon.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    root.handlers[:] = handlers
+    root.setLevel(level)

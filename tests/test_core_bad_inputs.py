@@ -24,7 +24,6 @@ carry no type (value_info), lowrank naming an unnamed node after renaming its ou
 (now given whole to every batch); sweep created its output folder before checking the model and the data.
 """
 
-import logging
 import os
 import subprocess
 import sys
@@ -34,7 +33,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from modelsurgeon.cli import main
 from modelsurgeon.errors import UserError
 
 
@@ -43,22 +41,6 @@ def run_cli(*args):
     proc = subprocess.run([sys.executable, "-m", "modelsurgeon", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
-
-
-@pytest.fixture
-def cli(capsys):
-    """`main()` in this process (much faster than a subprocess per case); restores the logging it configures."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield run
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def one_line_error(code, out, err, expect_code=2):

@@ -117,6 +117,28 @@ def test_helper_graph_compiles_with_calibrated_and_qdq_quantization(tmp_path, op
     assert result.model.opset_imports[""] == max(opset, 21)
 
 
+def test_weights_listed_as_inputs_are_constants(tmp_path):
+    """IR-3 graphs list every initializer as a graph input too (a default a caller could override), so the
+    quantizers left those layers alone; the compile drops weights from the inputs (IR 4) and quantizes them, and the
+    compiled model's inputs are the ones a caller feeds."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])], "ir3",
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["n", 16]), helper.make_tensor_value_info("w", TP.FLOAT, [16, 8]),
+         helper.make_tensor_value_info("b", TP.FLOAT, [8])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, ["n", 8])], initializer=[w, b])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    path = tmp_path / "ir3.onnx"
+    onnx.save(proto, path)
+    result = modelsurgeon.compile(str(path), "quant8", progress=False)
+    out = onnx.load(result.save(tmp_path / "q.onnx"))
+    assert [i.name for i in out.graph.input] == ["x"] and out.ir_version >= 4
+    assert result.report.rows[1].notes["layers"] == 1
+    assert any(i.data_type == TP.INT8 for i in out.graph.initializer)
+
+
 def test_helper_graph_spquant(tmp_path):
     path = helper_block(tmp_path / "m.onnx", 21)
     result = modelsurgeon.compile(path, "spquant", progress=False)

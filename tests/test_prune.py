@@ -383,7 +383,7 @@ def test_reconstruct_reduces_error(reference_onnx, kind, spec):
     errs = {}
     for rec in (False, True):
         result = modelsurgeon.compile(reference_onnx(kind), f"prune({spec},reconstruct={rec})", calibration=calib,
-                                      progress=False)
+                                      progress=False, allow_degraded=True)  # random weights: top-1 is fragile
         errs[rec] = result.report.rows[1].rel_l2
         if rec:
             assert result.report.rows[1].notes["layers_refit"] >= 2

@@ -1,4 +1,5 @@
-"""`modelsurgeon eval MODEL.onnx --reference ORIGINAL.onnx --task lm|embedding|classification|output --data ...`."""
+"""`modelsurgeon eval MODEL.onnx --reference ORIGINAL.onnx --task lm|embedding|classification|output|generate --data ...`
+(MODEL and ORIGINAL may be GenAI or Optimum folders)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def add_eval_options(p, data_required: bool = False) -> None:
 
     p.add_argument("--task", choices=TASKS, default="output",
                    help="lm: perplexity; embedding: cosine and similarity-ranking agreement; classification: top-1 "
-                        "agreement/accuracy; output: raw output error only (default)")
+                        "agreement/accuracy; output: raw output error only (default); generate (KV-cache decoders): "
+                        "greedy generation agreement and perplexity through the cached decode path")
     p.add_argument("--data", required=data_required,
                    help="evaluation data: a text file (lm: running text; embedding: one sentence per line; with "
                         "--tokenizer) or an .npz of model inputs (classification: plus a 'labels' array)")
@@ -28,10 +30,15 @@ def add_eval_options(p, data_required: bool = False) -> None:
 def cmd_eval(args) -> int:
     from modelsurgeon.runtime.evaluate import evaluate
 
+    from modelsurgeon.runtime.generate import model_file
+
     for m in [args.model] + ([args.reference] if args.reference else []):
-        if not pathlib.Path(m).is_file():
+        if not pathlib.Path(m).is_file() and not pathlib.Path(m).is_dir():
             raise UserError(f"{m}: no such model file; give paths of .onnx files")
-    result = evaluate(args.model, args.reference, task=args.task, data=args.data, tokenizer=args.tokenizer,
+    # a GenAI or Optimum folder: its model file (whose folder's configs size the KV cache)
+    args.model = str(model_file(args.model))
+    args.reference = str(model_file(args.reference)) if args.reference else None
+    result = evaluate(args.model, args.reference, task=args.task, data=args.data, tokenizer=args.tokenizer, gen_tokens=args.gen_tokens,
                       labels=args.labels, num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                       output=args.output_name, providers=providers_of(args), threads=args.threads,
                       accuracy_level=args.accuracy_level, progress=not args.quiet)
@@ -50,6 +57,7 @@ def register(subparsers, add_common, add_calibration) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (for text --data)")
     p.add_argument("--num-samples", type=positive_int, default=64, help="text windows (lm), sentences or samples to use (default 64)")
     p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (lm) or most tokens per sentence (default 128)")
+    p.add_argument("--gen-tokens", type=positive_int, default=32, help="tokens generated per prompt (generate; default 32)")
     add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_common(p)
