@@ -182,6 +182,25 @@ def test_passes_that_read_the_blocks_run_canonicalize_first(corpus_model):
     assert len(find_blocks(model).blocks) == 2
 
 
+def test_canonicalize_ties_back_a_head_stored_as_a_copy_of_the_table(corpus_model):
+    """The TorchScript exporter (Optimum) stores a tied head as a second copy of the embedding table; canonicalize
+    makes the head read Transpose(table), drops the copy, and the outputs stay the same."""
+    path = corpus_model("llama-tied/optimum")
+    model = model_io.load(path)
+    complete_types(model)
+    before = len(model.graph.initializers)
+    canonicalize(model)
+    assert len(model.graph.initializers) == before - 1
+    tb = find_blocks(model)
+    assert tb.lm_head.transpose_node is not None and tb.lm_head.weight is tb.embedding.table
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 512, size=(2, 7)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(7), (2, 1))}
+    want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
+    got = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_canonicalize_keeps_skip_norm_whose_statistics_are_read():
     proto = _skip_norm_model(False)
     node = proto.graph.node[1]
