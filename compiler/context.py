@@ -23,6 +23,13 @@ class PassContext:
     seed: int = 0
     providers: list[str] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the model as it stood when the compile began: its structure cloned, its tensors shared (passes replace
+    # initializers, never write into their tensors), so it costs no copy of the weights; heal matches it
+    original: ir.Model | None = None
+
+    def __post_init__(self) -> None:
+        if self.original is None and self.model is not None:
+            self.original = self.model.clone()
 
     def analysis(self, name: str) -> Any:
         return self.analyses.get(name, self.model, self)

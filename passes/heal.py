@@ -1,0 +1,504 @@
+"""heal: recovery distillation on the graph. After structural passes (share, lowrank, drop-blocks, slice, prune), tune
+the weights they created or touched by gradient descent in torch so that the model matches the ORIGINAL model (the
+one the compile started from) on the calibration data. The graph keeps its structure; only initializer values change.
+
+The graph, or one transformer block of it, becomes a differentiable torch function through `modelsurgeon.onnx_torch`
+(an op-by-op interpreter; the chosen initializers are `torch.nn.Parameter`s). Two objectives:
+
+- `mode=blocks` (default): block by block, in order, each block's output is matched to the original's value of the
+  same name (normalized MSE), on inputs from the compressed model as healed so far, so errors do not compound.
+  Blocks that share a weight (`share`) are tuned together, as one unit. Block inputs travel from unit to unit in
+  torch; the original's outputs and the side values a block reads (masks, rotary tables) are captured with ONNX
+  Runtime a few blocks at a time (`CAPTURE_BUDGET`), so memory holds the stream, those captures and one unit's
+  activations per batch. Models whose blocks share no output with the original (`slice` rotates and narrows the
+  stream; CNNs have no blocks) are healed end to end instead, and the notes say so.
+- `mode=e2e`: the whole graph, KL divergence of the logits (outputs named `*logit*`) or normalized MSE of the other
+  float outputs against the original's, which ONNX Runtime computes batch by batch.
+
+Which weights train (`train`): `touched` (default) are the float initializers the earlier passes created, changed,
+or made a rewired node read (share's borrowed weights), plus every weight of a block whose input the passes rewired
+(the block after a dropped one); `norms` the normalization scales and biases; `all` every float initializer. Every
+other initializer keeps its bytes. A unit (or the whole model in e2e) whose objective on all calibration batches
+does not improve keeps its weights, so heal never makes its own objective worse; at `steps=0` it changes nothing.
+
+What it cannot do: ops outside `onnx_torch.OPS` (GenAI's GroupQueryAttention, opset-23 Attention, quantized ops),
+so it runs before quantization; padding masks do not weight the objective (every position counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from modelsurgeon.errors import UserError
+from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
+
+log = logging.getLogger("modelsurgeon")
+
+CAPTURE_BUDGET = 512 * 2**20  # bytes of captured targets and side values held at once in block mode
+_NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "BatchNormalization",
+             "SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
+
+
+def _positive(v):
+    return None if v > 0 else "must be positive"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be 0 or more"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which initializers train
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_float(value: ir.Value) -> bool:
+    """A float weight: more than one element, all finite (not a scalar such as an epsilon, nor a -inf mask fill)."""
+    t = value.const_value
+    if t is None or t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
+        return False
+    return t.size > 1 and bool(np.isfinite(t.numpy()).all())
+
+
+def _same_tensor(a: ir.Value, b: ir.Value) -> bool:
+    ta, tb = a.const_value, b.const_value
+    if ta is tb:
+        return True
+    if ta is None or tb is None or ta.dtype != tb.dtype or tuple(ta.shape) != tuple(tb.shape):
+        return False
+    return bool(np.array_equal(ta.numpy(), tb.numpy()))
+
+
+def _node_inputs(model: ir.Model) -> dict[str, tuple[str, list[str]]]:
+    return {n.name: (n.op_type, [v.name if v is not None else "" for v in n.inputs]) for n in model.graph.all_nodes()
+            if n.name}
+
+
+def rewired_nodes(model: ir.Model, original: ir.Model) -> set[str]:
+    """Names of the nodes of `model` that are new, or read other values than the original's node of that name."""
+    before = _node_inputs(original)
+    out = set()
+    for n in model.graph.all_nodes():
+        if not n.name:
+            continue
+        if before.get(n.name) != (n.op_type, [v.name if v is not None else "" for v in n.inputs]):
+            out.add(n.name)
+    return out
+
+
+def touched_initializers(model: ir.Model, original: ir.Model, tb=None) -> set[str]:
+    """The float initializers earlier passes created or changed (by name and content), those a new or rewired node
+    reads, and all of those a block reads whose input the passes rewired (drop-blocks' next block)."""
+    before = original.graph.initializers
+    rewired = rewired_nodes(model, original)
+    out = set()
+    for name, value in model.graph.initializers.items():
+        if not _is_float(value):
+            continue
+        if name not in before or not _same_tensor(value, before[name]):
+            out.add(name)
+        elif any(n.name in rewired for n, _ in value.uses()):
+            out.add(name)
+    if tb is not None:
+        producers = {v.name: n.name for n in original.graph.all_nodes() for v in n.outputs}
+        for b in tb.blocks:
+            entry = [n for n, _ in b.residual_in.uses() if n in set(b.nodes)]
+            source = b.residual_in.producer()
+            moved = source is not None and producers.get(b.residual_in.name) != source.name  # drop-blocks' bypass
+            if moved or any(n.name in rewired for n in entry) or _stands_for(b, tb, original) is not None:
+                out |= _block_initializers(b.nodes)
+    return out
+
+
+def _stands_for(block, tb, original: ir.Model) -> str | None:
+    """The original's value that a reader outside every block (the final norm, the head) read where it now reads this
+    block's output, when that is another value (the output of a block dropped after this one); else None."""
+    inside = {id(n) for b in tb.blocks for n in b.nodes}
+    orig_nodes = {n.name: n for n in original.graph.all_nodes() if n.name}
+    for node, slot in block.residual_out.uses():
+        if id(node) in inside or not node.name or node.op_type == "Shape":
+            continue
+        o = orig_nodes.get(node.name)
+        if o is not None and o.op_type == node.op_type and slot < len(o.inputs) and o.inputs[slot] is not None \
+                and o.inputs[slot].name != block.residual_out.name:
+            return o.inputs[slot].name
+    return None
+
+
+def _block_initializers(nodes) -> set[str]:
+    return {v.name for n in nodes for v in n.inputs if v is not None and v.is_initializer() and _is_float(v)}
+
+
+def norm_initializers(model: ir.Model) -> set[str]:
+    out = set()
+    for n in model.graph.all_nodes():
+        if n.op_type in _NORM_OPS:
+            out |= {v.name for v in n.inputs[1:] if v is not None and v.is_initializer() and _is_float(v)}
+    try:  # decomposed norms (ReduceMean ... Mul by scale): the block finder knows them
+        from modelsurgeon.analyses.blocks import find_norms
+
+        for norm in find_norms(model.graph):
+            for v in (norm.scale, norm.bias):
+                if v is not None and v.is_initializer() and _is_float(v):
+                    out.add(v.name)
+    except Exception:  # noqa: BLE001 - a graph the finder cannot read has fused norms or none
+        pass
+    return out
+
+
+def trainable(model: ir.Model, ctx, which: str, tb=None) -> set[str]:
+    if which == "all":
+        return {k for k, v in model.graph.initializers.items() if _is_float(v)}
+    if which == "norms":
+        return norm_initializers(model)
+    return touched_initializers(model, ctx.original, tb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _params(model: ir.Model, names) -> dict[str, Any]:
+    import torch
+
+    from modelsurgeon.onnx_torch import to_torch
+
+    return {n: torch.nn.Parameter(to_torch(model.graph.initializers[n].const_value.numpy()).float().clone())
+            for n in sorted(names)}
+
+
+def _store(model: ir.Model, params: dict[str, Any]) -> None:
+    """Write trained values into the initializers (their own dtype; the original tensors are left alone)."""
+    for name, p in params.items():
+        value = model.graph.initializers[name]
+        dtype = value.const_value.dtype.numpy()
+        value.const_value = ir.tensor(p.detach().numpy().astype(dtype), name=name)
+
+
+def _nmse(out, target):
+    import torch
+
+    target = target.to(out.dtype)
+    return torch.mean((out - target) ** 2) / torch.clamp(torch.mean(target * target), min=1e-12)
+
+
+def _logits_like(name: str, arr: np.ndarray) -> bool:
+    return "logit" in name.lower() and np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 2 and arr.shape[-1] > 1
+
+
+def _kl(out, target):
+    import torch
+
+    logp = torch.log_softmax(out.float(), -1)
+    logq = torch.log_softmax(target.float(), -1)
+    return torch.sum(torch.exp(logq) * (logq - logp), -1).mean()
+
+
+@dataclasses.dataclass
+class _Fit:
+    before: float
+    after: float
+    steps: int
+    kept: bool  # the trained values were kept (they improved the objective)
+
+
+def _fit(params: dict[str, Any], loss_of, batches: int, steps: int, lr: float, deadline: float,
+         progress=None) -> _Fit:
+    """Adam on `loss_of(batch index)`, cycling over the batches; keep the result only if the mean objective over all
+    batches went down."""
+    import torch
+
+    def total() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(loss_of(b)) for b in range(batches)]))
+
+    start = {k: p.detach().clone() for k, p in params.items()}
+    before = total()
+    if steps == 0 or not params:
+        return _Fit(before, before, 0, False)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # large steps first, fine ones at the end
+    done = 0
+    for step in (progress(range(steps)) if progress is not None else range(steps)):
+        if step and time.monotonic() > deadline:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(step % batches)
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        opt.step()
+        sched.step()
+        done += 1
+    after = total()
+    kept = bool(np.isfinite(after) and after < before)
+    if not kept:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(start[k])
+    return _Fit(before, after if kept else before, done, kept)
+
+
+def _capture_batches(model: ir.Model, names: list[str], batches: list[dict[str, np.ndarray]], providers):
+    """Per batch, the arrays of `names` that ONNX Runtime computes in `model`."""
+    from modelsurgeon.capture import ActivationCapture
+
+    cap = ActivationCapture(model, names, providers=providers)
+    return [cap.run(feeds) for feeds in batches]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register_pass
+class HealPass(Pass):
+    name = "heal"
+    summary = "tune the weights earlier passes created or touched so the model matches the original (distillation)"
+    requires = ("canonicalize",)
+    analyses = ("blocks",)
+    preserves = ("blocks", "channel_groups")  # only initializer values change
+    stage = Stage.STRUCTURE
+    needs_calibration = True
+    options = {
+        "steps": Option(int, 100, "optimizer steps per block (mode=blocks) or in all (mode=e2e); 0 changes nothing",
+                        check=_non_negative),
+        "lr": Option(float, 1e-4, "Adam learning rate", check=_positive),
+        "train": Option(str, "touched", "which weights train: touched (created or changed by earlier passes), norms, "
+                        "all", choices=("touched", "norms", "all")),
+        "mode": Option(str, "blocks", "blocks: each block's output against the original's; e2e: the model's outputs "
+                       "(KL on logits, MSE otherwise)", choices=("blocks", "e2e")),
+        "seconds": Option(float, 0.0, "time budget for the whole pass in seconds (0: none)", check=_non_negative),
+        "batch": Option(int, 8, "calibration samples per step", check=_positive),
+        "threads": Option(int, 1, "torch threads (1 by default: on a machine shared with other work, OpenMP threads "
+                          "stall waiting for each other, 100x slower on small matrices)", check=_positive),
+    }
+
+    def run(self, model: ir.Model, ctx) -> PassResult:
+        import torch
+
+        from modelsurgeon.capture import batch_size_for
+
+        calib = ctx.require_calibration(self.name)
+        if ctx.original is None:
+            raise UserError("heal: the original model is not available to match; run heal through "
+                            "modelsurgeon.compile")
+        t0 = time.monotonic()
+        budget = self.config["seconds"] or float("inf")
+        tb = ctx.analysis("blocks")
+        names = trainable(model, ctx, self.config["train"], tb if tb.blocks else None)
+        notes: dict[str, Any] = {"train": self.config["train"]}
+        if not names:
+            log.warning("heal: no weight to train (train=%s found none: the earlier passes created or changed no "
+                        "weight); train=all tunes every weight", self.config["train"])
+            return PassResult(model, False, notes={**notes, "trained_parameters": 0})
+        batch = batch_size_for(ctx.model, self.config["batch"])
+        batches = list(calib.batches(batch))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.config["threads"])
+        try:
+            mode, why = self.config["mode"], ""
+            if mode == "blocks":
+                plan, why = self._block_plan(model, ctx, tb, names)
+                if plan is None:
+                    mode = "e2e"
+            notes["mode"] = mode + (f" ({why})" if why else "")
+            if mode == "blocks":
+                result = self._heal_blocks(model, ctx, plan, batches, t0 + budget)
+            else:
+                result = self._heal_e2e(model, ctx, names, batches, t0 + budget)
+        finally:
+            torch.set_num_threads(threads)
+        notes.update(result)
+        notes["seconds"] = round(time.monotonic() - t0, 1)
+        return PassResult(model, bool(notes.get("changed_initializers")), notes=notes,
+                          skipped=notes.pop("skipped", []))
+
+    # -- block mode ---------------------------------------------------------------------------------------------
+
+    def _block_plan(self, model: ir.Model, ctx, tb, names: set[str]):
+        """Units of consecutive blocks (blocks that share a trained weight are one unit), each with the original's
+        values its blocks' outputs are matched to; None (and why) when block mode does not apply."""
+        if not tb.blocks:
+            return None, "no transformer blocks found"
+        orig_values = {v.name: v for n in ctx.original.graph.all_nodes() for v in n.outputs}
+        targets = {}
+        for i, b in enumerate(tb.blocks):
+            name = _stands_for(b, tb, ctx.original) or b.residual_out.name
+            o = orig_values.get(name)
+            if o is not None and (o.shape is None or b.residual_out.shape is None or
+                                  len(o.shape) == len(b.residual_out.shape)):
+                targets[i] = (b.residual_out.name, name)  # (this model's value, the original's)
+        if not targets:
+            return None, "no block output shares its name with the original's"
+        owners: dict[str, list[int]] = {}
+        block_params = []
+        for i, b in enumerate(tb.blocks):
+            p = _block_initializers(b.nodes) & names
+            block_params.append(p)
+            for n in p:
+                owners.setdefault(n, []).append(i)
+        units: list[list[int]] = []
+        i = 0
+        while i < len(tb.blocks):
+            end = i
+            j = i
+            while j <= end:
+                for n in block_params[j]:
+                    end = max(end, max(owners[n]))
+                j += 1
+            units.append(list(range(i, end + 1)))
+            i = end + 1
+        outside = names - set().union(*block_params)
+        plan = {"tb": tb, "units": units, "targets": targets, "params": block_params, "outside": outside}
+        return plan, ""
+
+    def _heal_blocks(self, model: ir.Model, ctx, plan, batches, deadline: float) -> dict:
+        import torch
+
+        from modelsurgeon.onnx_torch import TorchGraph, to_torch
+
+        tb, units, targets = plan["tb"], plan["units"], plan["targets"]
+        blocks = tb.blocks
+        order = {id(n): k for k, n in enumerate(model.graph)}
+        graphs, wanted_side = [], []
+        for unit in units:
+            nodes = sorted({id(n): n for i in unit for n in blocks[i].nodes}.values(), key=lambda n: order[id(n)])
+            outs = [targets[i][0] for i in unit if i in targets]
+            last = blocks[unit[-1]].residual_out.name
+            outs = list(dict.fromkeys(outs + [last]))
+            params = _params(model, set().union(*(plan["params"][i] for i in unit)))
+            g = TorchGraph(nodes, outs, params)
+            stream_in = blocks[unit[0]].residual_in.name
+            side = [n for n in g.external if n != stream_in]
+            graphs.append((unit, g, params, stream_in, side, last))
+            wanted_side.append(side)
+
+        # the stream entering the first unit, from the compressed model
+        first_in = graphs[0][3]
+        captured = _capture_batches(model, [first_in], batches, ctx.providers)
+        stream = {first_in: [to_torch(c[first_in]) for c in captured]}
+        stream_bytes = sum(t.numel() * 4 for t in stream[first_in])
+        per_chunk = max(1, int(CAPTURE_BUDGET // max(stream_bytes * 2, 1)))
+
+        fits, skipped, changed = [], [], set()
+        progress = iter(ctx.progress_bar(range(len(graphs)), desc="heal: blocks", total=len(graphs)))
+        for c0 in range(0, len(graphs), per_chunk):
+            chunk = graphs[c0:c0 + per_chunk]
+            side_names = list(dict.fromkeys(n for entry in chunk for n in entry[4]))
+            tgt_names = list(dict.fromkeys(targets[i][1] for unit, *_ in chunk for i in unit if i in targets))
+            side_vals = (_capture_batches(model, side_names, batches, ctx.providers) if side_names
+                         else [{}] * len(batches))
+            tgt_vals = _capture_batches(ctx.original, tgt_names, batches, ctx.providers)
+            side_t = [{k: to_torch(v) for k, v in s.items()} for s in side_vals]
+            tgt_t = [{k: to_torch(v) for k, v in t.items()} for t in tgt_vals]
+            del side_vals, tgt_vals
+            for k, (unit, g, params, stream_in, side, last) in enumerate(chunk):
+                next(progress, None)
+                if stream_in not in stream:  # the unit's input is not the previous unit's output: as ORT computes it
+                    stream[stream_in] = [to_torch(c[stream_in]) for c in
+                                         _capture_batches(model, [stream_in], batches, ctx.providers)]
+                xs = stream[stream_in]
+                matched = [targets[i] for i in unit if i in targets]  # (output, the original's value)
+
+                def feeds(b):
+                    f = {n: side_t[b][n] for n in side}
+                    f[stream_in] = xs[b]
+                    return f
+
+                def loss_of(b):
+                    out = g(feeds(b))
+                    return sum(_nmse(out[mine], tgt_t[b][theirs]) for mine, theirs in matched) / len(matched)
+
+                label = f"blocks {unit[0]}-{unit[-1]}" if len(unit) > 1 else f"block {unit[0]}"
+                if params and matched:
+                    remaining = max(len(graphs) - (c0 + k), 1)
+                    unit_deadline = time.monotonic() + max(deadline - time.monotonic(), 0) / remaining
+                    fit = _fit(params, loss_of, len(batches), self.config["steps"], self.config["lr"], unit_deadline)
+                    fits.append(fit)
+                    if fit.kept:
+                        _store(model, params)
+                        changed |= set(params)
+                    elif fit.steps:
+                        skipped.append(f"{label}: tuning did not lower its error ({fit.before:.3g}); weights kept")
+                elif params:
+                    skipped.append(f"{label}: its output has no counterpart in the original; weights kept")
+                with torch.no_grad():
+                    stream = {last: [g(feeds(b))[last] for b in range(len(batches))]}
+            del side_t, tgt_t
+        for _ in progress:
+            pass
+        if plan["outside"]:
+            skipped.append(f"{len(plan['outside'])} weight(s) outside the blocks (embedding, head, final norm) are not "
+                           f"tuned in block mode, e.g. {sorted(plan['outside'])[0]}; mode=e2e tunes them")
+        return self._summary(fits, changed, model, skipped, units=len(units))
+
+    # -- end-to-end mode ----------------------------------------------------------------------------------------
+
+    def _heal_e2e(self, model: ir.Model, ctx, names: set[str], batches, deadline: float) -> dict:
+        import torch
+
+        from modelsurgeon.onnx_torch import feeds_to_torch, graph_function, to_torch
+
+        outputs = [o.name for o in model.graph.outputs]
+        ref = _capture_batches(ctx.original, outputs, batches[:1], ctx.providers)[0]
+        logits = [n for n in outputs if n in ref and _logits_like(n, ref[n])]
+        matched = logits or [n for n in outputs if n in ref and np.issubdtype(ref[n].dtype, np.floating)]
+        if not matched:
+            raise UserError("heal: the model has no float output to match against the original's")
+        from modelsurgeon.capture import ActivationCapture
+
+        original = ActivationCapture(ctx.original, matched, providers=ctx.providers)
+        cache: dict[int, dict] = {}
+        per_batch = sum(ref[n].nbytes for n in matched)
+        cacheable = per_batch * len(batches) <= CAPTURE_BUDGET
+        params = _params(model, names)
+        g = graph_function(model, params, outputs=matched)
+        torch_feeds = [feeds_to_torch(f) for f in batches]
+
+        def target(b):
+            if b in cache:
+                return cache[b]
+            t = {k: to_torch(v) for k, v in original.run(batches[b]).items()}
+            if cacheable:
+                cache[b] = t
+            return t
+
+        def loss_of(b):
+            out, tgt = g(torch_feeds[b]), target(b)
+            return sum((_kl if n in logits else _nmse)(out[n], tgt[n]) for n in matched) / len(matched)
+
+        steps = self.config["steps"]
+        fit = _fit(params, loss_of, len(batches), steps, self.config["lr"], deadline,
+                   progress=lambda it: ctx.progress_bar(it, desc="heal: end to end", total=steps))
+        changed = set()
+        if fit.kept:
+            _store(model, params)
+            changed = set(params)
+        skipped = [] if fit.kept or not fit.steps else [f"model: tuning did not lower its error ({fit.before:.3g}); "
+                                                         "weights kept"]
+        out = self._summary([fit], changed, model, skipped, units=1)
+        out["objective"] = "KL(original || model) of " + ", ".join(logits) if logits else "normalized MSE"
+        return out
+
+    @staticmethod
+    def _summary(fits: list[_Fit], changed: set[str], model: ir.Model, skipped: list[str], units: int) -> dict:
+        before = float(np.mean([f.before for f in fits])) if fits else 0.0  # mean over the units tuned
+        after = float(np.mean([f.after for f in fits])) if fits else 0.0
+        return {
+            "units": units,
+            "steps": int(sum(f.steps for f in fits)),
+            "objective_before": round(before, 6),
+            "objective_after": round(after, 6),
+            "changed_initializers": len(changed),
+            "trained_parameters": int(sum(model.graph.initializers[n].const_value.size for n in changed)),
+            "skipped": skipped,
+        }

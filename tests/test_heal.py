@@ -1,0 +1,191 @@
+"""heal and the ONNX -> torch interpreter it runs on (modelsurgeon.onnx_torch, passes/heal.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import modelsurgeon
+from modelsurgeon import calibration as cal
+from modelsurgeon import onnx_torch
+from modelsurgeon.context import PassContext
+from modelsurgeon.errors import UserError
+from modelsurgeon.pass_api import get_pass
+from modelsurgeon.runtime.session import make_session
+
+
+def _ort_vs_torch(path, seq_len: int = 12) -> float:
+    """Worst relative max error of the interpreter's outputs against ONNX Runtime's, on synthesized inputs."""
+    model = ir.load(str(path))
+    feeds = cal.synthesize(model, num_samples=2, seq_len=seq_len, seed=3).arrays
+    session = make_session(model)
+    names = [o.name for o in model.graph.outputs]
+    ref = session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})
+    with torch.no_grad():
+        out = onnx_torch.graph_function(model)(onnx_torch.feeds_to_torch(feeds))
+    worst = 0.0
+    for name, r in zip(names, ref):
+        got = out[name].double().numpy()
+        assert got.shape == r.shape, name
+        worst = max(worst, float(np.abs(got - r).max() / (np.abs(r).max() + 1e-12)))
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "bert"])
+def test_interpreter_matches_ort_on_reference_models(reference_onnx, kind):
+    assert _ort_vs_torch(reference_onnx(kind, opset=18)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama/torchscript", "llama/optimum-past", "gpt2/dynamo18", "phi3/dynamo18",
+                                  "vit/dynamo18", "bert/torchscript", "llama/fp16"])
+def test_interpreter_matches_ort_on_corpus_models(corpus_model, name):
+    # fp16 computes in float32 in torch (upcast): within fp16 rounding of ORT's float16 arithmetic
+    assert _ort_vs_torch(corpus_model(name)) < (2e-3 if "fp16" in name else 1e-5)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["smollm2_onnx", "minilm_onnx", "efficientnet_lite0_onnx"])
+def test_interpreter_matches_ort_on_real_models(loader):
+    from modelsurgeon.models import real
+
+    assert _ort_vs_torch(getattr(real, loader)()) < 1e-4
+
+
+def test_interpreter_refuses_an_unknown_op_by_name(corpus_model):
+    model = ir.load(str(corpus_model("llama/genai-fp32")))
+    with pytest.raises(UserError, match="GroupQueryAttention"):
+        onnx_torch.graph_function(model)
+
+
+def test_interpreter_gradients_reach_the_chosen_initializers(reference_onnx):
+    model = ir.load(str(reference_onnx("llama", opset=18)))
+    weight = next(n for n, v in model.graph.initializers.items() if v.const_value.shape == (64, 64))
+    p = torch.nn.Parameter(torch.from_numpy(model.graph.initializers[weight].const_value.numpy().copy()))
+    g = onnx_torch.graph_function(model, {weight: p})
+    feeds = onnx_torch.feeds_to_torch(cal.synthesize(model, num_samples=2, seq_len=8, seed=0).arrays)
+    g(feeds)["logits"].square().mean().backward()
+    assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------- heal
+
+
+def _run(model, ctx, spec: str, **opts):
+    """Run one pass (with its requirements) on `model` as the manager does, without verification."""
+    from modelsurgeon.pipeline import build_pipeline, parse_passes
+
+    result = None
+    for p in build_pipeline(parse_passes(spec), cleanup=False):
+        ctx.model = model
+        result = p.run(model, ctx)
+        model = result.model
+        if result.modified:
+            ctx.analyses.invalidate(p.preserves)
+    return model, result
+
+
+def _setup(path, samples: int = 16, seq: int = 16):
+    model = modelsurgeon.load(path)
+    calib = cal.synthesize(model, num_samples=samples, seq_len=seq, seed=0)
+    return model, PassContext(model=model, calibration=calib, progress=False)
+
+
+def _outputs(model, feeds):
+    session = make_session(model)
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("structural, mode", [("lowrank(ratio=0.3)", "blocks"), ("share(groups=2)", "blocks"),
+                                              ("share(groups=2)", "e2e")])
+def test_heal_lowers_the_error_it_matches(reference_onnx, structural, mode):
+    path = reference_onnx("llama", opset=18)
+    original = modelsurgeon.load(path)
+    model, ctx = _setup(path)
+    model, _ = _run(model, ctx, structural)
+    feeds = ctx.calibration.head(8)
+    before = _rel(_outputs(model, feeds), _outputs(original, feeds))
+    model, res = _run(model, ctx, f"heal(steps=40,lr=3e-4,mode={mode})")
+    after = _rel(_outputs(model, feeds), _outputs(original, feeds))
+    notes = res.notes
+    assert notes["mode"] == mode and notes["changed_initializers"] > 0
+    assert notes["objective_after"] < 0.9 * notes["objective_before"]
+    assert after < 0.95 * before  # the model's outputs on calibration samples moved towards the original's
+
+
+def test_heal_leaves_untouched_weights_bit_identical(reference_onnx):
+    from modelsurgeon.passes.heal import touched_initializers
+
+    path = reference_onnx("llama", opset=18)
+    model, ctx = _setup(path)
+    model, _ = _run(model, ctx, "lowrank(ratio=0.3)")
+    before = {n: v.const_value.numpy().tobytes() for n, v in model.graph.initializers.items()}
+    touched = touched_initializers(model, ctx.original, ctx.analysis("blocks"))
+    norms = [n for n in before if n not in touched and model.graph.initializers[n].const_value.size > 1]
+    assert touched and norms  # lowrank's factors train; the norms' scales, the embedding and rotary tables do not
+    model, res = _run(model, ctx, "heal(steps=10,lr=1e-3)")
+    after = {n: v.const_value.numpy().tobytes() for n, v in model.graph.initializers.items()}
+    assert after.keys() == before.keys()
+    assert all(after[n] == before[n] for n in before if n not in touched)
+    assert sum(after[n] != before[n] for n in touched) == res.notes["changed_initializers"] > 0
+    # the original the compile started from is intact
+    fresh = modelsurgeon.load(path)
+    for name, value in ctx.original.graph.initializers.items():
+        assert value.const_value.numpy().tobytes() == fresh.graph.initializers[name].const_value.numpy().tobytes()
+
+
+def test_heal_with_zero_steps_is_exact(reference_onnx):
+    path = reference_onnx("llama", opset=18)
+    result = modelsurgeon.compile(str(path), "lowrank(ratio=0.3),heal(steps=0)", num_samples=8, seq_len=16,
+                                  progress=False)
+    lowrank, heal = _row(result, "lowrank"), _row(result, "heal")
+    assert not heal.modified
+    assert heal.rel_l2 == lowrank.rel_l2
+
+
+def test_heal_retrains_the_block_after_a_dropped_one(reference_onnx):
+    from modelsurgeon.passes.heal import touched_initializers
+
+    path = reference_onnx("llama", opset=18, layers=4)
+    model, ctx = _setup(path)
+    model, _ = _run(model, ctx, "drop-blocks(n=1)")
+    tb = ctx.analysis("blocks")
+    touched = touched_initializers(model, ctx.original, tb)
+    assert touched  # no weight changed, but a block now reads the stream of a block before the dropped one
+    model, res = _run(model, ctx, "heal(steps=30,lr=3e-4)")
+    assert res.notes["objective_after"] < res.notes["objective_before"]
+
+
+def _row(result, name: str):
+    return next(r for r in result.report.rows if r.name.startswith(name))
+
+
+@pytest.mark.parametrize("name, mode", [("gpt2/dynamo18", "blocks"), ("llama/optimum-past", "e2e")])
+def test_heal_on_other_exporters(corpus_model, name, mode):
+    """GPT-2 (Gemm projections, a fused qkv Split, LayerNorm) healed block by block; Optimum's KV-cache export
+    (TorchScript exporter, Constant nodes, empty past), whose blocks the finder does not report, end to end."""
+    result = modelsurgeon.compile(str(corpus_model(name)), "lowrank(ratio=0.7),heal(steps=20,lr=1e-4)",
+                                  num_samples=8, seq_len=16, progress=False)
+    heal = _row(result, "heal")
+    assert heal.modified and heal.notes["mode"].startswith(mode)
+    assert heal.notes["objective_after"] < heal.notes["objective_before"]
+
+
+def test_heal_without_anything_to_train_changes_nothing(reference_onnx):
+    path = reference_onnx("llama", opset=18)
+    result = modelsurgeon.compile(str(path), "heal", num_samples=8, seq_len=16, progress=False)
+    row = _row(result, "heal")
+    assert not row.modified and row.notes["trained_parameters"] == 0 and row.rel_l2 == 0
+
+
+def test_heal_refuses_bad_options():
+    with pytest.raises(UserError, match="train"):
+        get_pass("heal")(train="everything")
+    with pytest.raises(UserError, match="steps"):
+        get_pass("heal")(steps=-1)
