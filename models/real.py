@@ -382,3 +382,45 @@ def efficientnet_lite0_onnx(opset: int = 18) -> pathlib.Path:
         return {"inputs": {0: batch}}
 
     return _cached_export("efficientnet-lite0", opset, build, ["pixels"], ["logits"], shapes)
+
+
+# ------------------------------------------------------------------------------------------------ GenAI builder
+
+def smollm2_genai(precision: str = "int4", algo: str | None = None) -> pathlib.Path:
+    """SmolLM2 as ONNX Runtime GenAI's model builder makes it (`python -m onnxruntime_genai.models.builder -i
+    smollm2_hf_folder() -o OUT -p PRECISION -e cpu`, plus `--extra_options algo_config=ALGO` when `algo` is
+    given, e.g. "k_quant_mixed"): a folder with model.onnx, its .data, genai_config.json and tokenizer files. Cached
+    per precision and algo; genai_config.json is written last and marks the folder complete."""
+    import re
+    import shutil
+    import sys
+    import tempfile
+
+    from modelsurgeon.models import corpus
+
+    if precision not in ("fp32", "fp16", "int4", "int8"):
+        raise UserError(f"unknown GenAI builder precision {precision!r}; use fp32, fp16, int4 or int8")
+    if algo is not None and not re.fullmatch(r"[a-z0-9_]+", algo):
+        raise UserError(f"GenAI builder algo_config {algo!r} is not a plain name (e.g. k_quant_mixed)")
+    _require("onnxruntime_genai", "the GenAI builder export")
+    folder = cache_dir("real", f"smollm2-genai-{precision}{'-' + algo if algo else ''}-v{VERSION}")
+
+    def make(target: pathlib.Path) -> None:
+        hf = smollm2_hf_folder()
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            out = pathlib.Path(tmp) / "genai"
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                   "-p", precision, "-e", "cpu", "-c", str(pathlib.Path(tmp) / "cache")]
+            if algo:  # onnxruntime-genai 0.18 ignores the `int4_algo_config` spelling its --help still names
+                cmd += ["--extra_options", f"algo_config={algo}"]
+            proc = corpus._run_exporter(cmd, pathlib.Path(tmp))
+            if proc.returncode or not (out / "genai_config.json").exists():
+                lines = corpus._output_lines(proc)
+                raise RuntimeError(f"the GenAI builder failed on SmolLM2: {lines[-1] if lines else proc.returncode}")
+            for file in out.iterdir():
+                if file.name != "genai_config.json":
+                    shutil.move(str(file), folder / file.name)
+            os.replace(out / "genai_config.json", target)
+
+    produce_once(folder / "genai_config.json", make)
+    return folder

@@ -1,0 +1,428 @@
+"""decode benchmark: SmolLM2-135M generating with its KV cache, ours against ONNX Runtime GenAI's int4 and llama.cpp.
+
+Each row is a KV-cache decoder run by `modelsurgeon.runtime.generate.Decoder` (ONNX Runtime, 2 intra-op threads,
+spinning off): a prompt of CONTEXT tokens of held-out Shakespeare (Hamlet) in one prefill step, then N greedy decode
+steps, one token each with the cache. Contexts 128 and 1024, batch 1. Rounds are interleaved (each model once per
+round, both contexts), and the table gives medians over rounds of prefill tokens/s (CONTEXT / prefill seconds) and
+decode tokens/s (N / seconds of the N steps).
+
+Rows:
+- fp32: Optimum's KV-cache export (`real.smollm2_optimum_onnx("text-generation-with-past")`);
+- GenAI int4: `python -m onnxruntime_genai.models.builder -p int4 -e cpu` (`real.smollm2_genai`), its default and
+  `int4_algo_config=k_quant_mixed`, run through the same loop (and through `onnxruntime_genai` itself, decode only,
+  as a cross-check of the loop's overhead);
+- ours: `modelsurgeon.compile(<Optimum folder>, PASSES)` for the pipelines in OURS, each also with `,fuse`;
+  calibration: 32 windows of 128 tokens from the plays other than Macbeth and Hamlet (`calibration.from_token_ids`);
+- llama.cpp (`llama-cpp-python`, if installed) on the packaged Q4_1 GGUF: the same prompt evaluated, N greedy tokens.
+
+Perplexity of every row: next-token NLL over the same Macbeth windows of 128 tokens, one full-window forward each with
+an empty cache (llama.cpp: its logits with `logits_all=True`).
+
+Compiled models are kept in --work (default $MODELSURGEON_CACHE/decode-bench) and reused; --recompile remakes them.
+
+    python benchmarks/decode.py [--rounds 3] [--new 32] [--contexts 128 1024] [--ppl-windows 16] [--profile]
+
+Writes docs/results/decode.json and the table of docs/decode.md (between the BEGIN/END RESULTS markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMAND = "python benchmarks/decode.py"
+THREADS = 2
+Q = "quant4(lm_head=true,embeddings=true)"
+OURS = ["quant4", Q, "quant4(algo=gptq,lm_head=true,embeddings=true)", f"slice(sparsity=0.25),{Q}",
+        f"drop-blocks(n=6),{Q}"]
+FUSED = OURS[1:]  # each of these also with ",fuse"
+HELD_OUT = ("Macbeth", "Hamlet")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def token_data(ppl_windows: int, calib_windows: int, max_context: int) -> dict[str, np.ndarray]:
+    """prompt [1, max_context] (Hamlet), ppl [W, 128] (Macbeth), calib [C, 128] (the other works)."""
+    from modelsurgeon import calibration as C
+    from modelsurgeon.models import real
+
+    tok = C.load_tokenizer(real.smollm2_tokenizer())
+    texts = real.shakespeare_texts()
+    others = [t for name, t in sorted(texts.items()) if name not in HELD_OUT]
+    return {"prompt": C.tokenize_text(texts["Hamlet"], tok, 1, max_context),
+            "ppl": C.tokenize_text(texts["Macbeth"], tok, ppl_windows, 128),
+            "calib": C.tokenize_texts(others, tok, calib_windows, 128)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# producing the rows
+
+
+def slug(passes: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in passes).strip("_")
+
+
+def op_counts(path: pathlib.Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in model.graph.node))
+
+
+def folder_mib(folder: pathlib.Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")) / 2**20
+
+
+def compile_ours(src: pathlib.Path, passes: str, work: pathlib.Path, calib_ids: np.ndarray, recompile: bool) -> dict:
+    """Compile the Optimum folder `src` with `passes` into work/<slug>; reuse a previous result unless `recompile`."""
+    import modelsurgeon
+    from modelsurgeon import calibration as C
+    from modelsurgeon.errors import UserError
+    from modelsurgeon.model_io import load
+
+    out = work / slug(passes)
+    meta = out / "bench.json"
+    if meta.exists() and not recompile:
+        return json.loads(meta.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    base = work / slug(passes[:-len(",fuse")])
+    on_base = passes.endswith(",fuse") and (base / "bench.json").exists() and (base / "model.onnx").exists()
+    try:
+        if on_base:
+            # fuse needs no calibration: run it on the compiled folder instead of compiling everything again
+            result = modelsurgeon.compile(str(base), passes="fuse", verify=False, progress=False)
+        else:
+            data = C.from_token_ids(load(str(src / "model.onnx")), calib_ids, source="shakespeare")
+            result = modelsurgeon.compile(str(src), passes=passes, calibration=data, verify=False, progress=False)
+    except UserError as exc:
+        info = {"passes": passes, "refused": str(exc)}
+        out.mkdir(parents=True)
+        meta.write_text(json.dumps(info))
+        return info
+    seconds = time.perf_counter() - t0
+    info = {}
+    try:
+        result.save(out)
+    except UserError as exc:  # the folder's config cannot be updated: the model file alone, the source's config beside
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        result.save(out / "model.onnx")
+        shutil.copy(src / "config.json", out / "config.json")
+        info["folder_refused"] = str(exc)
+    info.update({"passes": passes, "compile_s": seconds, "from": "the compiled base folder" if on_base else "fp32",
+            "notes": {r.name: r.notes for r in result.report.rows[1:]} if hasattr(result.report.rows[1], "notes") else {}})
+    meta.write_text(json.dumps(info, default=str))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def prefill_decode(decoder, prompt: np.ndarray, new: int) -> tuple[float, float, np.ndarray]:
+    """Seconds of the prefill of `prompt` [1, P], seconds of `new` greedy decode steps after it, and the tokens."""
+    t0 = time.perf_counter()
+    logits, cache = decoder.step(prompt, decoder.empty_cache(1))
+    t1 = time.perf_counter()
+    token = logits[:, -1].argmax(-1)
+    tokens = []
+    for _ in range(new):
+        logits, cache = decoder.step(token[:, None], cache)
+        token = logits[:, -1].argmax(-1)
+        tokens.append(int(token[0]))
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, np.array(tokens)
+
+
+def perplexity(decoder, windows: np.ndarray) -> float:
+    """exp(mean next-token NLL) over the windows, one full-window forward each with an empty cache."""
+    from modelsurgeon.runtime.generate import _score
+
+    nll = []
+    for w in windows:
+        logits, _ = decoder.step(w[None], decoder.empty_cache(1))
+        nll.append(_score(logits[:, :-1], w[None, 1:])[0])
+    return float(np.exp(np.concatenate(nll, axis=1).mean()))
+
+
+def genai_decode(folder: pathlib.Path, prompt: np.ndarray, new: int) -> dict:
+    """Seconds of the prefill and of `new` decode steps through onnxruntime_genai itself (2 intra-op threads)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    # genai_config's session_options take no ORT config entries: spinning stays as onnxruntime_genai sets it
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": THREADS}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt.astype(np.int32))
+    t1 = time.perf_counter()
+    for _ in range(new):
+        gen.generate_next_token()
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python on a GGUF file, with the two calls the rounds make (2 threads)."""
+
+    def __init__(self, gguf: pathlib.Path):
+        import llama_cpp
+
+        self.gguf = gguf
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS,
+                                   n_batch=1024, verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def last_logits(self) -> np.ndarray:
+        """The last evaluated token's logits (without logits_all, `Llama.eval` copies none into `scores`)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))
+
+    def prefill_decode(self, prompt: np.ndarray, new: int) -> tuple[float, float, np.ndarray]:
+        """As `prefill_decode`: eval the prompt, then `new` greedy tokens one eval each."""
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt[0].tolist())
+        t1 = time.perf_counter()
+        token = int(np.argmax(self.last_logits()))
+        tokens = []
+        for _ in range(new):
+            llm.eval([token])
+            token = int(np.argmax(self.last_logits()))
+            tokens.append(token)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, np.array(tokens)
+
+    def perplexity(self, windows: np.ndarray) -> float:
+        """As `perplexity`, through llama.cpp's logits of every position (a second context with logits_all=True)."""
+        import llama_cpp
+
+        from modelsurgeon.runtime.generate import _score
+
+        llm = llama_cpp.Llama(model_path=str(self.gguf), n_ctx=512, n_threads=THREADS, n_threads_batch=THREADS,
+                              logits_all=True, verbose=False)
+        nll = []
+        for w in windows:
+            llm.reset()
+            llm.eval(w.tolist())
+            logits = np.asarray(llm.scores[: len(w)], np.float32)[None]
+            nll.append(_score(logits[:, :-1], w[None, 1:])[0])
+        del llm
+        return float(np.exp(np.concatenate(nll, axis=1).mean()))
+
+
+def profile_decode(path: pathlib.Path, prompt: np.ndarray, steps: int, source: pathlib.Path) -> dict[str, float]:
+    """Milliseconds per decode step by op type (ORT profiling), averaged over `steps` steps after a 128-token prefill."""
+    import onnxruntime as ort
+
+    from modelsurgeon.runtime import generate
+    from modelsurgeon.runtime.session import session_options
+
+    so = session_options(THREADS)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(ROOT / "build" / "decode-profile")
+    dec = generate.Decoder(str(path), threads=THREADS, source=str(source))
+    dec.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    logits, cache = dec.step(prompt[:, :128], dec.empty_cache(1))
+    for _ in range(steps):
+        logits, cache = dec.step(logits[:, -1].argmax(-1)[:, None], cache)
+    trace_file = pathlib.Path(dec.session.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
+    runs = [e for e in trace if e.get("name") == "model_run"][-steps:]
+    totals: dict[str, float] = collections.Counter()
+    for e in trace:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if any(r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in runs):
+            totals[e.get("args", {}).get("op_name", "?")] += e["dur"] / 1000 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def measure(decoder):
+    """`prefill_decode` bound to an ORT `Decoder`, or a `LlamaCpp`'s own."""
+    if isinstance(decoder, LlamaCpp):
+        return decoder.prefill_decode
+    return lambda prompt, new: prefill_decode(decoder, prompt, new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--work", type=pathlib.Path, default=None)
+    ap.add_argument("--recompile", action="store_true")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--no-genai-runtime", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-op profile of one decode step: fastest of ours, GenAI int4")
+    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "results" / "decode.json")
+    args = ap.parse_args()
+
+    from modelsurgeon.errors import UserError
+    from modelsurgeon.models import real
+    from modelsurgeon.models.cache import cache_dir
+    from modelsurgeon.runtime import generate
+
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    work = args.work or cache_dir("decode-bench")
+    data = token_data(args.ppl_windows, args.calib_windows, max(args.contexts))
+    fp32 = real.smollm2_optimum_onnx("text-generation-with-past").parent
+    rows: list[dict] = [{"name": "fp32 (Optimum KV export)", "by": "optimum", "folder": fp32}]
+    for algo in (None, "k_quant_mixed"):
+        log(f"GenAI builder int4 {algo or 'default'}")
+        try:
+            folder = real.smollm2_genai("int4", algo)
+            rows.append({"name": f"GenAI int4 {algo or 'default'}", "by": "genai", "folder": folder})
+        except Exception as exc:  # the builder failing is a result to record
+            rows.append({"name": f"GenAI int4 {algo or 'default'}", "by": "genai", "refused": str(exc)[:300]})
+    for passes in OURS + [p + ",fuse" for p in FUSED]:
+        log(f"compile {passes}")
+        info = compile_ours(fp32, passes, work, data["calib"], args.recompile)
+        row = {"name": passes, "by": "ours", **info}
+        if info.get("notes", {}).get("fuse", {}).get("fused") == "nothing to fuse":
+            row["same_as"] = passes[:-len(",fuse")]  # not timed again: the model is the base row's
+            log("  fuse found nothing to fuse")
+        elif "refused" not in info:
+            row["folder"] = work / slug(passes)
+            log(f"  {info['compile_s']:.0f} s")
+        else:
+            log(f"  refused: {info['refused']}")
+        rows.append(row)
+    if args.compile_only:
+        return 0
+
+    extra: dict = {}
+    try:
+        import llama_cpp  # noqa: F401
+
+        gguf = real.smollm2_gguf()
+        rows.append({"name": "llama.cpp Q4_1 (packaged GGUF)", "by": "llama.cpp", "size_MiB": gguf.stat().st_size / 2**20,
+                     "llama_cpp": LlamaCpp(gguf)})
+    except ImportError:
+        extra["llama_cpp"] = "llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)"
+    live = [r for r in rows if "refused" not in r and "same_as" not in r]
+    for r in live:
+        if "llama_cpp" in r:
+            r["decoder"] = r.pop("llama_cpp")
+            continue
+        r["model"] = generate.model_file(r["folder"])
+        r["size_MiB"] = folder_mib(r["folder"])
+        r["ops"] = op_counts(r["model"])
+        try:
+            r["decoder"] = generate.Decoder(str(r["model"]), label=r["name"], threads=THREADS)
+        except UserError as exc:
+            r["refused"] = f"does not load: {exc}"
+        log(f"loaded {r['name']}: {r['size_MiB']:.0f} MiB")
+    live = [r for r in live if "refused" not in r]
+    # perplexity
+    for r in live:
+        r["ppl"] = r["decoder"].perplexity(data["ppl"]) if isinstance(r["decoder"], LlamaCpp) \
+            else perplexity(r["decoder"], data["ppl"])
+        log(f"ppl {r['name']}: {r['ppl']:.3f}")
+    # warm-up
+    for r in live:
+        measure(r["decoder"])(data["prompt"][:, :128], 4)
+    times = {(r["name"], c): {"prefill": [], "decode": []} for r in live for c in args.contexts}
+    for rnd in range(args.rounds):
+        for r in live:
+            for c in args.contexts:
+                pre, dec, tokens = measure(r["decoder"])(data["prompt"][:, :c], args.new)
+                times[(r["name"], c)]["prefill"].append(c / pre)
+                times[(r["name"], c)]["decode"].append(args.new / dec)
+                r.setdefault("tokens", {})[c] = tokens.tolist()
+        log(f"round {rnd + 1}/{args.rounds} done")
+    for r in live:
+        for c in args.contexts:
+            r[f"prefill_tps_{c}"] = statistics.median(times[(r["name"], c)]["prefill"])
+            r[f"decode_tps_{c}"] = statistics.median(times[(r["name"], c)]["decode"])
+        ref = next(x for x in live if x["by"] == "optimum")["tokens"]
+        r["token_agreement_fp32"] = {c: float(np.mean(np.array(r["tokens"][c]) == np.array(ref[c]))) for c in args.contexts}
+        del r["decoder"]
+
+    if not args.no_genai_runtime:
+        for r in [x for x in live if x["by"] == "genai"]:
+            try:
+                runs = {c: [genai_decode(r["folder"], data["prompt"][:, :c], args.new) for _ in range(args.rounds)]
+                        for c in args.contexts}
+                r["onnxruntime_genai"] = {f"decode_tps_{c}": statistics.median(args.new / x["decode_s"] for x in v)
+                                          for c, v in runs.items()}
+                r["onnxruntime_genai"].update({f"prefill_tps_{c}": statistics.median(c / x["prefill_s"] for x in v)
+                                               for c, v in runs.items()})
+            except Exception as exc:
+                r["onnxruntime_genai"] = {"error": str(exc).splitlines()[0][:200]}
+            log(f"onnxruntime_genai {r['name']}: {r['onnxruntime_genai']}")
+    if args.profile:
+        ours = [r for r in live if r["by"] == "ours"]
+        fastest = max(ours, key=lambda r: r[f"decode_tps_{args.contexts[0]}"])
+        (ROOT / "build").mkdir(exist_ok=True)
+        extra["profile_ms_per_decode_step"] = {
+            r["name"]: profile_decode(r["model"], data["prompt"], 16, r["model"])
+            for r in (fastest, next(x for x in live if x["name"] == "GenAI int4 default"))}
+
+    for r in rows:
+        for k in ("folder", "model", "decoder"):
+            r.pop(k, None)
+    doc = {"benchmark": "decode", "command": COMMAND + " " + " ".join(sys.argv[1:]), "threads": THREADS,
+           "rounds": args.rounds, "new_tokens": args.new, "contexts": args.contexts, "ppl_windows": args.ppl_windows,
+           "load_before": load_before, "load_after": os.getloadavg(), "seconds": time.perf_counter() - start,
+           "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows, **extra}
+    import onnxruntime
+
+    doc["onnxruntime"] = onnxruntime.__version__
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=str))
+    log(f"wrote {args.out} in {doc['seconds']:.0f} s")
+    write_table(doc)
+    return 0
+
+
+def write_table(doc: dict) -> None:
+    cs = doc["contexts"]
+    head = ["row", "MiB", "ppl Macbeth"] + [f"{k} tok/s @{c}" for c in cs for k in ("prefill", "decode")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in doc["rows"]:
+        if "same_as" in r:
+            lines.append(f"| {r['name']} | the model of `{r['same_as']}`: fuse found nothing to fuse |")
+            continue
+        if "refused" in r:
+            lines.append(f"| {r['name']} | refused: {r['refused'][:160]} |")
+            continue
+        cells = [r["name"], f"{r.get('size_MiB', 0):.0f}", f"{r['ppl']:.2f}" if r.get("ppl") else "-"]
+        cells += [f"{r.get(f'{k}_tps_{c}', float('nan')):.1f}" for c in cs for k in ("prefill", "decode")]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    md = ROOT / "docs" / "decode.md"
+    text = md.read_text() if md.exists() else "<!-- BEGIN RESULTS -->\n<!-- END RESULTS -->\n"
+    a, b = text.index("<!-- BEGIN RESULTS -->"), text.index("<!-- END RESULTS -->")
+    md.write_text(text[:a] + "<!-- BEGIN RESULTS -->\n" + table + "\n" + text[b:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

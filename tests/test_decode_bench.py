@@ -1,0 +1,49 @@
+"""benchmarks/decode.py's measuring functions on small corpus decoders: what they time is what generation computes."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from modelsurgeon.runtime import generate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "benchmarks" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["llama/optimum-past", "qwen2/genai-int4"])
+def test_prefill_decode_and_perplexity_match_generation(bench, corpus_model, name):
+    path = generate.model_file(corpus_model(name))
+    decoder = generate.Decoder(str(path), threads=1)
+    rng = np.random.default_rng(0)
+    vocab = 200
+    prompt = rng.integers(3, vocab, (1, 12))
+    pre, dec, tokens = bench.prefill_decode(decoder, prompt, 5)
+    assert pre > 0 and dec > 0
+    # the timed loop decodes the tokens greedy generation does (its first token comes from the prefill)
+    np.testing.assert_array_equal(generate.greedy(decoder, prompt, 6)[0, 1:], tokens)
+    windows = rng.integers(3, vocab, (3, 10))
+    nll = np.concatenate([generate.cached_nll(decoder, w[None], prefill=3)[0] for w in windows], axis=1)
+    assert bench.perplexity(decoder, windows) == pytest.approx(float(np.exp(nll.mean())), rel=1e-4)
+
+
+def test_table_marks_refusals(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "decode.md").write_text("intro\n<!-- BEGIN RESULTS -->\nold\n<!-- END RESULTS -->\nrest\n")
+    bench.write_table({"contexts": [128], "rows": [
+        {"name": "a", "size_MiB": 10, "ppl": 12.5, "prefill_tps_128": 100.0, "decode_tps_128": 20.0},
+        {"name": "b,fuse", "refused": "fuse: cannot"}]})
+    text = (tmp_path / "docs" / "decode.md").read_text()
+    assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
+    assert "| a | 10 | 12.50 | 100.0 | 20.0 |" in text and "refused: fuse: cannot" in text
