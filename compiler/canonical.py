@@ -55,7 +55,7 @@ def tie_copied_heads(graph: ir.Graph) -> int:
     and passes see an untied head (slice then fits the head a basis of its own: 1.50x perplexity at 25% where the
     tied export gives 1.43x). A MatMul whose constant 2-D weight equals the transpose of a Gathered table, element
     for element, reads Transpose(table) instead, as torch's dynamo exporter writes a tie; the copy goes. Exact."""
-    from modelsurgeon.analyses.blocks import const_array, unique_name
+    from modelsurgeon.analyses.blocks import const_array
 
     tables = {}
     for node in graph:
@@ -77,18 +77,28 @@ def tie_copied_heads(graph: ir.Graph) -> int:
         if found is None or found[0] is w or not np.array_equal(arr, found[1].T):
             continue
         table = found[0]
-        view = ir.Node("", "Transpose", [table], attributes=[ir.AttrInt64s("perm", [1, 0])],
-                       name=unique_name(graph, (table.name or "table") + "/tied_head"))
-        view.outputs[0].name = unique_name(graph, (table.name or "table") + ".T")
-        view.outputs[0].dtype = w.dtype
-        view.outputs[0].shape = ir.Shape(arr.shape)
-        graph.insert_before(next(iter(graph)), view)  # reads only an initializer: first is always in order
+        view = _transposed_view(graph, table, (table.name or "table") + "/tied_head", (table.name or "table") + ".T",
+                                w.dtype, arr.shape)
         for n, i in list(w.uses()):
-            n.replace_input_with(i, view.outputs[0])
+            n.replace_input_with(i, view)
         if w.name in graph.initializers:
             del graph.initializers[w.name]
         count += 1
     return count
+
+
+def _transposed_view(graph: ir.Graph, table: ir.Value, node_name: str, value_name: str, dtype, shape) -> ir.Value:
+    """A new Transpose(table) (perm [1, 0]) at the top of the graph (it reads only an initializer, so first is always
+    in order), its output typed `dtype` and `shape`."""
+    from modelsurgeon.analyses.blocks import unique_name
+
+    node = ir.Node("", "Transpose", [table], attributes=[ir.AttrInt64s("perm", [1, 0])],
+                   name=unique_name(graph, node_name))
+    node.outputs[0].name = unique_name(graph, value_name)
+    node.outputs[0].dtype = dtype
+    node.outputs[0].shape = ir.Shape(shape)
+    graph.insert_before(next(iter(graph)), node)
+    return node.outputs[0]
 
 
 def untranspose_tied_tables(graph: ir.Graph) -> int:
@@ -98,7 +108,7 @@ def untranspose_tied_tables(graph: ir.Graph) -> int:
     rows of Transpose(W). The same tie as torch exports it (and as the finder reads it) is a [vocab, d] table T
     gathered directly, the head reading Transpose(T): T = W^T is stored instead of W (the same size), and every
     other reader of W reads one new Transpose(T). Exact: the values are the same numbers."""
-    from modelsurgeon.analyses.blocks import const_array, new_initializer, unique_name
+    from modelsurgeon.analyses.blocks import const_array, new_initializer
 
     count = 0
     for node in list(graph):
@@ -120,14 +130,10 @@ def untranspose_tied_tables(graph: ir.Graph) -> int:
         node.replace_input_with(0, table)
         others = [(n, i) for n, i in w.uses() if n is not t]
         if others:
-            back = ir.Node("", "Transpose", [table], attributes=[ir.AttrInt64s("perm", [1, 0])],
-                           name=unique_name(graph, (w.name or "table") + "/untied_view"))
-            back.outputs[0].name = unique_name(graph, (w.name or "table") + "_view")
-            back.outputs[0].dtype = w.dtype
-            back.outputs[0].shape = ir.Shape(arr.shape)
-            graph.insert_before(next(iter(graph)), back)  # reads only an initializer: first is always in order
+            back = _transposed_view(graph, table, (w.name or "table") + "/untied_view", (w.name or "table") + "_view",
+                                    w.dtype, arr.shape)
             for n, i in others:
-                n.replace_input_with(i, back.outputs[0])
+                n.replace_input_with(i, back)
         if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
             graph.remove(t, safe=True)
         if not w.uses() and w.name in graph.initializers:

@@ -329,24 +329,32 @@ def smollm2_optimum_onnx(task: str = "text-generation") -> pathlib.Path:
     folder = cache_dir("real", f"smollm2-optimum-{task}-v{VERSION}")
 
     def make(target: pathlib.Path) -> None:
-        import shutil
-        import tempfile
-
         hf = smollm2_hf_folder()
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            out = pathlib.Path(tmp) / "optimum"
-            cmd = [str(corpus.VENV / "bin" / "python"), "-m", "optimum.exporters.onnx", "-m", str(hf), "--task", task,
-                   "--device", "cpu", "--library-name", "transformers", str(out)]
-            proc = corpus._run_exporter(cmd, pathlib.Path(tmp), other_python=True)
-            if proc.returncode or not (out / "model.onnx").exists():
-                lines = corpus._output_lines(proc)
-                raise RuntimeError(f"Optimum's export of SmolLM2 failed: {lines[-1] if lines else proc.returncode}")
-            for file in out.iterdir():
-                if file.name != "model.onnx":
-                    shutil.move(str(file), folder / file.name)
-            os.replace(out / "model.onnx", target)
+        _export_into(target, "Optimum's export of SmolLM2 failed", lambda out: [
+            str(corpus.VENV / "bin" / "python"), "-m", "optimum.exporters.onnx", "-m", str(hf), "--task", task,
+            "--device", "cpu", "--library-name", "transformers", str(out)], other_python=True)
 
     return produce_once(folder / "model.onnx", make)
+
+
+def _export_into(target: pathlib.Path, failure: str, command, other_python: bool = False) -> None:
+    """Run an exporter's `command(out)` writing the folder `out` (in a temporary folder beside `target`), then move
+    its files into `target`'s folder, `target` (the file that marks the entry complete) last."""
+    import shutil
+    import tempfile
+
+    from modelsurgeon.models import corpus
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = pathlib.Path(tmp) / "out"
+        proc = corpus._run_exporter(command(out), pathlib.Path(tmp), other_python=other_python)
+        if proc.returncode or not (out / target.name).exists():
+            lines = corpus._output_lines(proc)
+            raise RuntimeError(f"{failure}: {lines[-1] if lines else proc.returncode}")
+        for file in out.iterdir():
+            if file.name != target.name:
+                shutil.move(str(file), target.parent / file.name)
+        os.replace(out / target.name, target)
 
 
 # ------------------------------------------------------------------------------------------------ EfficientNet
@@ -392,11 +400,7 @@ def smollm2_genai(precision: str = "int4", algo: str | None = None) -> pathlib.P
     given, e.g. "k_quant_mixed"): a folder with model.onnx, its .data, genai_config.json and tokenizer files. Cached
     per precision and algo; genai_config.json is written last and marks the folder complete."""
     import re
-    import shutil
     import sys
-    import tempfile
-
-    from modelsurgeon.models import corpus
 
     if precision not in ("fp32", "fp16", "int4", "int8"):
         raise UserError(f"unknown GenAI builder precision {precision!r}; use fp32, fp16, int4 or int8")
@@ -405,22 +409,15 @@ def smollm2_genai(precision: str = "int4", algo: str | None = None) -> pathlib.P
     _require("onnxruntime_genai", "the GenAI builder export")
     folder = cache_dir("real", f"smollm2-genai-{precision}{'-' + algo if algo else ''}-v{VERSION}")
 
+    def command(out: pathlib.Path) -> list[str]:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(smollm2_hf_folder()), "-o",
+               str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "cache")]
+        if algo:  # onnxruntime-genai 0.18 ignores the `int4_algo_config` spelling its --help still names
+            cmd += ["--extra_options", f"algo_config={algo}"]
+        return cmd
+
     def make(target: pathlib.Path) -> None:
-        hf = smollm2_hf_folder()
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            out = pathlib.Path(tmp) / "genai"
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                   "-p", precision, "-e", "cpu", "-c", str(pathlib.Path(tmp) / "cache")]
-            if algo:  # onnxruntime-genai 0.18 ignores the `int4_algo_config` spelling its --help still names
-                cmd += ["--extra_options", f"algo_config={algo}"]
-            proc = corpus._run_exporter(cmd, pathlib.Path(tmp))
-            if proc.returncode or not (out / "genai_config.json").exists():
-                lines = corpus._output_lines(proc)
-                raise RuntimeError(f"the GenAI builder failed on SmolLM2: {lines[-1] if lines else proc.returncode}")
-            for file in out.iterdir():
-                if file.name != "genai_config.json":
-                    shutil.move(str(file), folder / file.name)
-            os.replace(out / "genai_config.json", target)
+        _export_into(target, "the GenAI builder failed on SmolLM2", command)
 
     produce_once(folder / "genai_config.json", make)
     return folder
