@@ -11,8 +11,8 @@ Rows:
 - GenAI int4: `python -m onnxruntime_genai.models.builder -p int4 -e cpu` (`real.smollm2_genai`), its default and
   `int4_algo_config=k_quant_mixed`, run through the same loop (and through `onnxruntime_genai` itself, decode only,
   as a cross-check of the loop's overhead);
-- ours: `modelsurgeon.compile(<Optimum folder>, PASSES)` for the pipelines in OURS, each also with `,fuse`;
-  calibration: 32 windows of 128 tokens from the plays other than Macbeth and Hamlet (`calibration.from_token_ids`);
+- ours: `modelsurgeon.compile(SOURCE, PASSES, fuse=FUSE)` for the rows in OURS, SOURCE being torch's dynamo export
+  with a KV cache (`real.smollm2_kv_onnx`) or Optimum's folder; calibration: 32 windows of 128 tokens from the plays other than Macbeth and Hamlet (`calibration.from_token_ids`);
 - llama.cpp (`llama-cpp-python`, if installed) on the packaged Q4_1 GGUF: the same prompt evaluated, N greedy tokens.
 
 Perplexity of every row: next-token NLL over the same Macbeth windows of 128 tokens, one full-window forward each with
@@ -43,9 +43,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMAND = "python benchmarks/decode.py"
 THREADS = 2
 Q = "quant4(lm_head=true,embeddings=true)"
-OURS = ["quant4", Q, "quant4(algo=gptq,lm_head=true,embeddings=true)", f"slice(sparsity=0.25),{Q}",
-        f"drop-blocks(n=6),{Q}"]
-FUSED = OURS[1:]  # each of these also with ",fuse"
+G = "quant4(algo=gptq,lm_head=true,embeddings=true)"
+# (source export, passes, fuse): compile() appends `fuse` by default; fuse=False rows show what it is worth.
+# "dynamo": torch's dynamo exporter with a KV cache (`real.smollm2_kv_onnx`, the form `fuse` knows: GroupQueryAttention);
+# "optimum": Optimum's TorchScript export (attention stays decomposed; fuse fuses norms and packs projections only).
+OURS = [("dynamo", "cleanup", False), ("dynamo", "cleanup", True), ("dynamo", Q, True), ("dynamo", G, False),
+        ("dynamo", G, True), ("dynamo", f"slice(sparsity=0.25),{G}", True), ("dynamo", f"drop-blocks(n=6),{Q}", True),
+        ("dynamo", f"slice(sparsity=0.25),drop-blocks(n=4),{G}", True), ("optimum", G, False), ("optimum", G, True)]
 HELD_OUT = ("Macbeth", "Hamlet")
 
 
@@ -89,28 +93,30 @@ def folder_mib(folder: pathlib.Path) -> float:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")) / 2**20
 
 
-def compile_ours(src: pathlib.Path, passes: str, work: pathlib.Path, calib_ids: np.ndarray, recompile: bool) -> dict:
-    """Compile the Optimum folder `src` with `passes` into work/<slug>; reuse a previous result unless `recompile`."""
+def row_name(source: str, passes: str, fuse: bool) -> str:
+    return f"{passes}{'' if fuse else ' (no fuse)'} [{source}]"
+
+
+def compile_ours(src: pathlib.Path, source: str, passes: str, fuse: bool, work: pathlib.Path, calib_ids: np.ndarray,
+                 recompile: bool) -> dict:
+    """Compile `src` (a model file or an Optimum folder) with `passes` into work/<slug>; reuse a previous result
+    unless `recompile`."""
     import modelsurgeon
     from modelsurgeon import calibration as C
     from modelsurgeon.errors import UserError
     from modelsurgeon.model_io import load
+    from modelsurgeon.runtime.generate import model_file
 
-    out = work / slug(passes)
+    out = work / slug(row_name(source, passes, fuse))
     meta = out / "bench.json"
     if meta.exists() and not recompile:
         return json.loads(meta.read_text())
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    base = work / slug(passes[:-len(",fuse")])
-    on_base = passes.endswith(",fuse") and (base / "bench.json").exists() and (base / "model.onnx").exists()
     try:
-        if on_base:
-            # fuse needs no calibration: run it on the compiled folder instead of compiling everything again
-            result = modelsurgeon.compile(str(base), passes="fuse", verify=False, progress=False)
-        else:
-            data = C.from_token_ids(load(str(src / "model.onnx")), calib_ids, source="shakespeare")
-            result = modelsurgeon.compile(str(src), passes=passes, calibration=data, verify=False, progress=False)
+        data = C.from_token_ids(load(str(model_file(src))), calib_ids, source="shakespeare")
+        result = modelsurgeon.compile(str(src), passes=passes, calibration=data, verify=False, progress=False,
+                                      fuse=fuse)
     except UserError as exc:
         info = {"passes": passes, "refused": str(exc)}
         out.mkdir(parents=True)
@@ -118,16 +124,17 @@ def compile_ours(src: pathlib.Path, passes: str, work: pathlib.Path, calib_ids: 
         return info
     seconds = time.perf_counter() - t0
     info = {}
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        result.save(out)
+        result.save(out if src.is_dir() else out / "model.onnx")
     except UserError as exc:  # the folder's config cannot be updated: the model file alone, the source's config beside
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         result.save(out / "model.onnx")
         shutil.copy(src / "config.json", out / "config.json")
         info["folder_refused"] = str(exc)
-    info.update({"passes": passes, "compile_s": seconds, "from": "the compiled base folder" if on_base else "fp32",
-            "notes": {r.name: r.notes for r in result.report.rows[1:]} if hasattr(result.report.rows[1], "notes") else {}})
+    info.update({"passes": passes, "source": source, "fuse": fuse, "compile_s": seconds,
+                 "notes": {r.name: r.notes for r in result.report.rows[1:]}})
     meta.write_text(json.dumps(info, default=str))
     return info
 
@@ -302,15 +309,18 @@ def main() -> int:
             rows.append({"name": f"GenAI int4 {algo or 'default'}", "by": "genai", "folder": folder})
         except Exception as exc:  # the builder failing is a result to record
             rows.append({"name": f"GenAI int4 {algo or 'default'}", "by": "genai", "refused": str(exc)[:300]})
-    for passes in OURS + [p + ",fuse" for p in FUSED]:
-        log(f"compile {passes}")
-        info = compile_ours(fp32, passes, work, data["calib"], args.recompile)
-        row = {"name": passes, "by": "ours", **info}
-        if info.get("notes", {}).get("fuse", {}).get("fused") == "nothing to fuse":
-            row["same_as"] = passes[:-len(",fuse")]  # not timed again: the model is the base row's
-            log("  fuse found nothing to fuse")
-        elif "refused" not in info:
-            row["folder"] = work / slug(passes)
+    try:
+        rows.append({"name": "GenAI fp32", "by": "genai", "folder": real.smollm2_genai("fp32")})
+    except Exception as exc:
+        rows.append({"name": "GenAI fp32", "by": "genai", "refused": str(exc)[:300]})
+    sources = {"dynamo": real.smollm2_kv_onnx(), "optimum": fp32}
+    for source, passes, fuse in OURS:
+        name = row_name(source, passes, fuse)
+        log(f"compile {name}")
+        info = compile_ours(sources[source], source, passes, fuse, work, data["calib"], args.recompile)
+        row = {"name": name, "by": "ours", **info}
+        if "refused" not in info:
+            row["folder"] = work / slug(name)
             log(f"  {info['compile_s']:.0f} s")
         else:
             log(f"  refused: {info['refused']}")
@@ -327,7 +337,7 @@ def main() -> int:
                      "llama_cpp": LlamaCpp(gguf)})
     except ImportError:
         extra["llama_cpp"] = "llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)"
-    live = [r for r in rows if "refused" not in r and "same_as" not in r]
+    live = [r for r in rows if "refused" not in r]
     for r in live:
         if "llama_cpp" in r:
             r["decoder"] = r.pop("llama_cpp")
@@ -405,16 +415,14 @@ def main() -> int:
 
 def write_table(doc: dict) -> None:
     cs = doc["contexts"]
-    head = ["row", "MiB", "ppl Macbeth"] + [f"{k} tok/s @{c}" for c in cs for k in ("prefill", "decode")]
+    head = ["row", "MiB", "nodes", "ppl Macbeth"] + [f"{k} tok/s @{c}" for c in cs for k in ("prefill", "decode")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
-        if "same_as" in r:
-            lines.append(f"| {r['name']} | the model of `{r['same_as']}`: fuse found nothing to fuse |")
-            continue
         if "refused" in r:
             lines.append(f"| {r['name']} | refused: {r['refused'][:160]} |")
             continue
-        cells = [r["name"], f"{r.get('size_MiB', 0):.0f}", f"{r['ppl']:.2f}" if r.get("ppl") else "-"]
+        cells = [r["name"], f"{r.get('size_MiB', 0):.0f}", str(sum(r["ops"].values())) if r.get("ops") else "-",
+                 f"{r['ppl']:.2f}" if r.get("ppl") else "-"]
         cells += [f"{r.get(f'{k}_tps_{c}', float('nan')):.1f}" for c in cs for k in ("prefill", "decode")]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)

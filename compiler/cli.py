@@ -76,7 +76,7 @@ def cmd_compile(args) -> int:
     from modelsurgeon.pipeline import build_pipeline, load_pipeline_file, parse_passes
 
     specs = load_pipeline_file(args.pipeline) if args.pipeline else parse_passes(args.passes)
-    build_pipeline(specs, cleanup=not args.no_cleanup)  # validate the pipeline before loading anything big
+    build_pipeline(specs, cleanup=not args.no_cleanup, fuse=not args.no_fuse)  # validate the pipeline before loading anything big
     model = load(args.model)
     t0 = time.perf_counter()
     shapes = dict(args.input_shape or ())
@@ -84,7 +84,8 @@ def cmd_compile(args) -> int:
         raise UserError("--input-shape names the same input twice; give each input once")
     result = compile_model(model, specs, calibration=args.calib, tokenizer=args.tokenizer, num_samples=args.num_samples,
                            seq_len=args.seq_len, verify=not args.no_verify, max_error=args.max_error,
-                           cleanup=not args.no_cleanup, progress=not args.quiet, input_shapes=shapes,
+                           cleanup=not args.no_cleanup, fuse=not args.no_fuse, progress=not args.quiet,
+                           input_shapes=shapes,
                            eval_data=args.eval, holdout=args.holdout, quality=args.quality,
                            min_quality=args.min_quality, allow_degraded=args.allow_degraded)
     result.input_path = args.model
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "perplexity ratio (default 10)")
     p.add_argument("--allow-degraded", action="store_true", help="keep a model past the quality floor (with a warning)")
     p.add_argument("--no-cleanup", action="store_true", help="do not append the cleanup pass")
+    p.add_argument("--no-fuse", action="store_true", help="do not append the fuse pass (ONNX Runtime's fused norms, "
+                        "rotary embeddings, attention and packed projections); the output keeps the exporter's ops")
     p.add_argument("--report", help="also write the report as JSON here")
     p.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data (automatic over 1.5 GB)")
     _add_common(p)

@@ -198,7 +198,8 @@ def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], single: 
 
 def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inputs: Any = None,
             calibration: Any = None, tokenizer: str | None = None, num_samples: int = 32, seq_len: int = 128,
-            verify: bool = True, max_error: float | None = None, cleanup: bool = True, progress: bool = True,
+            verify: bool = True, max_error: float | None = None, cleanup: bool = True, fuse: bool = True,
+            progress: bool = True,
             providers: list[str] | None = None, seed: int = 0, export_opset: int = 18,
             input_shapes: dict[str, Sequence[int]] | None = None, eval_data: Any = None, holdout: int | None = None,
             quality: str | None = None, min_quality: float | None = None,
@@ -208,7 +209,8 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
     `passes` is a `--passes` string, a JSON pipeline path, or a list of strings, (name, options) pairs
     and Pass instances. `input_shapes` ({input name: sizes}) sizes the dimensions an input leaves symbolic
     for made-up inputs (`input_dims`; a symbolic first axis stays the sample axis). Returns the compiled
-    model and its report; call `.save(path)` to write it.
+    model and its report; call `.save(path)` to write it. `fuse` appends the `fuse` pass (ONNX Runtime's fused ops,
+    packed projections) unless the pipeline lists it; `cleanup` appends `cleanup`.
 
     Verification runs on `eval_data` (loaded like `calibration`), else on `holdout` calibration samples held back
     from the passes (default: a quarter of `num_samples`, at most 8; 0: verify on the calibration samples). Its
@@ -225,7 +227,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         raise UserError("--quality, --min-quality and --eval set what verification measures; drop --no-verify")
     if holdout is not None and holdout < 0:
         raise UserError(f"--holdout must be 0 or more samples, not {holdout}")
-    pipeline = build_pipeline(_as_specs(passes), cleanup=cleanup)
+    pipeline = build_pipeline(_as_specs(passes), cleanup=cleanup, fuse=fuse)
     model = as_model(model, example_inputs, opset=export_opset)
     constant_weights(model)
     check_interface(model)
@@ -313,8 +315,9 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         complete_types(model, ctx)
         if result.modified:
             ctx.analyses.invalidate(p.preserves)
-        elif getattr(p, "required_by", None) and p.stage == Stage.CLEANUP:
-            continue  # an exact pass brought in as a requirement (canonicalize) that found nothing to do: no row
+        elif (getattr(p, "required_by", None) and p.stage == Stage.CLEANUP) or getattr(p, "by_default", False):
+            continue  # an exact pass brought in as a requirement (canonicalize) or by default (fuse) that found
+            # nothing to do: no row
         seconds = time.perf_counter() - t0
         row = PassRow(repr(p), seconds=seconds, modified=result.modified, notes=result.notes,
                       skipped=list(result.skipped), **model_stats(model, single))

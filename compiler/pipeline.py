@@ -119,8 +119,10 @@ def load_pipeline_file(path: str | pathlib.Path) -> list[tuple[str, dict[str, An
     return specs
 
 
-def build_pipeline(specs: Iterable[tuple[str, dict[str, Any]] | Pass | str], *, cleanup: bool = True) -> list[Pass]:
-    """Instantiate passes, add required passes before their users, check stage order, append cleanup."""
+def build_pipeline(specs: Iterable[tuple[str, dict[str, Any]] | Pass | str], *, cleanup: bool = True,
+                   fuse: bool = False) -> list[Pass]:
+    """Instantiate passes, add required passes before their users, check stage order, append `fuse` (when asked
+    and not listed; marked `by_default`, so an unchanged one leaves no report row) and cleanup."""
     passes: list[Pass] = []
     for spec in specs:
         if isinstance(spec, Pass):
@@ -132,6 +134,10 @@ def build_pipeline(specs: Iterable[tuple[str, dict[str, Any]] | Pass | str], *, 
             passes.append(get_pass(name)(**opts))
     passes = _add_requirements(passes)
     check_order(passes)
+    if fuse and not any(p.name == "fuse" for p in passes):
+        added = get_pass("fuse")()
+        added.by_default = True
+        passes.append(added)
     if cleanup and (not passes or passes[-1].name != "cleanup"):
         passes.append(get_pass("cleanup")())
     return passes

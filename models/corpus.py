@@ -774,7 +774,8 @@ BAD = ("broken", "internal error")  # statuses that are bugs: the engineers' to 
 
 def run_cell(model_path: pathlib.Path | str, spec: str, num_samples: int | None = None) -> Outcome:
     """Compile `model_path` through `spec` (calibration synthesized by the compile defaults unless `num_samples`),
-    save the result and load it in ONNX Runtime."""
+    save the result and load it in ONNX Runtime. The default `fuse` is not appended: each cell is its pass alone, and
+    `fuse` has a column of its own."""
     import logging
 
     import modelsurgeon
@@ -785,7 +786,7 @@ def run_cell(model_path: pathlib.Path | str, spec: str, num_samples: int | None 
     start = time.perf_counter()
     kwargs = {} if num_samples is None else {"num_samples": num_samples}
     try:
-        result = modelsurgeon.compile(str(model_path), spec, progress=False, **kwargs)
+        result = modelsurgeon.compile(str(model_path), spec, progress=False, fuse=False, **kwargs)
         with tempfile.TemporaryDirectory(prefix="corpus-") as tmp:
             out = result.save(pathlib.Path(tmp) / "out.onnx")
             try:

@@ -4,6 +4,7 @@
     real.minilm_onnx()          # all-MiniLM-L6-v2: input_ids, attention_mask -> last_hidden_state, sentence_embedding
     real.smollm2_onnx()         # SmolLM2-135M-Instruct (fp32, ~540 MB): input_ids -> logits
     real.smollm2_hf_signature_onnx()   # the same through plain torch.onnx.export: input_ids, attention_mask -> logits
+    real.smollm2_kv_onnx()      # the same as a KV-cache decoder (dynamo): ids, mask, past -> logits, present
     real.smollm2_optimum_onnx(task)    # the same through Optimum (.venv-exporters), with or without the KV cache
     real.smollm2_hf_folder()    # a Hugging Face folder of it (for Optimum and the GenAI builder)
     real.efficientnet_lite0_onnx()  # pixels [N, 3, 224, 224] -> logits [N, 1000]
@@ -266,6 +267,60 @@ def smollm2_hf_signature_onnx(opset: int = 18) -> pathlib.Path:
                                         output_names=["logits"], verbose=False,
                                         dynamic_shapes={"input_ids": {0: "batch", 1: "seq"},
                                                         "attention_mask": {0: "batch", 1: "seq"}})
+        partial = target.with_name(target.name + ".partial")
+        program.save(str(partial))
+        os.replace(partial, target)
+
+    return produce_once(path, make)
+
+
+def smollm2_kv_onnx(opset: int = 18) -> pathlib.Path:
+    """SmolLM2 as a KV-cache decoder through torch's dynamo exporter: `(input_ids, attention_mask,
+    past_key_values.N.key/.value [batch, 3, past, 64] ...) -> (logits, present.N.key/.value ...)`, Hugging Face's
+    `DynamicCache` inside, position ids derived from the cache length, the tied head shared as in `smollm2_onnx`.
+    The first step feeds an empty cache (past length 0). Cached."""
+    if opset < 18:
+        raise UserError(f"opset {opset} is too old for the real models; use 18 or later (e.g. 18 or 23)")
+    path = cache_dir("real") / f"smollm2-135m-instruct-kv-opset{opset}-v{VERSION}.onnx"
+
+    def make(target: pathlib.Path) -> None:
+        import torch
+        from torch.export import Dim
+        from transformers import DynamicCache
+
+        lm = smollm2_torch()
+        config = lm.model.config
+        layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+        class CausalLMWithPast(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model, self.lm_head = lm.model, lm.lm_head
+
+            def forward(self, input_ids, attention_mask, *past):
+                cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)],
+                                     config=config)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                 use_cache=True)
+                present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                return (self.lm_head(out.last_hidden_state), *present)
+
+        gen = torch.Generator().manual_seed(0)
+        past_len, new = 6, 4
+        ids = torch.tensor([[1, 504, 2365, 6354]] * 2)
+        past = [torch.randn(2, kv_heads, past_len, head_dim, generator=gen) for _ in range(2 * layers)]
+        kv = [f"past_key_values.{i}.{t}" for i in range(layers) for t in ("key", "value")]
+        batch = Dim("batch", min=1, max=1024)
+        dyn = {"input_ids": {0: batch, 1: Dim("seq", min=1, max=8192)},
+               "attention_mask": {0: batch, 1: Dim("total", min=2, max=8192)},
+               "past": tuple({0: batch, 2: Dim("past", min=1, max=8192)} for _ in kv)}
+        with torch.no_grad():
+            program = torch.onnx.export(CausalLMWithPast().eval(), (ids, torch.ones(2, new + past_len, dtype=torch.int64),
+                                                                    *past),
+                                        dynamo=True, opset_version=opset, input_names=["input_ids", "attention_mask", *kv],
+                                        output_names=["logits", *[n.replace("past_key_values", "present") for n in kv]],
+                                        dynamic_shapes=dyn, verbose=False)
         partial = target.with_name(target.name + ".partial")
         program.save(str(partial))
         os.replace(partial, target)

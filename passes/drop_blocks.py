@@ -57,8 +57,10 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def stream_similarities(model: ir.Model, ctx, stream: list[ir.Value], pairs: list[tuple[int, int]],
-                        desc: str) -> dict[tuple[int, int], float]:
-    """Token-weighted mean cos(stream[i], stream[j]) over the calibration data, for each (i, j) in `pairs`."""
+                        desc: str, bases: list[np.ndarray | None] | None = None) -> dict[tuple[int, int], float]:
+    """Token-weighted mean cos(stream[i], stream[j]) over the calibration data, for each (i, j) in `pairs`.
+    `bases[l]` (a sliced model's shortcut product of block l, or None) carries stream[l] into stream[l + 1]'s basis:
+    stream[i] is compared after bases[i..j-1]."""
     from modelsurgeon.capture import ActivationCapture, batch_size_for
 
     calib = ctx.calibration
@@ -73,15 +75,48 @@ def stream_similarities(model: ir.Model, ctx, stream: list[ir.Value], pairs: lis
         w = token_weights(feeds, first.shape[:-1])
         weight += w.sum()
         for i, j in pairs:
-            sums[(i, j)] += float(w @ _cosines(out[stream[i].name], out[stream[j].name]))
+            a = out[stream[i].name]
+            for m in (bases or [None] * len(stream))[i:j]:
+                a = a if m is None else a @ m
+            sums[(i, j)] += float(w @ _cosines(a, out[stream[j].name]))
     for (i, j), total in sums.items():
         require_finite(np.array([total]), stream[j].name, "drop-blocks")
     return {p: s / max(weight, 1e-300) for p, s in sums.items()}
 
 
+def shortcut_product(block) -> np.ndarray | None:
+    """S_attn S_mlp (float64) of a sliced block's residual shortcuts, None when it has none."""
+    shortcuts = [s for s in (block.attn_shortcut, block.mlp_shortcut) if s is not None]
+    if not shortcuts:
+        return None
+    matrix = shortcuts[0].weight_matrix().astype(np.float64)
+    for s in shortcuts[1:]:
+        matrix = matrix @ s.weight_matrix().astype(np.float64)
+    return matrix
+
+
 def bypass_block(graph: ir.Graph, block) -> None:
-    """Make every reader of the block's output read its input instead (graph outputs via an Identity)."""
+    """Make every reader of the block's output read its input instead (graph outputs via an Identity).
+
+    A block of a sliced model carries its stream's changes of basis on the residual path (`attn_shortcut`,
+    `mlp_shortcut`: h_out = (h_in S_attn + attn) S_mlp + mlp): its readers then read h_in S_attn S_mlp, one MatMul by
+    the product of the two, marked like slice's shortcuts (quantizers keep it at 8 bits or in float), so the next
+    block still gets the stream in the basis it was sliced for."""
     old, new = block.residual_out, block.residual_in
+    matrix = shortcut_product(block)
+    if matrix is not None:
+        from modelsurgeon.passes._quant_graph import mark_keep_float
+
+        dtype = next(s for s in (block.attn_shortcut, block.mlp_shortcut) if s is not None).weight_matrix().dtype
+        base = f"{block.attn_add.name or 'block'}.bypass_shortcut"
+        weight = ir.Value(name=f"{base}.weight", shape=ir.Shape(matrix.shape), type=ir.TensorType(new.dtype),
+                          const_value=ir.tensor(matrix.astype(dtype), name=f"{base}.weight"))
+        graph.register_initializer(weight)
+        mm = ir.Node("", "MatMul", [new, weight], name=base)
+        mm.outputs[0].dtype, mm.outputs[0].shape = old.dtype, old.shape
+        mark_keep_float(mm, "residual shortcut of slice kept by drop-blocks: its error goes straight into the stream")
+        graph.insert_before(block.mlp_add, mm)  # after the stream's producer, before every reader of the output
+        new = mm.outputs[0]
     if old.is_graph_output():
         ident = ir.Node("", "Identity", [new], name=f"{old.name}.bypass")
         graph.insert_after(block.residual_out.producer(), ident)
@@ -168,15 +203,18 @@ class DropBlocksPass(Pass):
             raise UserError(f"drop-blocks: the model has {count} blocks; remove fewer than that (n={n})")
         ctx.require_calibration(self.name)
         stream = [b.residual_in for b in blocks] + [blocks[-1].residual_out]
+        bases = [shortcut_product(b) for b in blocks]  # a sliced model's stream changes basis block by block
+        bases = bases if any(m is not None for m in bases) else None
         metric = self.config["metric"]
         if metric == "bi":
-            cos = stream_similarities(model, ctx, stream, [(i, i + 1) for i in range(count)], "drop-blocks: block influence")
+            cos = stream_similarities(model, ctx, stream, [(i, i + 1) for i in range(count)], "drop-blocks: block influence",
+                                      bases)
             scores = {i: 1.0 - cos[(i, i + 1)] for i in range(count)}
             drop = sorted(sorted(scores, key=lambda i: (scores[i], i))[:n])
             score_note = {_label(blocks[i]): round(scores[i], 6) for i in range(count)}
         else:
             pairs = [(i, i + n) for i in range(count - n + 1)]
-            cos = stream_similarities(model, ctx, stream, pairs, "drop-blocks: angular distance")
+            cos = stream_similarities(model, ctx, stream, pairs, "drop-blocks: angular distance", bases)
             dist = {i: float(np.arccos(np.clip(cos[(i, i + n)], -1, 1)) / np.pi) for i in range(count - n + 1)}
             start = min(dist, key=lambda i: (dist[i], i))
             drop = list(range(start, start + n))

@@ -10,7 +10,13 @@ What fuses, and whose pattern does it:
   Transpose), so without it the rotary fusion is undone and the attention fusions below it cannot match);
 - scaled dot-product attention -> GroupQueryAttention (with a KV cache and an `attention_mask` input),
   MultiHeadAttention or Attention otherwise (onnxscript `sdpa`, `gqa`, `mha*`, `attention`, `sdpa_via_mha`);
-- Erf/tanh GELU -> Gelu / FastGelu, bias + GELU -> BiasGelu, MatMul + Transpose/scale -> FusedMatMul (onnxscript).
+- Erf/tanh GELU -> Gelu / FastGelu, bias + GELU -> BiasGelu, MatMul + Transpose/scale -> FusedMatMul (onnxscript);
+- sibling projections (q/k/v, gate/up: MatMuls or MatMulNBits reading one activation) -> one product + Split, and a
+  GroupQueryAttention over such a q/k/v Split reads the packed product (`_packed_projections`, written here);
+- norms' unused statistics outputs (mean, inverse std) are unnamed, so ONNX Runtime does not compute them.
+
+`compile()` appends this pass by default (`--no-fuse`, `compile(fuse=False)` leave it out); a default one that finds
+nothing leaves no report row.
 
 This is onnxscript's `optimize_for_ort` sequence (`ort_fusions._core.fuse_xformers`) with two changes: constant
 folding never folds (de)quantization or custom-domain nodes (cleanup's rule: 4-bit weights stay 4-bit), and no
@@ -30,6 +36,7 @@ RotaryEmbedding and Attention, which ONNX Runtime runs natively, so they are lef
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 
 import onnx_ir as ir
@@ -37,6 +44,7 @@ import onnx_ir.passes.common as common
 
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Pass, PassResult, Stage, register_pass
+from modelsurgeon.passes._packed_projections import pack_projections
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +190,27 @@ def _clear_fused_shapes(model: ir.Model) -> None:
                     out.shape = None
 
 
+_NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
+          "LayerNormalization"}
+
+
+def _drop_unused_norm_outputs(model: ir.Model) -> int:
+    """Unname the statistics outputs (mean, inverse std) of norms that nothing reads: an optional output with a name
+    is computed and written by ONNX Runtime's kernel (about a third of a SkipSimplifiedLayerNormalization's time at
+    one decode token); an empty name means "not produced", as in GenAI's models. The first output (the result) and
+    a Skip norm's last (the residual sum) are not statistics and stay. Returns how many were unnamed."""
+    dropped = 0
+    for node in model.graph.all_nodes():
+        if node.op_type not in _NORMS:
+            continue
+        last = len(node.outputs) - 1 if node.op_type.startswith("Skip") else len(node.outputs)
+        for out in node.outputs[1:last]:
+            if out.name and not out.uses() and not out.is_graph_output():
+                out.name = ""
+                dropped += 1
+    return dropped
+
+
 def _optimize(model: ir.Model) -> None:
     """onnxscript's optimizer (inlining, folding, CSE) with cleanup's folding rule."""
     from onnxscript.optimizer import optimize_ir
@@ -195,9 +224,35 @@ _ATTENTION_STEPS = {"sdpa", "gqa", "packed_qkv_for_gqa", "mha1", "mha2", "mha_sc
                     "sdpa_via_mha"}
 
 
+@contextlib.contextmanager
+def _quiet_shape_inference():
+    """onnx_ir's shape inference pass logs a warning with a traceback when ONNX's inference rejects the graph (GenAI's
+    rank-0 Constants declared rank 1, say) and leaves the model unchanged, which is all the fusions need: keep that
+    traceback off the user's terminal."""
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def fuse(model: ir.Model, attention: bool = True) -> dict[str, int]:
     """Apply the fusions in place; returns how often each fusion rule applied (onnxscript's names). `attention=False`
     leaves attention decomposed (norms, rotary embeddings and GELU still fuse)."""
+    # the model's own functions (spquant's fallback for its custom op) stay calls: onnxscript's optimizer inlines every
+    # function it finds, which would replace the custom op's kernel by its reference body
+    own = dict(model.functions)
+    model.functions.clear()
+    try:
+        with _quiet_shape_inference():
+            return _fuse_all(model, attention)
+    finally:
+        model.functions.update(own)
+
+
+def _fuse_all(model: ir.Model, attention: bool) -> dict[str, int]:
     from onnxscript.rewriter import _fusion_utils, rewrite
     from onnxscript.rewriter.ort_fusions import _core, shape_optimization
     from onnxscript.rewriter.ort_fusions import fused_matmul_rule_sets as fmm
@@ -245,6 +300,9 @@ def fuse(model: ir.Model, attention: bool = True) -> dict[str, int]:
     rewrite(model, _core.ORT_PATTERN_REWRITE_RULES)
     common.RemoveUnusedNodesPass()(model)
     _broadcast_position_ids(model)
+    counts["packed_projections"] = pack_projections(model)
+    common.RemoveUnusedNodesPass()(model)
+    counts["unused_norm_outputs"] = _drop_unused_norm_outputs(model)
     _clear_fused_shapes(model)
     return {k: v for k, v in counts.items() if v}
 
@@ -274,7 +332,7 @@ class FusePass(Pass):
         before_ops, after_ops = fused_op_counts(model), fused_op_counts(work)
         fused = {op: after_ops[op] - before_ops.get(op, 0) for op in sorted(set(after_ops) | set(before_ops))
                  if after_ops[op] != before_ops.get(op, 0)}
-        if not fused:
+        if not fused and not rules.get("packed_projections") and not rules.get("unused_norm_outputs"):
             return PassResult(model, False, notes={"fused": "nothing to fuse"}, skipped=[left] if left else [])
         nodes_before = sum(1 for _ in model.graph.all_nodes())
         nodes_after = sum(1 for _ in work.graph.all_nodes())

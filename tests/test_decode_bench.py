@@ -46,4 +46,4 @@ def test_table_marks_refusals(bench, tmp_path, monkeypatch):
         {"name": "b,fuse", "refused": "fuse: cannot"}]})
     text = (tmp_path / "docs" / "decode.md").read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
-    assert "| a | 10 | 12.50 | 100.0 | 20.0 |" in text and "refused: fuse: cannot" in text
+    assert "| a | 10 | - | 12.50 | 100.0 | 20.0 |" in text and "refused: fuse: cannot" in text

@@ -176,7 +176,88 @@ def test_invalid_attention_fusion_falls_back_to_norms(corpus_model):
 def test_fusions_find_norms_and_attention_around_4bit_projections(corpus_model):
     result = modelsurgeon.compile(corpus_model("llama/dynamo18"), "quant4,fuse")
     got = ops(result.model)
-    assert got["MatMulNBits"] == 14 and got["GroupQueryAttention"] == 2 and got["SkipSimplifiedLayerNormalization"] == 4
+    # q/k/v and gate/up packed: 4 products a layer (qkv, o, gate_up, down) instead of 7
+    assert got["MatMulNBits"] == 8 and got["GroupQueryAttention"] == 2 and got["SkipSimplifiedLayerNormalization"] == 4
     fuse_row = next(r for r in result.report.rows if r.name == "fuse")
     quant_row = next(r for r in result.report.rows if r.name.startswith("quant4"))
     assert abs(fuse_row.rel_l2 - quant_row.rel_l2) < 1e-4  # fusion adds no error to quantization's
+
+
+def _projections_model(nbits: bool) -> ir.Model:
+    """Three projections of one activation (q, k, v widths 16, 8, 8), each read by its own op; quantized to
+    MatMulNBits (asymmetric, zero points) when `nbits`."""
+    rng = np.random.default_rng(5)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((32, n)).astype(np.float32), f"w{i}")
+             for i, n in enumerate((16, 8, 8))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"p{i}"]) for i in range(3)]
+    nodes += [helper.make_node("Relu", ["p0"], ["y0"]), helper.make_node("Tanh", ["p1"], ["y1"]),
+              helper.make_node("Neg", ["p2"], ["y2"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 32])],
+                   [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", "s", n])
+                    for i, n in enumerate((16, 8, 8))], inits)
+    if nbits:
+        model = modelsurgeon.compile(model, "quant4(block=16)", fuse=False, cleanup=False).model
+    return model
+
+
+@pytest.mark.parametrize("nbits", [False, True])
+def test_sibling_projections_are_packed_into_one_product_and_a_split(nbits):
+    from modelsurgeon.passes._packed_projections import pack_projections
+
+    model = _projections_model(nbits)
+    op = "MatMulNBits" if nbits else "MatMul"
+    assert ops(model)[op] == 3
+    feeds = _feeds(model)
+    ref = run_model(model, feeds, accuracy_level=0)
+    packed = model.clone()
+    assert pack_projections(packed) == 1
+    got = ops(packed)
+    assert got[op] == 1 and got["Split"] == 1
+    product = next(n for n in packed.graph if n.op_type == op)
+    assert (product.attributes["N"].value if nbits else product.inputs[1].shape[1]) == 32
+    out = run_model(packed, feeds, accuracy_level=0)
+    for k in ref:  # every column computed as before: equal to float summation order
+        np.testing.assert_allclose(out[k], ref[k], rtol=1e-5, atol=1e-5)
+    used = {v.name for n in packed.graph for v in n.inputs if v is not None}
+    assert set(packed.graph.initializers) <= used  # the separate weights are gone, not left behind unused
+    assert not {"w0", "w1", "w2"} & set(packed.graph.initializers)
+
+
+def test_kv_decoder_fused_by_default_reads_packed_qkv_and_skips_norm_statistics(corpus_model):
+    """compile() appends fuse: GroupQueryAttention reads one packed q/k/v product (GenAI's form), and the norms'
+    unused mean / inverse-std outputs are not produced (unnamed)."""
+    path = corpus_model("llama/dynamo18-kv")
+    result = modelsurgeon.compile(path, "quant4")
+    assert [r.name for r in result.report.rows][-2:] == ["fuse", "cleanup"]
+    gqa = [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.inputs[1] is None and n.inputs[2] is None for n in gqa)
+    assert gqa[0].inputs[0].producer().op_type == "MatMulNBits"
+    assert gqa[0].inputs[0].producer().attributes["N"].value == 64 + 2 * 2 * 16  # 4 heads + 2 x 2 KV heads of 16
+    for n in result.model.graph:
+        if n.op_type == "SkipSimplifiedLayerNormalization":
+            assert [o.name for o in n.outputs][1:3] == ["", ""] and n.outputs[3].name
+    plain = modelsurgeon.compile(path, "quant4", fuse=False)
+    assert "fuse" not in [r.name for r in plain.report.rows] and "GroupQueryAttention" not in ops(plain.model)
+    original = load(path)
+    for past, seq, batch in ((0, 7, 2), (9, 1, 2)):
+        feeds = _decode_feeds(original, past, seq, batch)
+        _assert_same(run_model(plain.model, feeds, accuracy_level=0), run_model(result.model, feeds, accuracy_level=0),
+                     rtol=1e-4)
+
+
+def test_genai_folder_is_fused_again_after_canonicalize(corpus_model):
+    """A GenAI graph (another exporter's fused form): canonicalize splits its SkipSimplifiedLayerNormalization for
+    the analyses, and the default fuse puts it back, so a structural pass leaves GenAI's op set."""
+    path = corpus_model("llama/genai-fp32")
+    before = ops(load(generate_model_file(path)))
+    result = modelsurgeon.compile(path, "drop-blocks(n=1)")
+    after = ops(result.model)
+    assert after["SkipSimplifiedLayerNormalization"] >= 1 and after["GroupQueryAttention"] == 1
+    assert before["GroupQueryAttention"] == 2
+    assert not {"Pow", "ReduceMean", "Sqrt"} & set(after)
+
+
+def generate_model_file(path):
+    from modelsurgeon.runtime.generate import model_file
+
+    return model_file(path)

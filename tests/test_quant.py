@@ -239,7 +239,7 @@ def test_quant4_rtn_rewrites_every_linear_and_decodes_to_rtn(llama):
     original = ir.load(path)
     weights = {n.outputs[0].name: n.inputs[1].const_value.numpy() for n in original.graph
                if n.op_type == "MatMul" and n.inputs[1].const_value is not None}
-    result = modelsurgeon.compile(str(path), passes="quant4", calibration=calib, progress=False)
+    result = modelsurgeon.compile(str(path), passes="quant4", calibration=calib, progress=False, fuse=False)
     model, row = result.model, result.report.rows[1]
     nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(nbits) == 14  # 7 per block; the LM head stays float by default
@@ -352,13 +352,14 @@ def test_channel_scale_folds_are_exact(kind, llama, opt):
 
 def test_quant4_keep8_include_exclude_head_embeddings(llama):
     path, calib = llama
-    result = modelsurgeon.compile(str(path), passes="quant4(keep8=2,lm_head=true,embeddings=true)",
+    result = modelsurgeon.compile(str(path), passes="quant4(keep8=2,lm_head=true,embeddings=true)", fuse=False,
                                   calibration=calib, progress=False)
     model, notes = result.model, result.report.rows[1].notes
     bits = collections.Counter(n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits")
     assert bits == {4: 13, 8: 2} and len(notes["layers_8bit"]) == 2
     assert _ops(model)["GatherBlockQuantized"] == 1 and notes["embeddings"] == 1
     only_q = modelsurgeon.compile(str(path), passes=r"quant4(include=q_proj,exclude=^layers\.1\.)", calibration=calib,
+                                  fuse=False,
                                   progress=False)
     assert _ops(only_q.model)["MatMulNBits"] == 1
 

@@ -34,6 +34,7 @@ def _fresh_feeds(model: ir.Model, seed: int = 11) -> dict[str, np.ndarray]:
 
 def _compile(path_or_model, passes: str, **kw):
     model = ir.load(path_or_model) if not isinstance(path_or_model, ir.Model) else path_or_model
+    kw.setdefault("fuse", False)  # these tests read the sliced graph's blocks, which fuse would pack
     return modelsurgeon.compile(model, passes=passes, progress=False, **kw)
 
 
@@ -656,3 +657,27 @@ def test_smollm2_slices_the_same_from_other_exporters(smollm2, shakespeare):
     assert ratios["hf signature"] == pytest.approx(ratios["ours"], rel=0.01), ratios
     assert ratios["optimum"] == pytest.approx(ratios["ours"], rel=0.03), ratios
     assert ratios["ours"] < 2.5, ratios
+
+
+@pytest.mark.parametrize("bases", ["block", "half-block"])
+@pytest.mark.parametrize("source", ["reference", "llama/torchscript"])
+def test_drop_blocks_after_slice_keeps_the_removed_blocks_change_of_basis(reference_onnx, corpus_model, source, bases):
+    """A sliced block's residual path changes basis (its shortcuts); removing the block must keep that change, or the
+    next block reads the stream in the wrong basis. After a rotation-only slice (exact), drop-blocks removes the same
+    block as on the original (cosines are invariant under the rotations) and gives the same outputs."""
+    path = reference_onnx("llama", 18) if source == "reference" else corpus_model(source)
+    original = ir.load(path)
+    calib = synthesize(original, num_samples=8, seq_len=16, seed=3)
+    plain = _compile(path, "drop-blocks(n=1)", calibration=calib)
+    sliced = _compile(path, f"slice(sparsity=0,bases={bases}),drop-blocks(n=1)", calibration=calib)
+    drop_notes = lambda r: next(row.notes for row in r.report.rows if row.name.startswith("drop-blocks"))
+    assert drop_notes(sliced)["removed_indices"] == drop_notes(plain)["removed_indices"]
+    kept = [n for n in sliced.model.graph if n.name.endswith(".bypass_shortcut")]
+    assert len(kept) == 1 and n_keep_float(kept[0])
+    _check_same_outputs(plain.model, sliced.model, 1e-4)
+
+
+def n_keep_float(node) -> bool:
+    from modelsurgeon.passes._quant_graph import keep_float_reason
+
+    return keep_float_reason(node) is not None
