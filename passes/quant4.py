@@ -112,6 +112,8 @@ class Quant4Pass(Pass):
             raise UserError(f"quant4: keep8={c['keep8']} but only {len(selected)} layers are quantized; lower keep8")
 
         tied_heads = {id(lin.node): table for lin in selected if (table := G.tied_table(lin.node)) is not None}
+        # heads reading a basis change a structural pass marked precision-sensitive (slice's, before a tied head)
+        rotated = {id(lin) for lin in selected if c["algo"] == "rtn" and _reads_protected_basis(lin)}
         namer = G.Namer(model)
 
         runner = None
@@ -162,10 +164,15 @@ class Quant4Pass(Pass):
                     by_node[id(n)] = layer
 
         keep8 = sorted(layers, key=lambda l: -l.error)[:c["keep8"]]
-        for layer in keep8:
+        rotated_heads = [l for l in layers if id(l.lin) in rotated]
+        for layer in keep8 + [l for l in rotated_heads if l not in keep8]:
             bq = Q.quantize_rtn(layer.w_eff, 8, c["block"], c["symmetric"])
             layer.bits = 8
             self._emit(model, namer, layer, bq)
+        for layer in rotated_heads:
+            skipped.append(f"{layer.lin.name}: stored at 8 bits: the head reads slice's principal-component basis, where "
+                           "4-bit round to nearest multiplies its error (SmolLM2: 3.3x perplexity); algo=gptq quantizes "
+                           "it to 4 bits")
 
         for lin in protected:  # precision-sensitive: 8-bit round to nearest (their error goes straight downstream)
             layer = _Layer(lin, lin.weight, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []), bits=8)
@@ -356,3 +363,11 @@ def _input_statistics(runner, name: str, k: int, who: str = "quant4") -> tuple[n
     rows = max(rows, 1)
     require_finite(h, name, who)
     return h / rows, absum / rows
+
+
+def _reads_protected_basis(lin: G.Linear) -> bool:
+    """An output head whose input is a change of basis a structural pass marked precision-sensitive (slice's basis
+    change before a tied head): the stream it reads is rotated into principal components."""
+    producer = lin.x.producer() if lin.x is not None else None
+    return producer is not None and G.is_output_head(lin.node) and G.keep_float_reason(producer) is not None
+

@@ -97,6 +97,8 @@ def test_genai_cleanup_generates_the_same_tokens(cli, genai_folder, tmp_path):
     ("quant4", {}),
     ("slice(sparsity=0.25)", {"hidden_size": 48}),
     ("prune(ffn=0.5)", {}),  # the MLP width: genai_config.json has no field for it
+    ("share(groups=2)", {}),
+    ("lowrank(ratio=0.3)", {}),
 ])
 def test_compiled_genai_folders_load_and_generate(cli, genai_folder, tmp_path, passes, config):
     code, _, err = cli("-q", "compile", genai_folder, "--passes", passes, "-o", tmp_path / "out")

@@ -681,3 +681,21 @@ def n_keep_float(node) -> bool:
     from modelsurgeon.passes._quant_graph import keep_float_reason
 
     return keep_float_reason(node) is not None
+
+
+def test_rtn_keeps_a_head_reading_the_sliced_basis_at_8_bits(reference_onnx, corpus_model):
+    """After slice, a tied head reads the stream through slice's basis change (principal components first): 4-bit
+    round to nearest multiplied SmolLM2's perplexity by 3.3 there, so quant4 stores that head at 8 bits unless gptq
+    quantizes it (on our export and on Optimum's TorchScript one)."""
+    for path in (reference_onnx("llama", 18, tie=True), corpus_model("llama-tied/optimum")):
+        calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
+        head_bits = {}
+        for algo in ("rtn", "gptq"):
+            result = _compile(path, f"slice(sparsity=0.25),quant4(lm_head=true,algo={algo})", calibration=calib)
+            logits = next(o for o in result.model.graph.outputs if o.name == "logits")
+            head = logits.producer()
+            assert head.op_type == "MatMulNBits"
+            head_bits[algo] = head.attributes["bits"].value
+            row = next(r for r in result.report.rows if r.name.startswith("quant4"))
+            assert any("principal-component basis" in s for s in row.skipped) == (algo == "rtn")
+        assert head_bits == {"rtn": 8, "gptq": 4}
