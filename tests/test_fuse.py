@@ -261,3 +261,21 @@ def generate_model_file(path):
     from modelsurgeon.runtime.generate import model_file
 
     return model_file(path)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_kv_decoder_fuses_to_genai_form_and_generates_the_same_tokens(smollm2_kv, tmp_path):
+    """SmolLM2 exported by torch's dynamo exporter with its KV cache: the default fuse leaves GenAI's op set and about
+    its node count (GenAI's builder: 343), and greedy decoding with the cache gives the unfused model's tokens."""
+    from modelsurgeon.runtime.generate import Decoder, greedy
+
+    path = smollm2_kv
+    result = modelsurgeon.compile(path, "cleanup", num_samples=4, seq_len=32)
+    got = ops(result.model)
+    assert got["GroupQueryAttention"] == 30 and got["SkipSimplifiedLayerNormalization"] == 60
+    assert sum(got.values()) <= 1.5 * 343
+    fused = tmp_path / "fused.onnx"
+    result.save(fused)
+    prompt = np.array([[1, 504, 2365, 6354, 16438, 27003, 690, 260, 3125, 314]], np.int64)
+    assert greedy(Decoder(str(fused)), prompt, 12).tolist() == greedy(Decoder(str(path)), prompt, 12).tolist()
