@@ -307,6 +307,26 @@ def _fuse_all(model: ir.Model, attention: bool) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+# Ops some fusion starts from: norms, rotary embeddings, attention, GELU, MatMul + Transpose / scale (FusedMatMul).
+_CANDIDATE_OPS = {"ReduceMean", "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+                  "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "Sin", "Cos", "RotaryEmbedding",
+                  "Softmax", "Erf", "Tanh", "Transpose", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
+
+
+def _has_candidates(model: ir.Model) -> bool:
+    """Whether any fusion could apply: an op a fusion starts from, or two products of one activation (packing). A
+    graph without either (a chain of MatMuls, a CNN without attention) is left alone without the cost of trying."""
+    readers: collections.Counter = collections.Counter()
+    for node in model.graph.all_nodes():
+        if node.op_type in _CANDIDATE_OPS:
+            return True
+        if node.op_type in ("MatMul", "MatMulNBits") and node.inputs and node.inputs[0] is not None:
+            readers[id(node.inputs[0])] += 1
+            if readers[id(node.inputs[0])] > 1:
+                return True
+    return False
+
+
 @register_pass
 class FusePass(Pass):
     name = "fuse"
@@ -316,6 +336,8 @@ class FusePass(Pass):
     preserves = ()
 
     def run(self, model, ctx):
+        if not _has_candidates(model):  # cheap: fusing clones, folds and re-checks the whole model
+            return PassResult(model, False, notes={"fused": "nothing to fuse"})
         work, rules, left = None, {}, None
         for attention in (True, False):
             work = model.clone()  # tensors shared; the input stays as it is when nothing fuses or a rule fails
