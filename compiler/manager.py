@@ -29,7 +29,7 @@ from modelsurgeon.context import PassContext
 from modelsurgeon.errors import UserError, VerificationError
 from modelsurgeon.input_dims import INPUT_SHAPES, SOURCE_PATH, guessed_dims, input_shape_example, set_input_shapes
 from modelsurgeon.model_folder import FOLDER, describe as describe_folder_model
-from modelsurgeon.model_io import as_model, constant_weights, save
+from modelsurgeon.model_io import as_model, constant_weights, model_bytes, save
 from modelsurgeon.pass_api import Pass, Stage
 from modelsurgeon.pipeline import build_pipeline, load_pipeline_file, parse_passes
 from modelsurgeon.quality import METRICS as QUALITY_METRICS, Gate, choose as choose_quality
@@ -199,17 +199,6 @@ def _one_sample_verifier(model: ir.Model, feeds: dict[str, np.ndarray], single: 
 _DEFAULT_FUSE_MAX_BYTES = 1 << 30
 
 
-def _weight_bytes(model: ir.Model) -> int:
-    total = 0
-    for v in model.graph.initializers.values():
-        t = v.const_value
-        try:
-            total += int(t.nbytes) if t is not None else 0
-        except Exception:  # a tensor type without a byte count: counted as nothing
-            pass
-    return total
-
-
 def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inputs: Any = None,
             calibration: Any = None, tokenizer: str | None = None, num_samples: int = 32, seq_len: int = 128,
             verify: bool = True, max_error: float | None = None, cleanup: bool = True, fuse: bool = True,
@@ -243,7 +232,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         raise UserError(f"--holdout must be 0 or more samples, not {holdout}")
     pipeline = build_pipeline(_as_specs(passes), cleanup=cleanup, fuse=fuse)
     model = as_model(model, example_inputs, opset=export_opset)
-    if any(getattr(p, "by_default", False) for p in pipeline) and _weight_bytes(model) > _DEFAULT_FUSE_MAX_BYTES:
+    if any(getattr(p, "by_default", False) for p in pipeline) and model_bytes(model) > _DEFAULT_FUSE_MAX_BYTES:
         # fuse's memory on multi-GB models is not measured (it clones, folds and re-checks): not added unasked there
         pipeline = [p for p in pipeline if not getattr(p, "by_default", False)]
         log.info("fuse is not appended by default above %d GiB of weights; list it in --passes to run it",

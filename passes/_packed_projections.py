@@ -21,7 +21,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from modelsurgeon.passes._quant_graph import Namer, add_initializer, attr
+from modelsurgeon.passes._quant_graph import Namer, add_initializer, attr, drop_unused_initializers
 
 
 def _is(node: ir.Node, domain: str, op: str) -> bool:
@@ -133,9 +133,7 @@ def pack_projections(model: ir.Model) -> int:
             old_inputs = list(old.inputs)
             model.graph.remove(old, safe=True)
             new.name = name
-            for v in old_inputs[1:]:
-                if v is not None and v.is_initializer() and not v.uses() and v.name in model.graph.initializers:
-                    del model.graph.initializers[v.name]
+            drop_unused_initializers(model, old_inputs[1:])
         packed += 1
     _packed_qkv_attention(model)
     return packed

@@ -85,14 +85,15 @@ def stream_similarities(model: ir.Model, ctx, stream: list[ir.Value], pairs: lis
 
 
 def shortcut_product(block) -> np.ndarray | None:
-    """S_attn S_mlp (float64) of a sliced block's residual shortcuts, None when it has none."""
-    shortcuts = [s for s in (block.attn_shortcut, block.mlp_shortcut) if s is not None]
-    if not shortcuts:
+    """S_attn S_mlp of a sliced block's residual shortcuts (computed in float64, returned in the weights' dtype), None
+    when it has none."""
+    weights = [s.weight_matrix() for s in (block.attn_shortcut, block.mlp_shortcut) if s is not None]
+    if not weights:
         return None
-    matrix = shortcuts[0].weight_matrix().astype(np.float64)
-    for s in shortcuts[1:]:
-        matrix = matrix @ s.weight_matrix().astype(np.float64)
-    return matrix
+    matrix = weights[0].astype(np.float64)
+    for w in weights[1:]:
+        matrix = matrix @ w.astype(np.float64)
+    return matrix.astype(weights[0].dtype)
 
 
 def bypass_block(graph: ir.Graph, block) -> None:
@@ -107,10 +108,9 @@ def bypass_block(graph: ir.Graph, block) -> None:
     if matrix is not None:
         from modelsurgeon.passes._quant_graph import mark_keep_float
 
-        dtype = next(s for s in (block.attn_shortcut, block.mlp_shortcut) if s is not None).weight_matrix().dtype
         base = f"{block.attn_add.name or 'block'}.bypass_shortcut"
         weight = ir.Value(name=f"{base}.weight", shape=ir.Shape(matrix.shape), type=ir.TensorType(new.dtype),
-                          const_value=ir.tensor(matrix.astype(dtype), name=f"{base}.weight"))
+                          const_value=ir.tensor(matrix, name=f"{base}.weight"))
         graph.register_initializer(weight)
         mm = ir.Node("", "MatMul", [new, weight], name=base)
         mm.outputs[0].dtype, mm.outputs[0].shape = old.dtype, old.shape
