@@ -279,3 +279,13 @@ def test_smollm2_kv_decoder_fuses_to_genai_form_and_generates_the_same_tokens(sm
     result.save(fused)
     prompt = np.array([[1, 504, 2365, 6354, 16438, 27003, 690, 260, 3125, 314]], np.int64)
     assert greedy(Decoder(str(fused)), prompt, 12).tolist() == greedy(Decoder(str(path)), prompt, 12).tolist()
+
+
+def test_cli_fuses_by_default_and_no_fuse_keeps_the_exporters_ops(cli, corpus_model, tmp_path):
+    path = corpus_model("llama/dynamo18-kv")
+    for flags, fused in (((), True), (("--no-fuse",), False)):
+        out = tmp_path / f"out{len(flags)}.onnx"
+        code, stdout, err = cli("compile", path, "--passes", "quant4", "-o", out, *flags)
+        assert code == 0, err
+        assert ("GroupQueryAttention" in ops(load(out))) == fused
+        assert any(line.startswith("fuse ") for line in stdout.splitlines()) == fused
