@@ -3,7 +3,8 @@
 What fuses, and whose pattern does it:
 
 - RMSNorm -> SimplifiedLayerNormalization, residual Add + RMSNorm -> SkipSimplifiedLayerNormalization,
-  Add + LayerNormalization -> SkipLayerNormalization (onnxscript `rms_normalization`, `skip_normalization`);
+  Add + LayerNormalization -> SkipLayerNormalization (onnxscript `rms_normalization`, `skip_normalization`; RMS norms
+  that divide or have no scale, as `slice` leaves them, by `_norm_patterns`, written here);
 - rotary embedding -> com.microsoft RotaryEmbedding with a cos/sin cache (onnxscript `rotary_embedding`,
   `cos_sin_cache`, plus ONE pattern written here, `_MulFreqsCosSinCache`: transformers 4.5x computes the angles as
   `position_ids[..., None].float() * inv_freq` (a Mul) where onnxscript expects `inv_freq @ position_ids` (a MatMul +
@@ -44,6 +45,7 @@ import onnx_ir.passes.common as common
 
 from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Pass, PassResult, Stage, register_pass
+from modelsurgeon.passes import _norm_patterns
 from modelsurgeon.passes._packed_projections import pack_projections
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,7 @@ def _fuse_all(model: ir.Model, attention: bool) -> dict[str, int]:
     steps = [
         ("erf_gelu", _core.fuse_erfgelu, {}),
         ("rms_normalization", _core.fuse_rms_normalization, {}),
+        ("rms_normalization_other_forms", _fusion_utils.apply_fusion_rules(_norm_patterns.rules()), {}),
         ("skip_layer_normalization", _core.fuse_skip_layer_normalization, {}),
         ("skip_rms_normalization", _core.fuse_skip_rms_normalization, {}),
         ("rotary_embedding", _core.fuse_rotary_embedding, {}),

@@ -47,3 +47,18 @@ def test_table_marks_refusals(bench, tmp_path, monkeypatch):
     text = (tmp_path / "docs" / "decode.md").read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
     assert "| a | 10 | - | 12.50 | 100.0 | 20.0 |" in text and "refused: fuse: cannot" in text
+
+
+def test_paired_ratio_is_taken_within_rounds(bench, tmp_path, monkeypatch):
+    """Per-round ratios: a row twice as fast as the anchor in every round is 2.0x even when the load moves both."""
+    assert bench.paired_ratio([20.0, 10.0, 40.0], [10.0, 5.0, 20.0]) == 2.0
+    assert bench.paired_ratio([10.0, 12.0, 30.0], [10.0, 10.0, 10.0]) == 1.2
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "decode.md").write_text("<!-- BEGIN RESULTS -->\n<!-- END RESULTS -->\n")
+    bench.write_table({"contexts": [128], "rows": [
+        {"name": "anchor", "size_MiB": 10, "ppl": 12.5, "prefill_tps_128": 100.0, "decode_tps_128": 20.0,
+         "decode_vs_anchor_128": 1.0},
+        {"name": "llama.cpp", "size_MiB": 9, "ppl": 12.0, "prefill_tps_128": 90.0, "decode_tps_128": 25.0}]})
+    text = (tmp_path / "docs" / "decode.md").read_text()
+    assert "decode / GenAI int4 @128 |" in text and "| 20.0 | 1.00x |" in text and "| 25.0 | - |" in text

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 import modelsurgeon
 from modelsurgeon.errors import UserError
 from modelsurgeon.model_io import load
+from modelsurgeon.calibration import synthesize
 from modelsurgeon.runtime import run_model
 
 
@@ -84,6 +85,57 @@ def test_residual_rms_norm_becomes_skip_simplified_layer_normalization():
     assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(got)
     _assert_same(ref, run_model(result.model, feeds))
     assert result.report.rows[-1].notes["fused"] == {"SkipSimplifiedLayerNormalization": 1}
+
+
+def unscaled_rms_model(divide: bool, scale_after: bool, opset: int) -> ir.Model:
+    """y = (a + b) / Sqrt(ReduceMean((a + b)^2) + eps) [* scale]: an RMS norm as slice and fold_norms leave it (no gain,
+    or the gain as a separate Mul), dividing or multiplying by a Reciprocal."""
+    rng = np.random.default_rng(3)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "scale"),
+             onnx.numpy_helper.from_array(np.float32(2.0), "two"), onnx.numpy_helper.from_array(np.float32(1e-5), "eps")]
+    mean = (helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1) if opset >= 18
+            else helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1))
+    if opset >= 18:
+        inits.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    norm = ([helper.make_node("Div", ["h", "rms"], ["n"])] if divide else
+            [helper.make_node("Reciprocal", ["rms"], ["inv"]), helper.make_node("Mul", ["h", "inv"], ["n"])])
+    tail = [helper.make_node("Mul", ["scale", "n"], ["y"])] if scale_after else [helper.make_node("Identity", ["n"], ["y"])]
+    nodes = [helper.make_node("Add", ["a", "b"], ["h"]), helper.make_node("Pow", ["h", "two"], ["sq"]), mean,
+             helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]), *norm, *tail]
+    io = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["b", "s", 16]) for k in ("a", "b")]
+    outs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["b", "s", 16]) for k in ("y", "h")]
+    g = helper.make_graph(nodes, "g", io, outs, inits)
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+@pytest.mark.parametrize("divide, scale_after, opset", [(True, False, 18), (False, False, 18), (True, True, 17),
+                                                        (False, True, 18)])
+def test_rms_norms_that_divide_or_have_no_gain_fuse_too(divide, scale_after, opset):
+    model = unscaled_rms_model(divide, scale_after, opset)
+    feeds = _feeds(model)
+    ref = run_model(model, feeds)
+    result = modelsurgeon.compile(model, "fuse", cleanup=False)
+    got = ops(result.model)
+    assert got["SkipSimplifiedLayerNormalization"] == 1, got
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div", "Mul"} & set(got)
+    _assert_same(ref, run_model(result.model, feeds), rtol=1e-5)
+
+
+def test_sliced_kv_decoder_norms_fuse_and_decode_the_same(corpus_model):
+    """slice folds the norms' gains away and leaves them dividing: they still become SkipSimplifiedLayerNormalization
+    (SmolLM2 after slice: 749 -> 384 nodes), and the fused decoder computes what the unfused one does."""
+    path = corpus_model("llama/dynamo18-kv")
+    original = load(path)
+    calib = synthesize(original, num_samples=4, seq_len=8, seed=0)
+    plain = modelsurgeon.compile(path, "slice(sparsity=0.25)", calibration=calib, progress=False, fuse=False)
+    assert ops(plain.model)["ReduceMean"] >= 5  # the decomposed, gain-free norms slice leaves
+    fused = modelsurgeon.compile(plain.model, "fuse", progress=False)
+    got = ops(fused.model)
+    assert got["SkipSimplifiedLayerNormalization"] == 4 and got["SimplifiedLayerNormalization"] == 1
+    assert "ReduceMean" not in got and got["GroupQueryAttention"] == 2
+    for past, seq, batch in ((0, 7, 2), (9, 1, 2)):
+        feeds = _decode_feeds(original, past, seq, batch)
+        _assert_same(run_model(plain.model, feeds), run_model(fused.model, feeds))
 
 
 def test_erf_gelu_becomes_gelu():
@@ -176,8 +228,8 @@ def test_invalid_attention_fusion_falls_back_to_norms(corpus_model):
 def test_fusions_find_norms_and_attention_around_4bit_projections(corpus_model):
     result = modelsurgeon.compile(corpus_model("llama/dynamo18"), "quant4,fuse")
     got = ops(result.model)
-    # q/k/v and gate/up packed: 4 products a layer (qkv, o, gate_up, down) instead of 7
-    assert got["MatMulNBits"] == 8 and got["GroupQueryAttention"] == 2 and got["SkipSimplifiedLayerNormalization"] == 4
+    # q/k/v and gate/up packed: 4 products a layer (qkv, o, gate_up, down) instead of 7, and the head
+    assert got["MatMulNBits"] == 9 and got["GroupQueryAttention"] == 2 and got["SkipSimplifiedLayerNormalization"] == 4
     fuse_row = next(r for r in result.report.rows if r.name == "fuse")
     quant_row = next(r for r in result.report.rows if r.name.startswith("quant4"))
     assert abs(fuse_row.rel_l2 - quant_row.rel_l2) < 1e-4  # fusion adds no error to quantization's

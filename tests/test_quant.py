@@ -242,19 +242,37 @@ def test_quant4_rtn_rewrites_every_linear_and_decodes_to_rtn(llama):
     result = modelsurgeon.compile(str(path), passes="quant4", calibration=calib, progress=False, fuse=False)
     model, row = result.model, result.report.rows[1]
     nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 14  # 7 per block; the LM head stays float by default
-    assert row.notes["layers_4bit"] == 14
-    assert any("output head kept in float" in s for s in row.skipped)
+    assert len(nbits) == 15  # 7 per block and the LM head, at 8 bits by default under rtn
+    assert row.notes["layers_4bit"] == 14 and len(row.notes["layers_8bit"]) == 1
+    assert not any("output head" in s for s in row.skipped)
     assert [s for s in row.skipped if "two activations" in s] == [G.activation_products_note(4)]  # attention
     assert result.report.final.bytes < 0.75 * result.report.rows[0].bytes
     assert result.report.final.rel_l2 < 0.3
     for node in nbits:  # decode what was written and compare with an independent RTN of the original weight
         k, n = node.attributes["K"].value, node.attributes["N"].value
+        bits = node.attributes["bits"].value
+        assert bits == (8 if G.is_output_head(node) else 4)
         zp = _initial(model, node.inputs[3].name) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         got = Q.unpack_matmulnbits(_initial(model, node.inputs[1].name), _initial(model, node.inputs[2].name), zp,
-                                   k, n, 4, 32)
+                                   k, n, bits, 32)
         w = weights[node.outputs[0].name]
-        np.testing.assert_array_equal(got.codes, Q.quantize_rtn(w, 4, 32, False).codes)
+        np.testing.assert_array_equal(got.codes, Q.quantize_rtn(w, bits, 32, False).codes)
+    floating = modelsurgeon.compile(str(path), passes="quant4(lm_head=float)", calibration=calib, progress=False,
+                                    fuse=False)
+    assert _ops(floating.model)["MatMulNBits"] == 14
+    assert any("output head kept in float" in s for s in floating.report.rows[1].skipped)
+    # an untied table stays float under embeddings=auto, and the report says so
+    assert _ops(model)["GatherBlockQuantized"] == 0 and any("embedding table kept in float" in s for s in row.skipped)
+
+
+@pytest.mark.parametrize("algo, bits", [("rtn", 8), ("gptq", 4)])
+def test_quant4_head_defaults_per_algorithm(llama, algo, bits):
+    """lm_head=auto: 8 bits under round to nearest, 4 under gptq (docs/quant.md measures both on SmolLM2)."""
+    path, calib = llama
+    model = modelsurgeon.compile(str(path), passes=f"quant4(algo={algo})", calibration=calib, progress=False,
+                                 fuse=False).model
+    heads = [n for n in model.graph if n.op_type == "MatMulNBits" and G.is_output_head(n)]
+    assert [n.attributes["bits"].value for n in heads] == [bits]
 
 
 def test_quant4_qdq_format_computes_the_same_as_matmulnbits(llama):
@@ -264,7 +282,8 @@ def test_quant4_qdq_format_computes_the_same_as_matmulnbits(llama):
     nbits = modelsurgeon.compile(str(path), passes="quant4(accuracy_level=0,symmetric=true)", calibration=calib, progress=False)
     assert qdq.model.opset_imports[""] >= 21
     dqs = [n for n in qdq.model.graph if n.op_type == "DequantizeLinear"]
-    assert len(dqs) == 14 and all(n.inputs[0].const_value.dtype == ir.DataType.INT4 for n in dqs)
+    types = collections.Counter(n.inputs[0].const_value.dtype for n in dqs)
+    assert types == {ir.DataType.INT4: 14, ir.DataType.INT8: 1}  # the head at 8 bits
     a = run_model(qdq.model, feeds, accuracy_level=0)["logits"]
     b = run_model(nbits.model, feeds)["logits"]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -298,7 +317,8 @@ def test_quant4_gptq_and_awq_on_reference_llama(llama):
     for algo in ("gptq", "awq"):
         result = modelsurgeon.compile(str(path), passes=f"quant4(algo={algo})", calibration=calib, progress=False)
         notes = result.report.rows[1].notes
-        assert notes["layers_4bit"] == 14 and notes["error_basis"] == "calibration activations"
+        assert notes["layers_4bit"] == (15 if algo == "gptq" else 14)  # lm_head=auto: 4 bits under gptq, else 8
+        assert notes["error_basis"] == "calibration activations"
         assert notes["calibration_segments"] <= 10  # one segment per group of layers sharing an input (+ none re-run)
         assert result.report.final.rel_l2 < 0.3
         if algo == "awq":  # pre-RMSNorm: q/k/v and gate/up scales fold into the norm gains, down into up_proj
@@ -364,11 +384,27 @@ def test_quant4_keep8_include_exclude_head_embeddings(llama):
     assert _ops(only_q.model)["MatMulNBits"] == 1
 
 
+def test_untied_table_narrower_than_a_block_is_quantized_with_embeddings_true(llama):
+    """A table width that is not a multiple of `block` (64 wide, block 128) ends in a shorter block, as K does."""
+    path, calib = llama
+    original = ir.load(path)
+    gather = next(n for n in original.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None)
+    table = gather.inputs[0].const_value.numpy()
+    model = modelsurgeon.compile(str(path), passes="quant4(embeddings=true,block=128)", calibration=calib,
+                                 progress=False, fuse=False).model
+    lookup = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    model.graph.outputs.append(lookup.outputs[0])
+    ids = np.array([[0, 5, 255, 17]], np.int64)
+    got = run_model(model, {"input_ids": ids})[lookup.outputs[0].name]
+    expected = Q.quantize_rtn(table.T, 4, 128, False).dequantize().T[ids]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_quant4_options_fail_with_one_line():
     from modelsurgeon.passes.quant4 import Quant4Pass
 
     for opts in ({"block": 48}, {"block": 512}, {"algo": "hqq"}, {"keep8": -1}, {"format": "int4"}, {"damp": 2.0},
-                 {"include": "q_proj("}):
+                 {"include": "q_proj("}, {"lm_head": 3}, {"lm_head": "bf16"}, {"embeddings": "tied"}):
         with pytest.raises(UserError) as err:
             Quant4Pass(**opts)
         assert "\n" not in str(err.value)
@@ -557,29 +593,36 @@ def test_quant4_after_lowrank_quantizes_both_factors(llama):
     assert np.all(np.isfinite(run_model(result.model, feeds)["logits"]))
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_tied_table_is_stored_once_in_4_bits(symmetric):
-    """embeddings=true,lm_head=true on a tied head: the lookup reads the head's packed codes (no float table, no
-    second copy), and what it returns is exactly those codes dequantized."""
+@pytest.mark.parametrize("symmetric, head, block", [(False, "true", 32), (True, "true", 32), (False, "auto", 32),
+                                                    (True, "8", 32), (False, "true", 128)])
+def test_tied_table_is_stored_once_in_the_heads_bits(symmetric, head, block):
+    """A quantized head tied to the table (lm_head=true or 4: 4 bits; auto under rtn, or 8: 8 bits; embeddings=auto
+    by default): the lookup reads the head's packed codes (no float table, no second copy), and what it returns is
+    exactly those codes dequantized."""
     from modelsurgeon.models import reference
 
     path = reference.export("llama", 18, tie=True)
     calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
-    result = modelsurgeon.compile(path, passes=f"quant4(embeddings=true,lm_head=true,symmetric={str(symmetric).lower()})",
+    # block=128 is wider than the table (64): the lookup's rows end in padding that a Slice drops
+    result = modelsurgeon.compile(path, passes=f"quant4(lm_head={head},symmetric={str(symmetric).lower()},block={block})",
                                   calibration=calib, progress=False)
     model = result.model
     lookup = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
-    head = next(n for n in model.graph if n.op_type == "MatMulNBits" and lookup.inputs[0] is n.inputs[1])
+    head_node = next(n for n in model.graph if n.op_type == "MatMulNBits" and lookup.inputs[0] is n.inputs[1])
+    bits = 4 if head == "true" else 8
+    assert head_node.attributes["bits"].value == lookup.attributes["bits"].value == bits
     assert not [v for v in model.graph.initializers.values()
                 if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= 256 * 64]
     b = lookup.inputs[0].const_value.numpy()
-    v, nb, half = b.shape
-    codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(v, nb, 2 * half).astype(np.float32)
-    zp = 8.0 if symmetric else lookup.inputs[3].const_value.numpy().astype(np.float32)
-    table = ((codes - zp) * lookup.inputs[2].const_value.numpy()).reshape(v, nb * 2 * half)
+    v, nb, width = b.shape
+    codes = (np.stack([b & 0x0F, b >> 4], axis=-1) if bits == 4 else b).reshape(v, nb, -1).astype(np.float32)
+    zp = 2.0 ** (bits - 1) if symmetric else lookup.inputs[3].const_value.numpy().astype(np.float32)
+    table = ((codes - zp) * lookup.inputs[2].const_value.numpy()).reshape(v, -1)[:, :64]
     merged = lookup.outputs[0].uses()[0].node.outputs[0]
+    if block > 64:
+        merged = merged.uses()[0].node.outputs[0]
     model.graph.outputs.append(merged)
     ids = np.array([[0, 5, 255, 17], [3, 3, 100, 42]], np.int64)
     got = run_model(model, {"input_ids": ids})
     np.testing.assert_array_equal(got[merged.name], table[ids])
-    assert head.inputs[1].name == lookup.inputs[0].name and got["logits"].shape == (2, 4, 256)
+    assert head_node.inputs[1].name == lookup.inputs[0].name and got["logits"].shape == (2, 4, 256)
