@@ -32,6 +32,7 @@ import collections
 import json
 import os
 import pathlib
+import re
 import shutil
 import statistics
 import sys
@@ -290,6 +291,8 @@ def main() -> int:
     ap.add_argument("--no-genai-runtime", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-op profile of one decode step: fastest of ours, GenAI int4")
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "results" / "decode.json")
+    ap.add_argument("--only", default=None, help="measure only the rows whose name matches this regular expression "
+                    "(re.search); the table in docs/decode.md is left alone")
     args = ap.parse_args()
 
     from modelsurgeon.errors import UserError
@@ -338,7 +341,8 @@ def main() -> int:
                      "llama_cpp": LlamaCpp(gguf)})
     except ImportError:
         extra["llama_cpp"] = "llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)"
-    live = [r for r in rows if "refused" not in r]
+    live = [r for r in rows if "refused" not in r and (args.only is None or re.search(args.only, r["name"]))]
+    rows = rows if args.only is None else live
     for r in live:
         if "llama_cpp" in r:
             r["decoder"] = r.pop("llama_cpp")
@@ -376,8 +380,10 @@ def main() -> int:
             r[f"decode_tps_{c}"] = statistics.median(times[(r["name"], c)]["decode"])
             if anchor is not None:
                 r[f"decode_vs_anchor_{c}"] = paired_ratio(times[(r["name"], c)]["decode"], times[(anchor, c)]["decode"])
-        ref = next(x for x in live if x["by"] == "optimum")["tokens"]
-        r["token_agreement_fp32"] = {c: float(np.mean(np.array(r["tokens"][c]) == np.array(ref[c]))) for c in args.contexts}
+        ref = next((x for x in live if x["by"] == "optimum"), None)
+        if ref is not None:
+            r["token_agreement_fp32"] = {c: float(np.mean(np.array(r["tokens"][c]) == np.array(ref["tokens"][c])))
+                                         for c in args.contexts}
         del r["decoder"]
 
     if not args.no_genai_runtime:
@@ -392,13 +398,13 @@ def main() -> int:
             except Exception as exc:
                 r["onnxruntime_genai"] = {"error": str(exc).splitlines()[0][:200]}
             log(f"onnxruntime_genai {r['name']}: {r['onnxruntime_genai']}")
-    if args.profile:
-        ours = [r for r in live if r["by"] == "ours"]
+    ours = [r for r in live if r["by"] == "ours"]
+    if args.profile and ours and anchor is not None:
         fastest = max(ours, key=lambda r: r[f"decode_tps_{args.contexts[0]}"])
         (ROOT / "build").mkdir(exist_ok=True)
         extra["profile_ms_per_decode_step"] = {
             r["name"]: profile_decode(r["model"], data["prompt"], 16, r["model"])
-            for r in (fastest, next(x for x in live if x["name"] == "GenAI int4 default"))}
+            for r in (fastest, next(x for x in live if x["name"] == anchor))}
 
     for r in rows:
         for k in ("folder", "model", "decoder"):
@@ -413,7 +419,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, default=str))
     log(f"wrote {args.out} in {doc['seconds']:.0f} s")
-    write_table(doc)
+    if args.only is None:
+        write_table(doc)
     return 0
 
 

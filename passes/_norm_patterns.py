@@ -1,9 +1,10 @@
 """RMS norms onnxscript's `rms_normalization` rules do not match, rewritten to `SimplifiedLayerNormalization`.
 
-onnxscript matches `Mul(Mul(x, Reciprocal(Sqrt(ReduceMean(Pow(x, 2)) + eps))), scale)`, the form torch exports. Two
-forms it misses reach `fuse`:
+onnxscript matches `Mul(Mul(x, Reciprocal(Sqrt(ReduceMean(Pow(x, 2)) + eps))), scale)`, the form torch's dynamo
+exporter writes. Forms it misses reach `fuse`:
 
-- the norm divides, `x / Sqrt(...)` (hand-written graphs, and the norms `fold_norms` writes);
+- the norm divides, `x / Sqrt(...)` (hand-written graphs, and the norms `fold_norms` writes), or multiplies by
+  `1 / Sqrt(...)` (TorchScript's `rsqrt`, so every Optimum export: SmolLM2's 61 norms stayed decomposed);
 - the norm has no scale: `slice` and `fold_norms` fold the gains into the next layers, so cleanup removes the Mul by
   ones and leaves the bare normalization (SmolLM2 after `slice`: 61 norms of 5 nodes each, all left decomposed).
 
@@ -24,16 +25,19 @@ def rules():
     float_types = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
     class _Unscaled(pattern.RewriteRuleClassBase):
-        def __init__(self, name: str, divide: bool):
+        def __init__(self, name: str, form: str, x_first: bool = True):
             super().__init__(name)
-            self._divide = divide
+            self._form, self._x_first = form, x_first
 
         def pattern(self, op, x, epsilon):
             square = op.Pow(x, 2.0)  # axes as an input (opset 18+) or an attribute (before)
             mean_square = pattern.OrValue([op.ReduceMean(square, [-1], keepdims=1),
                                            op.ReduceMean(square, axes=[-1], keepdims=1)])
             rms = op.Sqrt(op.Add(mean_square, epsilon))
-            return op.Div(x, rms) if self._divide else op.Mul(x, op.Reciprocal(rms))
+            if self._form == "divide":
+                return op.Div(x, rms)
+            inverse = op.Reciprocal(rms) if self._form == "reciprocal" else op.Div(1.0, rms)
+            return op.Mul(x, inverse) if self._x_first else op.Mul(inverse, x)
 
         def check(self, context, x, epsilon, **_):
             result = pattern.MatchResult()
@@ -76,7 +80,8 @@ def rules():
             attrs = {k: a.value for k, a in producer.attributes.items()}
             return op.SimplifiedLayerNormalization(x, scale, **attrs)
 
-    return pattern.RewriteRuleSet([_Unscaled.rule("RmsNormDivide", divide=True),
-                                   _Unscaled.rule("RmsNormUnscaled", divide=False),
+    return pattern.RewriteRuleSet([_Unscaled.rule("RmsNormDivide", form="divide"),
+                                   *[_Unscaled.rule(f"RmsNorm_{form}_{order}", form=form, x_first=order == "x_first")
+                                     for form in ("reciprocal", "one_over") for order in ("x_first", "x_last")],
                                    _ScaledAfter.rule("RmsNormScaleAfter", scale_first=False),
                                    _ScaledAfter.rule("RmsNormScaleBefore", scale_first=True)])

@@ -87,9 +87,9 @@ def test_residual_rms_norm_becomes_skip_simplified_layer_normalization():
     assert result.report.rows[-1].notes["fused"] == {"SkipSimplifiedLayerNormalization": 1}
 
 
-def unscaled_rms_model(divide: bool, scale_after: bool, opset: int) -> ir.Model:
+def unscaled_rms_model(form: str, scale_after: bool, opset: int) -> ir.Model:
     """y = (a + b) / Sqrt(ReduceMean((a + b)^2) + eps) [* scale]: an RMS norm as slice and fold_norms leave it (no gain,
-    or the gain as a separate Mul), dividing or multiplying by a Reciprocal."""
+    or the gain as a separate Mul), dividing, multiplying by a Reciprocal, or by 1 / Sqrt (TorchScript's rsqrt)."""
     rng = np.random.default_rng(3)
     inits = [onnx.numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "scale"),
              onnx.numpy_helper.from_array(np.float32(2.0), "two"), onnx.numpy_helper.from_array(np.float32(1e-5), "eps")]
@@ -97,8 +97,10 @@ def unscaled_rms_model(divide: bool, scale_after: bool, opset: int) -> ir.Model:
             else helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1))
     if opset >= 18:
         inits.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"))
-    norm = ([helper.make_node("Div", ["h", "rms"], ["n"])] if divide else
-            [helper.make_node("Reciprocal", ["rms"], ["inv"]), helper.make_node("Mul", ["h", "inv"], ["n"])])
+    inits.append(onnx.numpy_helper.from_array(np.float32(1.0), "one"))
+    norm = {"divide": [helper.make_node("Div", ["h", "rms"], ["n"])],
+            "reciprocal": [helper.make_node("Reciprocal", ["rms"], ["inv"]), helper.make_node("Mul", ["h", "inv"], ["n"])],
+            "one_over": [helper.make_node("Div", ["one", "rms"], ["inv"]), helper.make_node("Mul", ["inv", "h"], ["n"])]}[form]
     tail = [helper.make_node("Mul", ["scale", "n"], ["y"])] if scale_after else [helper.make_node("Identity", ["n"], ["y"])]
     nodes = [helper.make_node("Add", ["a", "b"], ["h"]), helper.make_node("Pow", ["h", "two"], ["sq"]), mean,
              helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]), *norm, *tail]
@@ -108,10 +110,11 @@ def unscaled_rms_model(divide: bool, scale_after: bool, opset: int) -> ir.Model:
     return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]))
 
 
-@pytest.mark.parametrize("divide, scale_after, opset", [(True, False, 18), (False, False, 18), (True, True, 17),
-                                                        (False, True, 18)])
-def test_rms_norms_that_divide_or_have_no_gain_fuse_too(divide, scale_after, opset):
-    model = unscaled_rms_model(divide, scale_after, opset)
+@pytest.mark.parametrize("form, scale_after, opset", [("divide", False, 18), ("reciprocal", False, 18),
+                                                      ("divide", True, 17), ("reciprocal", True, 18),
+                                                      ("one_over", True, 18)])
+def test_rms_norms_that_divide_or_have_no_gain_fuse_too(form, scale_after, opset):
+    model = unscaled_rms_model(form, scale_after, opset)
     feeds = _feeds(model)
     ref = run_model(model, feeds)
     result = modelsurgeon.compile(model, "fuse", cleanup=False)
@@ -136,6 +139,19 @@ def test_sliced_kv_decoder_norms_fuse_and_decode_the_same(corpus_model):
     for past, seq, batch in ((0, 7, 2), (9, 1, 2)):
         feeds = _decode_feeds(original, past, seq, batch)
         _assert_same(run_model(plain.model, feeds), run_model(fused.model, feeds))
+
+
+def test_optimum_decoder_norms_fuse_and_decode_the_same(corpus_model):
+    """Optimum's TorchScript export writes RMSNorm with `1 / Sqrt(...)` (rsqrt): its norms fuse like torch dynamo's."""
+    path = corpus_model("llama/optimum-past")
+    original = load(path)
+    fused = modelsurgeon.compile(path, "fuse", progress=False)
+    got = ops(fused.model)
+    assert got["SkipSimplifiedLayerNormalization"] == 4 and got["SimplifiedLayerNormalization"] == 1
+    assert "ReduceMean" not in got and "Sqrt" not in got
+    for past, seq, batch in ((0, 7, 2), (9, 1, 2)):
+        feeds = _decode_feeds(original, past, seq, batch)
+        _assert_same(run_model(original, feeds), run_model(fused.model, feeds))
 
 
 def test_erf_gelu_becomes_gelu():
