@@ -135,6 +135,11 @@ class Quant4Pass(Pass):
                 skipped.append(f"{lin.name}: excluded by exclude={c['exclude']}")
             elif self.head_bits is None and G.is_output_head(lin.node):
                 skipped.append(f"{lin.name}: output head kept in float (lm_head=4 or 8 quantizes it)")
+            elif c["lm_head"] == "auto" and c["format"] == "qdq" and G.tied_table(lin.node) is not None:
+                # its codes cannot serve the lookup (no standard 4-bit Gather), so quantizing it would store the
+                # table twice: the float table for the lookup and the head's codes
+                skipped.append(f"{lin.name}: output head tied to the embedding table kept in float under format=qdq "
+                               "(quantized, the table would be stored twice); lm_head=4 or 8 quantizes it anyway")
             elif lin.shape[0] < 16:
                 skipped.append(f"{lin.name}: K={lin.shape[0]} is below the smallest block (16)")
             else:

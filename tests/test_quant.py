@@ -628,6 +628,22 @@ def test_tied_table_is_stored_once_in_the_heads_bits(symmetric, head, block):
     assert head_node.inputs[1].name == lookup.inputs[0].name and got["logits"].shape == (2, 4, 256)
 
 
+def test_tied_head_stays_float_under_qdq_by_default():
+    """format=qdq has no quantized Gather, so a quantized tied head would store the table twice: lm_head=auto keeps
+    it in float there (the model gets smaller, not larger), and lm_head=8 quantizes it when asked."""
+    from modelsurgeon.models import reference
+
+    path = reference.export("llama", 18, tie=True)
+    calib = synthesize(ir.load(path), num_samples=4, seq_len=8, seed=3)
+    auto = modelsurgeon.compile(path, passes="quant4(format=qdq)", calibration=calib, progress=False, fuse=False)
+    assert any("tied to the embedding table kept in float under format=qdq" in s for s in auto.report.rows[1].skipped)
+    assert auto.report.final.bytes < auto.report.rows[0].bytes
+    asked = modelsurgeon.compile(path, passes="quant4(format=qdq,lm_head=8)", calibration=calib, progress=False,
+                                 fuse=False)
+    assert len([n for n in asked.model.graph if n.op_type == "DequantizeLinear"]) == \
+        len([n for n in auto.model.graph if n.op_type == "DequantizeLinear"]) + 1
+
+
 def test_gptq_head_codes_serve_the_lookup_only_when_they_reconstruct_the_table():
     """A tied head's gptq codes are shared with the lookup only when their error on the table is within 4x (squared)
     of round to nearest's: GPTQ moves the head's error where its input has little energy, which the lookup does not
