@@ -96,9 +96,12 @@ def test_signal_during_save_leaves_no_temporary_files(big_model, tmp_path, sig):
     src, digests = big_model
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    # SIGINT as a terminal delivers it: a runner started in the background (`cmd &` in a script) passes SIGINT on
+    # ignored, and Python then installs no Ctrl-C handler, so the child would ignore the signal this test sends
     proc = subprocess.Popen([sys.executable, "-m", "modelsurgeon.cli", "compile", str(src), "--passes", "cleanup",
                              "--no-verify", "-o", str(out_dir / "model.onnx"), "-q"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if _temporary_bytes(out_dir) > 2**26:
