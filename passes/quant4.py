@@ -170,10 +170,7 @@ class Quant4Pass(Pass):
             G.refresh_inputs(group)
             if all(id(lin) in heads8 for lin in group):  # 8-bit round to nearest needs no statistics
                 for lin in group:
-                    layer = _Layer(lin, lin.weight, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []), bits=8)
-                    bq = Q.quantize_rtn(lin.weight, 8, c["block"], c["symmetric"])
-                    layer.error = Q.quantized_relative_error(lin.weight, bq, None)
-                    self._emit(model, namer, layer, bq)
+                    layer = self._emit_rtn8(model, namer, lin)
                     layers.append(layer)
                     for n in layer.nodes:
                         by_node[id(n)] = layer
@@ -224,11 +221,7 @@ class Quant4Pass(Pass):
                            "it to 4 bits")
 
         for lin in protected:  # precision-sensitive: 8-bit round to nearest (their error goes straight downstream)
-            layer = _Layer(lin, lin.weight, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []), bits=8)
-            bq = Q.quantize_rtn(lin.weight, 8, c["block"], c["symmetric"])
-            layer.error = Q.quantized_relative_error(lin.weight, bq, None)
-            self._emit(model, namer, layer, bq)
-            layers.append(layer)
+            layers.append(self._emit_rtn8(model, namer, lin))
 
         gathers = 0
         tied_quantized = {tied_heads[id(l.lin.node)].name: l for l in layers if id(l.lin.node) in tied_heads}
@@ -290,6 +283,15 @@ class Quant4Pass(Pass):
             lin.node.replace_input_with(0, mul.outputs[0])
             lin.x = mul.outputs[0]
         return False
+
+    def _emit_rtn8(self, model, namer, lin: G.Linear) -> _Layer:
+        """Replace `lin` by its 8-bit round-to-nearest form; the layer, with its weight error."""
+        c = self.config
+        layer = _Layer(lin, lin.weight, lin.bias, [lin.node] + ([lin.bias_add] if lin.bias_add else []), bits=8)
+        bq = Q.quantize_rtn(lin.weight, 8, c["block"], c["symmetric"])
+        layer.error = Q.quantized_relative_error(lin.weight, bq, None)
+        self._emit(model, namer, layer, bq)
+        return layer
 
     def _emit(self, model, namer, layer: _Layer, bq: Q.BlockQuantized) -> None:
         """Replace the layer's current nodes by their quantized form."""
