@@ -5,7 +5,7 @@
 
 Each model is a chain of 16384x16384 fp32 MatMuls (`modelsurgeon.models.large.build`, 1 GiB each, stored
 64 KiB-aligned in one data file). Each compile runs through the command line in a child process with
-verification on; peak memory is that process's maximum resident set (`ru_maxrss`), which counts the pages
+verification on; peak memory is that process's own maximum resident set (`VmHWM`), which counts the pages
 of the input's data file that were read through memory maps as well as allocated memory. Models and outputs
 are written to a temporary folder (--workdir) and deleted afterwards.
 """
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             "notes": ["model: a chain of 16384x16384 fp32 MatMuls in one external data file; input x [batch, 16384]",
                       "each compile: `modelsurgeon compile model.onnx --passes P -o out/model.onnx -q` with verification "
                       "(2 synthesized samples), in a child process; seconds include start-up, verification and saving",
-                      "peak: the child's ru_maxrss, which counts pages of the input's data file read through memory maps",
+                      "peak: the child's own VmHWM (not ru_maxrss, which exec carries over from the parent), which counts pages of the input's data file read through memory maps",
                       "quant4 stores the last MatMul (it writes the graph output, as an LM head does) at 8 bits "
                       "(lm_head=auto); before that default it kept it in float, copied from the input's data file"]}
     out_dir = ROOT / "docs" / "results"

@@ -70,7 +70,12 @@ _CHILD = """
 import json, resource, sys
 from modelsurgeon.cli import main
 code = main(sys.argv[2:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = None
+try:  # this process's own high-water mark; ru_maxrss also keeps the parent's peak across vfork+exec
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 with open(sys.argv[1], "w") as f:
     json.dump({"code": code, "peak_bytes": peak}, f)
 sys.exit(code)
@@ -80,7 +85,9 @@ sys.exit(code)
 def run_measured(argv: list[str], workdir: str | os.PathLike) -> dict:
     """Run `modelsurgeon ARGV` in a child process: {'code', 'seconds', 'peak_bytes', 'stderr'}.
 
-    The peak is the child's own maximum resident set (`ru_maxrss`), pages mapped from data files included."""
+    The peak is the child's own maximum resident set (Linux `VmHWM`), pages mapped from data files included. Not
+    `ru_maxrss`: Python starts children with vfork, and exec carries the parent's high-water mark into the child's
+    `ru_maxrss`, so a test runner that once held 4 GiB would see every child peak at 4 GiB."""
     stats = pathlib.Path(workdir) / f".measure-{os.getpid()}-{time.monotonic_ns()}.json"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(stats), *map(str, argv)], capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """A model over 2 GB: cleanup and quant4 within their memory bounds, self-contained outputs, no temporary files left.
 
 One model of nine 8192x8192 fp32 MatMuls (2.25 GiB of external data) is built once for the module. Each
-compile runs in a child process whose peak resident memory (`ru_maxrss`, pages mapped from the data files
+compile runs in a child process whose peak resident memory (`VmHWM`, pages mapped from the data files
 included) must stay within 1.5x the model's size for `cleanup` and 2x for `quant4`.
 """
 
@@ -114,3 +114,12 @@ def test_signal_during_save_leaves_no_temporary_files(big_model, tmp_path, sig):
     assert "interrupted" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []
     assert {p.name: _digest(p) for p in src.parent.iterdir()} == digests
+
+
+def test_measured_peak_is_the_childs_own(tmp_path):
+    """The parent's peak does not leak into the child's (exec keeps it in ru_maxrss; the bounds above would
+    then fail whenever an earlier test made the runner large)."""
+    held = np.ones(2**30 // 8)  # 1 GiB resident in this process
+    result = large.run_measured(["passes"], tmp_path)
+    assert result["code"] == 0, result["stderr"]
+    assert held.sum() > 0 and result["peak_bytes"] < 2**29, result["peak_bytes"]
