@@ -96,7 +96,8 @@ def run_pipeline(model, ctx, passes: str):
         model = result.model
         if result.modified:
             ctx.analyses.invalidate(p.preserves)
-        notes[p.name] = result.notes
+        key = p.name if p.name not in notes else f"{p.name}#{sum(k.split('#')[0] == p.name for k in notes) + 1}"
+        notes[key] = result.notes
     return model, notes
 
 
@@ -131,6 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default="touched")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=0)
+    ap.add_argument("--holdout", type=float, default=0.0, help="heal's holdout option")
+    ap.add_argument("--then-e2e", type=int, default=0, metavar="STEPS",
+                    help="after the block-wise heal, a second heal end to end for STEPS steps (same lr, batch, "
+                         "holdout; all weights train)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "heal.json"))
@@ -143,8 +148,11 @@ def main(argv=None) -> int:
 
     out = pathlib.Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "heal", "rows": [], "notes": []}
-    heal = (f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}"
-            + (f",seconds={args.seconds}" if args.seconds else "") + ")")
+    extra = (f",seconds={args.seconds}" if args.seconds else "") + (f",holdout={args.holdout}" if args.holdout else "")
+    heal = f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}{extra})"
+    if args.then_e2e:
+        heal += (f",heal(steps={args.then_e2e},lr={args.lr},mode=e2e,train=all,batch={args.batch}"
+                 + (f",holdout={args.holdout}" if args.holdout else "") + ")")
     by_model: dict[str, list[str]] = {}
     for c in args.configs.split(","):
         if c not in CONFIGS:
@@ -176,9 +184,11 @@ def main(argv=None) -> int:
                 if "perplexity" in base:
                     row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
                     row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)
-                h = notes.get("heal", {})
-                row["heal_notes"] = {k: h.get(k) for k in ("mode", "units", "steps", "objective_before",
-                                                           "objective_after", "trained_parameters")}
+                for key in [k for k in notes if k.split("#")[0] == "heal"]:
+                    h = notes[key]
+                    row["heal_notes" + key[4:]] = {k: h.get(k) for k in ("mode", "units", "steps", "objective_before",
+                                                                         "objective_after", "trained_parameters",
+                                                                         "heldout_batches")}
                 doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r.get("heal")) !=
                                (name, c, heal)] + [row]
                 doc["machine"] = machine_info()

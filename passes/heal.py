@@ -22,7 +22,11 @@ other initializer keeps its bytes. A unit (or the whole model in e2e) whose obje
 does not improve keeps its weights, so heal never makes its own objective worse; at `steps=0` it changes nothing.
 
 What it cannot do: ops outside `onnx_torch.OPS` (GenAI's GroupQueryAttention, opset-23 Attention, quantized ops),
-so it runs before quantization; padding masks do not weight the objective (every position counts).
+so it runs before quantization.
+
+Padding (an `attention_mask` input with zeros): the objectives count real tokens only, and positions that are
+padding in every row of a batch are cut from it first (the outputs of real tokens do not depend on them), so a
+batch of short sentences padded to the longest in the calibration set costs what its own longest costs.
 """
 
 from __future__ import annotations
@@ -182,23 +186,78 @@ def _store(model: ir.Model, params: dict[str, Any]) -> None:
         value.const_value = ir.tensor(p.detach().numpy().astype(dtype), name=name)
 
 
-def _nmse(out, target):
+def _token_weights(out, mask):
+    """`mask` [batch, seq] as weights broadcastable to `out` [batch, seq, ...], or None when `out` is not per token."""
+    if mask is None or out.dim() < 3 or tuple(out.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.reshape(*mask.shape, *([1] * (out.dim() - 2)))
+
+
+def _nmse(out, target, mask=None):
+    """Mean squared error over the mean square of the target; with a padding mask, over real tokens only."""
     import torch
 
     target = target.to(out.dtype)
-    return torch.mean((out - target) ** 2) / torch.clamp(torch.mean(target * target), min=1e-12)
+    w = _token_weights(out, mask)
+    if w is None:
+        return torch.mean((out - target) ** 2) / torch.clamp(torch.mean(target * target), min=1e-12)
+    return torch.sum(w * (out - target) ** 2) / torch.clamp(torch.sum(w * target * target), min=1e-12)
 
 
 def _logits_like(name: str, arr: np.ndarray) -> bool:
     return "logit" in name.lower() and np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 2 and arr.shape[-1] > 1
 
 
-def _kl(out, target):
+def _kl(out, target, mask=None):
     import torch
 
     logp = torch.log_softmax(out.float(), -1)
     logq = torch.log_softmax(target.float(), -1)
-    return torch.sum(torch.exp(logq) * (logq - logp), -1).mean()
+    per_token = torch.sum(torch.exp(logq) * (logq - logp), -1)
+    if mask is None or tuple(per_token.shape) != tuple(mask.shape):
+        return per_token.mean()
+    return torch.sum(per_token * mask) / torch.clamp(torch.sum(mask), min=1.0)
+
+
+def _padding_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The [batch, seq] attention mask of a calibration batch when it pads some positions, else None."""
+    for name, a in feeds.items():
+        if "mask" in name.lower() and a.ndim == 2 and (a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer)):
+            return None if np.all(a != 0) else (a != 0)
+    return None
+
+
+def _trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cut the positions that are padding in every row of the batch (right padding, as tokenizers pad) from every
+    [batch, seq] input: real tokens attend only to real tokens, so their outputs do not change, and a batch of
+    short sentences padded to the calibration set's longest costs what its own longest costs."""
+    mask = _padding_mask(feeds)
+    if mask is None:
+        return feeds
+    used = np.flatnonzero(mask.any(axis=0))
+    length = int(used[-1]) + 1 if used.size else 1
+    if length == mask.shape[1] or mask[:, length:].any():
+        return feeds
+    if any(a.shape != mask.shape and mask.shape[1] in a.shape[1:] for a in feeds.values()):
+        return feeds  # another input may have a sequence axis too (a 4-D mask): leave the batch whole
+    return {k: (a[:, :length] if a.shape == mask.shape else a) for k, a in feeds.items()}
+
+
+def split_batches(calib, batch: int, holdout: float) -> tuple[list[dict], list[dict]]:
+    """Training batches and held-out batches: every k-th calibration sample (k = round(1/holdout)) is held out, so
+    windows taken text by text are held out from every text; padding trimmed per batch (`_trim_padding`)."""
+    from modelsurgeon.calibration import CalibrationData
+
+    n = calib.num_samples
+    if holdout <= 0 or n < 2:
+        return [_trim_padding(f) for f in calib.batches(batch)], []
+    k = max(2, int(round(1 / holdout)))
+    held = np.arange(n) % k == k - 1
+
+    def part(mask):
+        return [_trim_padding(f) for f in
+                CalibrationData({name: a[:n][mask] for name, a in calib.arrays.items()}, calib.source).batches(batch)]
+    return part(~held), part(held)
 
 
 @dataclasses.dataclass
@@ -209,41 +268,65 @@ class _Fit:
     kept: bool  # the trained values were kept (they improved the objective)
 
 
-def _fit(params: dict[str, Any], loss_of, batches: int, steps: int, lr: float, deadline: float,
+def _fit(params: dict[str, Any], loss_of, train: list[int], held: list[int], steps: int, lr: float, deadline: float,
          progress=None) -> _Fit:
-    """Adam on `loss_of(batch index)`, cycling over the batches; keep the result only if the mean objective over all
-    batches went down."""
+    """Adam on `loss_of(batch index)`, cycling over the `train` batches. Without held-out batches, the result is kept
+    only if the mean objective over the training batches went down. With them, the objective on the held-out
+    batches is measured ten times along the way and the best weights seen are kept (none if none beat the start):
+    the objective is then the held-out one, and training stops doing harm once it starts fitting noise."""
     import torch
 
-    def total() -> float:
+    def total(batches: list[int]) -> float:
         with torch.no_grad():
-            return float(np.mean([float(loss_of(b)) for b in range(batches)]))
+            return float(np.mean([float(loss_of(b)) for b in batches]))
 
     start = {k: p.detach().clone() for k, p in params.items()}
-    before = total()
+    before = total(held or train)
     if steps == 0 or not params:
         return _Fit(before, before, 0, False)
     opt = torch.optim.Adam(params.values(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # large steps first, fine ones at the end
+    check = max(1, steps // 10)
+    best, best_state = before, None
     done = 0
     for step in (progress(range(steps)) if progress is not None else range(steps)):
         if step and time.monotonic() > deadline:
             break
         opt.zero_grad(set_to_none=True)
-        loss = loss_of(step % batches)
+        loss = loss_of(train[step % len(train)])
         if not torch.isfinite(loss):
             break
         loss.backward()
         opt.step()
         sched.step()
         done += 1
-    after = total()
-    kept = bool(np.isfinite(after) and after < before)
-    if not kept:
+        if held and (done % check == 0 or done == steps):
+            value = total(held)
+            if np.isfinite(value) and value < best:
+                best, best_state = value, {k: p.detach().clone() for k, p in params.items()}
+    if held:
+        if done % check and done != steps:  # stopped by the deadline between two checks
+            value = total(held)
+            if np.isfinite(value) and value < best:
+                best, best_state = value, {k: p.detach().clone() for k, p in params.items()}
+        after, kept = best, best_state is not None
+        restore = best_state if kept else start
+    else:
+        after = total(train)
+        kept = bool(np.isfinite(after) and after < before)
+        restore = None if kept else start
+    if restore is not None:
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(start[k])
+                p.copy_(restore[k])
     return _Fit(before, after if kept else before, done, kept)
+
+
+def _masks(batches: list[dict[str, np.ndarray]]) -> list:
+    """Per batch, its padding mask as a float torch tensor [batch, seq] (None where nothing is padding)."""
+    import torch
+
+    return [None if (m := _padding_mask(f)) is None else torch.from_numpy(m.astype(np.float32)) for f in batches]
 
 
 def _capture_batches(model: ir.Model, names: list[str], batches: list[dict[str, np.ndarray]], providers):
@@ -278,6 +361,10 @@ class HealPass(Pass):
                        "(KL on logits, MSE otherwise)", choices=("blocks", "e2e")),
         "seconds": Option(float, 0.0, "time budget for the whole pass in seconds (0: none)", check=_non_negative),
         "batch": Option(int, 8, "calibration samples per step", check=_positive),
+        "holdout": Option(float, 0.0, "fraction of the calibration samples (every k-th) held back from training: "
+                          "the weights kept are the best measured on them along the way, and the objective reported "
+                          "is theirs (0: train on all, keep the end result if it lowered the objective)",
+                          check=lambda v: None if 0 <= v < 1 else "must be at least 0 and below 1"),
         "threads": Option(int, 1, "torch threads (1 by default: on a machine shared with other work, OpenMP threads "
                           "stall waiting for each other, 100x slower on small matrices)", check=_positive),
     }
@@ -301,7 +388,10 @@ class HealPass(Pass):
                         "weight); train=all tunes every weight", self.config["train"])
             return PassResult(model, False, notes={**notes, "trained_parameters": 0})
         batch = batch_size_for(ctx.model, self.config["batch"])
-        batches = list(calib.batches(batch))
+        train, held = split_batches(calib, batch, self.config["holdout"])
+        batches = train + held
+        self._split = list(range(len(train))), list(range(len(train), len(batches)))
+        notes["heldout_batches"] = len(held)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config["threads"])
         try:
@@ -389,6 +479,7 @@ class HealPass(Pass):
         stream_bytes = sum(t.numel() * 4 for t in stream[first_in])
         per_chunk = max(1, int(CAPTURE_BUDGET // max(stream_bytes * 2, 1)))
 
+        masks = _masks(batches)
         fits, skipped, changed = [], [], set()
         progress = iter(ctx.progress_bar(range(len(graphs)), desc="heal: blocks", total=len(graphs)))
         for c0 in range(0, len(graphs), per_chunk):
@@ -416,13 +507,13 @@ class HealPass(Pass):
 
                 def loss_of(b):
                     out = g(feeds(b))
-                    return sum(_nmse(out[mine], tgt_t[b][theirs]) for mine, theirs in matched) / len(matched)
+                    return sum(_nmse(out[mine], tgt_t[b][theirs], masks[b]) for mine, theirs in matched) / len(matched)
 
                 label = f"blocks {unit[0]}-{unit[-1]}" if len(unit) > 1 else f"block {unit[0]}"
                 if params and matched:
                     remaining = max(len(graphs) - (c0 + k), 1)
                     unit_deadline = time.monotonic() + max(deadline - time.monotonic(), 0) / remaining
-                    fit = _fit(params, loss_of, len(batches), self.config["steps"], self.config["lr"], unit_deadline)
+                    fit = _fit(params, loss_of, *self._split, self.config["steps"], self.config["lr"], unit_deadline)
                     fits.append(fit)
                     if fit.kept:
                         _store(model, params)
@@ -472,12 +563,14 @@ class HealPass(Pass):
                 cache[b] = t
             return t
 
+        masks = _masks(batches)
+
         def loss_of(b):
             out, tgt = g(torch_feeds[b]), target(b)
-            return sum((_kl if n in logits else _nmse)(out[n], tgt[n]) for n in matched) / len(matched)
+            return sum((_kl if n in logits else _nmse)(out[n], tgt[n], masks[b]) for n in matched) / len(matched)
 
         steps = self.config["steps"]
-        fit = _fit(params, loss_of, len(batches), steps, self.config["lr"], deadline,
+        fit = _fit(params, loss_of, *self._split, steps, self.config["lr"], deadline,
                    progress=lambda it: ctx.progress_bar(it, desc="heal: end to end", total=steps))
         changed = set()
         if fit.kept:

@@ -11,6 +11,10 @@ RMS(x Q) = RMS(x) Q. So each block's stream may be expressed in its own orthonor
   both inputs' moments together), the MLP writes in Q_l+1, the head reads Q_L. One shortcut per block:
   h_mid = h_in + attn, h_out = h_mid (Q_l^T Q_l+1) + mlp. On SmolLM2-135M (d 576, k 432) the shortcuts are a
   sixth of a sliced block's parameters, so this is markedly faster, and it measured better perplexity too.
+- `model`: one basis Q for the whole stream, the PCA of the dense stream's second moments at every block input
+  and MLP input together (each point normalized by its trace, so late blocks' larger activations do not outvote
+  early ones). The stream never changes basis, so there are no shortcut matrices: the residual Adds stay plain
+  Adds (fuse makes them Skip norms) and every byte saved is a byte of the projections.
 Each Q holds the eigenvectors (descending) of the damped second-moment matrix of the stream at that point,
 measured on calibration data, sequentially (SliceGPT, Ashkboos et al. 2024): a block is measured on inputs that
 already carry the slicing error of the blocks before it. Keeping only the first k columns of every Q deletes the
@@ -258,9 +262,13 @@ class SlicePlan:
     head_map: np.ndarray | None = None
     bases: str = "block"
     spectra: list[np.ndarray] = dataclasses.field(default_factory=list)  # each basis's PCA eigenvalues
+    final_stream: list[np.ndarray] | None = None  # bases=model with the correction: the sliced and dense streams
+    final_dense: list[np.ndarray] | None = None  # after the last block, for the head's refit
 
     def block_bases(self, index: int) -> tuple[int, int, int]:
         """Indices into `qs` of block `index`'s bases: attention input, MLP input (= attention output), MLP output."""
+        if self.bases == "model":
+            return 0, 0, 0
         if self.bases == "block":
             return index, index, index + 1
         return 2 * index, 2 * index + 1, 2 * index + 2
@@ -283,9 +291,13 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
     A head tied to the embedding table reads the final stream through Q_0 (see `apply_rotations`), so with
     `tied_head_weight` w > 0, Q_0 is the PCA of E/tr(E) + w H/tr(H): E the second moment of the embedding output
     (and, with one basis per block, of block 0's MLP input), H that of what the head reads in the dense model
-    (the final norm's output).
+    (the final norm's output). With `bases="model"` the one basis serves 2L+1 points, so w is scaled by 2/(2L+1):
+    the head then weighs as much against each point as against Q_0's two (SmolLM2 at 25%, float: perplexity 156
+    with w=0, 139 at w=0.15 against the summed points, 142 at 0.5, 167 at 2, 230 at 8; the scaled default gives 0.26).
     """
     runner = StreamRunner(model, tb)
+    if bases == "model":  # the head weighs as much against each of the one basis's 2L+1 points as against Q_0's two
+        tied_head_weight *= 2 / (2 * len(tb.blocks) + 1)
     xs = runner.embedding(feeds)
     dense = xs if correct else None
     weights = _token_weights(feeds, xs)
@@ -327,6 +339,12 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
         out = run(block, x, feeds, w)
         return out, (run(block, dense, feeds) if correct else None)
 
+    if bases == "model":
+        plan = _one_rotation(runner, tb, feeds, xs, dense, plan, measure, moment, half_block, progress)
+        if correct and tb.lm_head is not None:
+            q = plan.qs[0][:, :ks[0]], plan.qs[0]
+            plan.head_map, _ = refit(project(plan.final_stream, *q), plan.final_dense, q[0], tb.final_norm.epsilon, [])
+        return plan
     blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: PCA per block", total=len(tb.blocks))
     if bases == "block":
         for block in blocks:
@@ -351,8 +369,35 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
     return plan
 
 
+def _one_rotation(runner, tb, feeds, xs, dense, plan, measure, moment, half_block, progress) -> SlicePlan:
+    """`bases=model`: the PCA of the dense stream at every block's input and MLP input and the final stream, the mean
+    of each point's moment divided by its trace; then, with the correction on, the sliced model is followed block by block for the refit maps."""
+    blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: PCA of the stream", total=len(tb.blocks))
+    points = []
+    stream = xs
+    for block in blocks:
+        mid = runner.attention(block, stream, feeds)
+        points += [moment(stream), moment(mid)]
+        stream = runner.mlp(block, mid, feeds)
+    points.append(moment(stream))
+    q = measure(sum(h / np.trace(h) for h in points))
+    if dense is not None:
+        for block in tb.blocks:
+            mid, dense = half_block(runner.attention, block, xs, dense, q, block.attn_norm, block.attn_inputs,
+                                    plan.attn_maps)
+            xs, dense = half_block(runner.mlp, block, mid, dense, q, block.mlp_norm, block.mlp_inputs, plan.mlp_maps)
+        plan.final_stream, plan.final_dense = xs, dense
+    else:
+        plan.attn_maps += [None] * len(tb.blocks)
+        plan.mlp_maps += [None] * len(tb.blocks)
+    return plan
+
+
 def width_slots(tb: TransformerBlocks, bases: str) -> list[list[int]]:
-    """The bases that share one entry of the `widths` option, in order: per block, then the final stream."""
+    """The bases that share one entry of the `widths` option, in order: per block, then the final stream (with
+    `bases=model`, the one basis)."""
+    if bases == "model":
+        return [[0]]
     if bases == "block":
         return [[i] for i in range(len(tb.blocks) + 1)]
     return [[2 * i, 2 * i + 1] for i in range(len(tb.blocks))] + [[2 * len(tb.blocks)]]
@@ -776,8 +821,9 @@ class SlicePass(Pass):
                                    check=lambda v: None if v >= 0 else "must be >= 0"),
         "bases": Option(str, "block", "where the stream's basis changes: 'half-block' (after every attention and "
                         "MLP: two k x k shortcut MatMuls per block) or 'block' (one basis per block, shared by the "
-                        "attention and MLP inputs: one shortcut per block, fewer parameters and MACs)",
-                        choices=("half-block", "block")),
+                        "attention and MLP inputs: one shortcut per block, fewer parameters and MACs) or 'model' "
+                        "(one basis for the whole stream: no shortcut matrices, the fastest; docs/slice.md)",
+                        choices=("half-block", "block", "model")),
         "widths": Option(str, "", "per-block kept widths that differ from sparsity's, as BLOCKS:WIDTH items joined by "
                          "';', e.g. '0-2:576;29:512' (block index = number of blocks: the final stream)",
                          check=_check_widths),
@@ -853,6 +899,9 @@ class SlicePass(Pass):
                             f"width; {'use allocate=uniform' if allocate else 'leave out the widths option'}")
         batch = batch_size_for(model, self.config["batch"])
         feeds = list(calib.batches(batch))
+        if self.config["bases"] == "model" and (allocate or overrides):
+            raise UserError("slice: bases=model keeps one basis, so one width for the whole stream; leave out "
+                            f"{'allocate=loss' if allocate else 'the widths option'} or use bases=block")
         allocation = self._allocate(model, tb, calib, batch, k, ctx) if allocate else {}
         if allocation:
             widths = basis_widths(tb, self.config["bases"], k, parse_widths(allocation["widths"], d))

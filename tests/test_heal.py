@@ -189,3 +189,64 @@ def test_heal_refuses_bad_options():
         get_pass("heal")(train="everything")
     with pytest.raises(UserError, match="steps"):
         get_pass("heal")(steps=-1)
+
+
+def test_heal_objectives_count_real_tokens_only():
+    from modelsurgeon.passes.heal import _kl, _nmse, _trim_padding
+
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    feeds = {"input_ids": np.arange(12).reshape(2, 6), "attention_mask": mask}
+    trimmed = _trim_padding(feeds)
+    assert trimmed["input_ids"].shape == (2, 3) and trimmed["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    # a 4-D input with a sequence axis of its own: the batch stays whole
+    assert _trim_padding({**feeds, "bias": np.zeros((2, 1, 6, 6))}) is not None
+    assert _trim_padding({**feeds, "bias": np.zeros((2, 1, 6, 6))})["input_ids"].shape == (2, 6)
+    assert _trim_padding({"input_ids": feeds["input_ids"], "attention_mask": np.ones((2, 6), np.int64)}) \
+        ["input_ids"].shape == (2, 6)
+    # outputs that differ from the target only where the mask is 0 match it exactly
+    m = torch.from_numpy(trimmed["attention_mask"].astype(np.float32))
+    target = torch.randn(2, 3, 5)
+    out = target.clone()
+    out[1, 2, 0] += 10.0  # (KL does not see a shift of all logits)
+    assert float(_nmse(out, target, m)) == 0.0 and float(_nmse(out, target)) > 0.1
+    assert float(_kl(out, target, m)) == 0.0 and float(_kl(out, target)) > 0.1
+    # a per-sentence output ([batch, features]) is not weighted per token
+    assert float(_nmse(out[:, 2], target[:, 2], m)) > 0.1
+
+
+def test_heal_keeps_the_weights_best_on_held_out_batches():
+    """Training pulls p to 1 (the training batch's optimum); the held-out batch's optimum is 0.3, so the weights kept
+    are the best checkpoint on it, not the end of training, and the reported objective is the held-out one."""
+    from modelsurgeon.passes.heal import _fit
+
+    p = torch.nn.Parameter(torch.zeros(()))
+    targets = {0: 1.0, 1: 0.3}
+    fit = _fit({"p": p}, lambda b: (p - targets[b]) ** 2, [0], [1], steps=200, lr=0.01, deadline=float("inf"))
+    assert fit.kept and fit.before == pytest.approx(0.09)
+    assert fit.after < 0.02 and abs(float(p) - 0.3) < 0.15 and fit.after == pytest.approx((float(p) - 0.3) ** 2)
+    q = torch.nn.Parameter(torch.zeros(()))  # without held-out batches: trained to the end
+    end = _fit({"q": q}, lambda b: (q - targets[b]) ** 2, [0], [], steps=200, lr=0.01, deadline=float("inf"))
+    assert end.kept and float(q) > 0.6  # well past the held-out optimum
+
+
+def test_heal_with_held_out_samples_on_a_padded_encoder(reference_onnx):
+    """BERT with right-padded calibration: heal trains on 7 of every 8 samples, keeps what lowers the error on the
+    rest, and every [batch, seq] feed is cut to the batch's longest sentence."""
+    from modelsurgeon.calibration import CalibrationData
+    from modelsurgeon.passes.heal import split_batches
+
+    path = reference_onnx("bert", opset=18)
+    model = modelsurgeon.load(path)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 10, size=32)
+    lengths[0] = 24
+    mask = (np.arange(24)[None, :] < lengths[:, None]).astype(np.int64)
+    calib = CalibrationData({"input_ids": rng.integers(1, 256, size=(32, 24)) * mask, "attention_mask": mask}, "test")
+    train, held = split_batches(calib, 8, 0.125)
+    assert [len(b["input_ids"]) for b in train] == [8, 8, 8, 4] and [len(b["input_ids"]) for b in held] == [4]
+    assert train[0]["input_ids"].shape[1] == 24 and all(b["input_ids"].shape[1] < 10 for b in train[1:] + held)
+    ctx = PassContext(model=model, calibration=calib, progress=False)
+    model, _ = _run(model, ctx, "lowrank(ratio=0.3)")
+    model, res = _run(model, ctx, "heal(steps=30,lr=1e-3,holdout=0.125)")
+    assert res.notes["heldout_batches"] == 1 and res.notes["changed_initializers"] > 0
+    assert res.notes["objective_after"] < res.notes["objective_before"]

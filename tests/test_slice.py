@@ -131,11 +131,11 @@ def test_fold_norms_is_exact(reference_onnx, kind, opset):
         assert np.abs(table.mean(axis=1)).max() < 1e-6
 
 
-@pytest.mark.parametrize("bases,shortcuts", [("half-block", 4), ("block", 2)])
+@pytest.mark.parametrize("bases,shortcuts", [("half-block", 4), ("block", 2), ("model", 0)])
 @pytest.mark.parametrize("kind,opset", REFERENCE)
 def test_slice_rotation_only_is_exact(reference_onnx, kind, opset, bases, shortcuts):
-    """sparsity=0 only rotates: exact, with two shortcuts per block (half-block) or one (block: the attention and
-    MLP inputs share a basis, so only the MLP's Add changes basis)."""
+    """sparsity=0 only rotates: exact, with two shortcuts per block (half-block), one (block: the attention and
+    MLP inputs share a basis, so only the MLP's Add changes basis) or none (model: one basis throughout)."""
     path = reference_onnx(kind, opset)
     calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
     result = _compile(path, f"slice(sparsity=0,bases={bases})", calibration=calib)
@@ -191,7 +191,8 @@ def _low_rank_stream_model(kind: str, opset: int, k: int, eps: float) -> ir.Mode
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,opset,bases", [("llama", 18, "half-block"), ("llama", 23, "half-block"),
-                                              ("opt", 23, "half-block"), ("llama", 18, "block"), ("opt", 23, "block")])
+                                              ("opt", 23, "half-block"), ("llama", 18, "block"), ("opt", 23, "block"),
+                                              ("llama", 18, "model"), ("opt", 23, "model")])
 def test_slice_is_lossless_when_the_stream_has_low_rank(kind, opset, bases):
     eps = 0.05  # large, so a norm that forgot the eps * d/k correction would be visibly off
     model = _low_rank_stream_model(kind, opset, k=48, eps=eps)
@@ -202,8 +203,12 @@ def test_slice_is_lossless_when_the_stream_has_low_rank(kind, opset, bases):
     tb = find_blocks(result.model)
     assert tb.d_model == 48 and const_array(tb.embedding.table).shape == (256, 48)
     assert tb.lm_head.in_features == 48 and all(b.o.out_features == 48 and b.q.in_features == 48 for b in tb.blocks)
-    assert all(b.mlp_shortcut.in_features == 48 for b in tb.blocks)
-    assert all((b.attn_shortcut is None) == (bases == "block") for b in tb.blocks)
+    if bases == "model":  # one basis: no MatMul on the residual path at all
+        assert all(b.mlp_shortcut is None and b.attn_shortcut is None for b in tb.blocks)
+        assert result.report.rows[2].notes["shortcuts"] == 0
+    else:
+        assert all(b.mlp_shortcut.in_features == 48 for b in tb.blocks)
+        assert all((b.attn_shortcut is None) == (bases == "block") for b in tb.blocks)
     if opset >= 23:
         norms = [n for n in result.model.graph if n.op_type == "RMSNormalization"]
         assert len(norms) == 5
