@@ -103,14 +103,16 @@ def run_pipeline(model, ctx, passes: str):
 
 def table(doc: dict) -> str:
     """The results as a markdown table (docs/heal.md)."""
-    lines = ["| model | passes | heal | one-shot | healed | pass s | heal s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | passes | heal | calibration | one-shot | healed | pass s | heal s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if "one_shot_ratio" in r:
             q0 = f"{r['one_shot']['perplexity']:.1f} ({r['one_shot_ratio']:.2f}x)"
             q1 = f"{r['healed']['perplexity']:.1f} ({r['healed_ratio']:.2f}x)"
         else:
             q0, q1 = f"cosine {r['one_shot']['cosine_mean']:.3f}", f"cosine {r['healed']['cosine_mean']:.3f}"
-        lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {q0} | {q1} | {r['pass_s']:.0f} | "
+        lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {r.get('calib_samples', '-')} | {q0} | {q1} | "
+                     f"{r['pass_s']:.0f} | "
                      f"{r['heal_s']:.0f} |")
     return "\n".join(lines)
 
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--then-e2e", type=int, default=0, metavar="STEPS",
                     help="after the block-wise heal, a second heal end to end for STEPS steps (same lr, batch, "
                          "holdout; all weights train)")
+    ap.add_argument("--e2e-lr", type=float, default=None, help="learning rate of that second heal (default: --lr)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "heal.json"))
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     extra = (f",seconds={args.seconds}" if args.seconds else "") + (f",holdout={args.holdout}" if args.holdout else "")
     heal = f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}{extra})"
     if args.then_e2e:
-        heal += (f",heal(steps={args.then_e2e},lr={args.lr},mode=e2e,train=all,batch={args.batch}"
+        heal += (f",heal(steps={args.then_e2e},lr={args.e2e_lr or args.lr},mode=e2e,train=all,batch={args.batch}"
                  + (f",holdout={args.holdout}" if args.holdout else "") + ")")
     by_model: dict[str, list[str]] = {}
     for c in args.configs.split(","):
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
                 q1 = quality(model)
                 print(f"[{name}] {passes},{heal}: {q1} ({t3 - t2:.0f} s) {notes.get('heal')}", flush=True)
                 row = {"model": name, "config": c, "passes": passes, "heal": heal, "dense": base,
-                       "one_shot": q0, "healed": q1, "pass_s": round(t1 - t0, 1), "heal_s": round(t3 - t2, 1)}
+                       "one_shot": q0, "healed": q1, "pass_s": round(t1 - t0, 1), "heal_s": round(t3 - t2, 1),
+                       "calib_samples": args.calib_samples}
                 if "perplexity" in base:
                     row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
                     row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)
