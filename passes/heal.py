@@ -241,8 +241,9 @@ def _trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     length = int(used[-1]) + 1 if used.size else 1
     if length == mask.shape[1] or mask[:, length:].any():
         return feeds
-    if any(a.shape != mask.shape and mask.shape[1] in a.shape[1:] for a in feeds.values()):
-        return feeds  # another input may have a sequence axis too (a 4-D mask): leave the batch whole
+    if any(a.shape != mask.shape and mask.shape[1] in a.shape[1:] for a in feeds.values()) or \
+            sum(a.shape == mask.shape for a in feeds.values()) < 2:
+        return feeds  # another input may have a sequence axis too (a 4-D mask), or the mask also covers a past
     return {k: (a[:, :length] if a.shape == mask.shape else a) for k, a in feeds.items()}
 
 

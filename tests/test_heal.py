@@ -199,10 +199,11 @@ def test_heal_objectives_count_real_tokens_only():
     trimmed = _trim_padding(feeds)
     assert trimmed["input_ids"].shape == (2, 3) and trimmed["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     # a 4-D input with a sequence axis of its own: the batch stays whole
-    assert _trim_padding({**feeds, "bias": np.zeros((2, 1, 6, 6))}) is not None
     assert _trim_padding({**feeds, "bias": np.zeros((2, 1, 6, 6))})["input_ids"].shape == (2, 6)
     assert _trim_padding({"input_ids": feeds["input_ids"], "attention_mask": np.ones((2, 6), np.int64)}) \
         ["input_ids"].shape == (2, 6)
+    # a mask that also covers a KV cache's past positions ([batch, past + seq]) is not cut on its own
+    assert _trim_padding({"input_ids": feeds["input_ids"][:, :4], "attention_mask": mask})["attention_mask"].shape == (2, 6)
     # outputs that differ from the target only where the mask is 0 match it exactly
     m = torch.from_numpy(trimmed["attention_mask"].astype(np.float32))
     target = torch.randn(2, 3, 5)
