@@ -44,6 +44,7 @@ CONFIGS = {
     "minilm-prune": ("minilm", "prune(heads=0.25,ffn=0.3)"),
     "minilm-drop2": ("minilm", "drop-blocks(n=2)"),
     "effnet-prune30": ("effnet", "prune(ratio=0.3)"),
+    "effnet-prune30-rec": ("effnet", "prune(ratio=0.3,reconstruct=true)"),
 }
 
 
@@ -91,18 +92,24 @@ def setup(name: str, args, work: pathlib.Path):
 
 
 EFFNET_HELD_OUT = ("coffee", "rocket", "clock", "grace_hopper.jpg")  # photos no pass sees (a stereo pair stays together)
+EFFNET_SELECTION = ("chelsea", "astronaut")  # with --holdout: the photos of heal's held-out samples
 
 
-def random_crops(photos: list[str], n: int, seed: int = 0) -> np.ndarray:
-    """n ImageNet-normalized [3, 224, 224] random crops of `photos` (shorter side scaled to 224-384, random
-    position, mirrored half of the time), cycling over the photos."""
+def random_crops(photos: list[str], n: int, seed: int = 0, mix: float = 0.0) -> np.ndarray:
+    """n [3, 224, 224] random crops of `photos` scaled to [-1, 1], what EfficientNet-Lite0 was trained on (shorter
+    side scaled to 224-384, random position, mirrored half of the time), cycling over the photos.
+
+    With `mix` > 0 that fraction of the crops is blended with another crop (mixup, weight 0.3-0.7) or has a box of
+    another pasted in (CutMix), and gets a random gain per color channel (0.7-1.3): few photos then give many
+    inputs the teacher has not seen in one piece, which is what a student distilled on 14 photos must generalize
+    from."""
     from skimage.transform import resize
 
     from modelsurgeon.models import data
 
     rng = np.random.default_rng(seed)
-    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["imagenet"])
-    out = []
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["inception"])
+    crops = []
     for i in range(n):
         image = data._load_photo(photos[i % len(photos)])
         h, w = image.shape[:2]
@@ -112,7 +119,21 @@ def random_crops(photos: list[str], n: int, seed: int = 0) -> np.ndarray:
         crop = image[top:top + 224, left:left + 224]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        out.append((crop.transpose(2, 0, 1).astype(np.float32) - mean) / std)
+        crops.append(crop.transpose(2, 0, 1).astype(np.float32))
+    out = []
+    for i, crop in enumerate(crops):
+        if rng.random() < mix:
+            other = crops[(i + rng.integers(1, n)) % n]
+            if rng.random() < 0.5:
+                lam = rng.uniform(0.3, 0.7)
+                crop = lam * crop + (1 - lam) * other
+            else:
+                bh, bw = rng.integers(67, 157, size=2)
+                y, x = rng.integers(0, 224 - bh), rng.integers(0, 224 - bw)
+                crop = crop.copy()
+                crop[:, y:y + bh, x:x + bw] = other[:, y:y + bh, x:x + bw]
+            crop = np.clip(crop * rng.uniform(0.7, 1.3, size=(3, 1, 1)), 0, 1)
+        out.append((crop - mean) / std)
     return np.stack(out).astype(np.float32)
 
 
@@ -125,12 +146,23 @@ def setup_effnet(args):
 
     dense = pathlib.Path(real.efficientnet_lite0_onnx())
     train = [p for p in data._available_photos() if p not in EFFNET_HELD_OUT]
-    calibration = CalibrationData({"pixels": random_crops(train, args.calib_samples)}, "random crops")
-    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["imagenet"])
+    pixels = random_crops(train, args.calib_samples, mix=args.mix)
+    if args.holdout:
+        # heal holds back every k-th sample: make those crops of photos of their own, so that its choice of the best
+        # weights is made on photos it does not train on (crops of a training photo would reward memorizing it)
+        k = max(2, int(round(1 / args.holdout)))
+        held = np.arange(args.calib_samples) % k == k - 1
+        fit_photos = [p for p in train if p not in EFFNET_SELECTION]
+        pixels[~held] = random_crops(fit_photos, int((~held).sum()), mix=args.mix)
+        pixels[held] = random_crops(list(EFFNET_SELECTION), int(held.sum()), seed=1, mix=args.mix)
+    calibration = CalibrationData({"pixels": pixels}, "random crops")
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["inception"])
     views = np.stack([(data._photo_sample(f"{p}/{v[0]}") - mean) / std for p in EFFNET_HELD_OUT
                       for v in data._VARIANTS]).astype(np.float32)
     ref = make_session(dense).run(None, {"pixels": views})[0]
-    note = (f"EfficientNet-Lite0: calibration {args.calib_samples} random crops of {len(train)} photos, top-1 "
+    mixed = f" ({args.mix:.0%} mixed: mixup/CutMix and color gains)" if args.mix else ""
+    selection = f" (heal's held-out samples: crops of {' and '.join(EFFNET_SELECTION)} only)" if args.holdout else ""
+    note = (f"EfficientNet-Lite0: calibration {args.calib_samples} random crops{mixed} of {len(train)} photos{selection}, top-1 "
             f"agreement and logit cosine with the dense model on {len(views)} views of {len(EFFNET_HELD_OUT)} other "
             f"photos ({', '.join(EFFNET_HELD_OUT)})")
 
@@ -171,7 +203,8 @@ def table(doc: dict) -> str:
             q0, q1 = (f"top-1 {q['top1_agreement']:.2f}, cosine {q['cosine_mean']:.3f}" for q in (r["one_shot"], r["healed"]))
         else:
             q0, q1 = f"cosine {r['one_shot']['cosine_mean']:.3f}", f"cosine {r['healed']['cosine_mean']:.3f}"
-        lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {r.get('calib_samples', '-')} | {q0} | {q1} | "
+        mixed = f", {r['calib_mix']:.0%} mixed" if r.get("calib_mix") else ""
+        lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {r.get('calib_samples', '-')}{mixed} | {q0} | {q1} | "
                      f"{r['pass_s']:.0f} | "
                      f"{r['heal_s']:.0f} |")
     return "\n".join(lines)
@@ -201,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-lr", type=float, default=None, help="learning rate of that second heal (default: --lr)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=16)
+    ap.add_argument("--mix", type=float, default=0.0,
+                    help="EfficientNet: the fraction of calibration crops mixed with another (mixup/CutMix)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "heal.json"))
     ap.add_argument("--no-table", dest="table", action="store_false", help="leave docs/heal.md alone")
     args = ap.parse_args(argv)
@@ -245,6 +280,8 @@ def main(argv=None) -> int:
                 row = {"model": name, "config": c, "passes": passes, "heal": heal, "dense": base,
                        "one_shot": q0, "healed": q1, "pass_s": round(t1 - t0, 1), "heal_s": round(t3 - t2, 1),
                        "calib_samples": args.calib_samples}
+                if args.mix:
+                    row["calib_mix"] = args.mix
                 if "perplexity" in base:
                     row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
                     row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)
@@ -253,8 +290,9 @@ def main(argv=None) -> int:
                     row["heal_notes" + key[4:]] = {k: h.get(k) for k in ("mode", "units", "steps", "objective_before",
                                                                          "objective_after", "trained_parameters",
                                                                          "heldout_batches")}
-                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r.get("heal")) !=
-                               (name, c, heal)] + [row]
+                key = (name, c, heal, args.mix)
+                doc["rows"] = [r for r in doc["rows"]
+                               if (r["model"], r["config"], r.get("heal"), r.get("calib_mix", 0.0)) != key] + [row]
                 doc["machine"] = machine_info()
                 doc["command"] = "python benchmarks/heal.py --configs " + ",".join(
                     dict.fromkeys(r["config"] for r in doc["rows"]))
