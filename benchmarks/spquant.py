@@ -17,6 +17,10 @@ Part 2 (end to end, needs the packaged SmolLM2-135M and modelsurgeon.models.real
 perplexity on Shakespeare text and latency per token / per 128-token prompt.
 
     python benchmarks/spquant.py [--reps 11] [--skip-e2e] [--skip-kernel] [--out docs/results/spquant.json]
+                                 [--shapes 576x576,576x1536] [--variants 'ours a4, tile 8;...'] [--doc '']
+
+--shapes and --variants measure other weight shapes (e.g. SmolLM2's and MiniLM's) and a subset of the variants;
+with --doc '' the docs are left alone (the real-shape table in docs/spquant.md comes from such a run).
 
 Writes the JSON and docs/spquant.md's result tables (between the BEGIN/END RESULTS markers).
 """
@@ -166,7 +170,8 @@ def time_interleaved(plan: dict, feeds_by_m: dict, reps: int) -> dict:
     return times
 
 
-def kernel_benchmark(reps: int) -> dict:
+def kernel_benchmark(reps: int, shapes=SHAPES, variants=None) -> dict:
+    """`variants`: the names of VARIANTS to run (default all); their baselines (MatMulNBits, fp32) always run."""
     from modelsurgeon.runtime.custom_ops import kernel_info, library_path
     from modelsurgeon.runtime.sparse_quant_format import reference
 
@@ -175,7 +180,9 @@ def kernel_benchmark(reps: int) -> dict:
     target = max(256 * 1024 ** 2, 4 * l3_bytes())
     rng = np.random.default_rng(0)
     results = []
-    for K, N in SHAPES:
+    chosen = {k: v for k, v in VARIANTS.items()
+              if variants is None or k in variants or k in BASELINE.values() or k == "fp32 MatMul"}
+    for K, N in shapes:
         t0 = time.perf_counter()
         per_copy = {"fp32": K * N * 4, "nbits": N * -(-K // BLOCK) * (BLOCK // 2 + 4),
                     "ours": int(N * -(-K // BLOCK) * KEEP * (BLOCK // 2 + 4) + N * round(OUTLIER_FRACTION * K) * 6)}
@@ -184,17 +191,17 @@ def kernel_benchmark(reps: int) -> dict:
         built["fp32"], sizes["fp32"] = fp32_model(rng, K, N, copies["fp32"])
         built["nbits"], sizes["nbits"] = matmulnbits_model(rng, K, N, copies["nbits"])
         w0 = {}
-        for kind in {v[0] for v in VARIANTS.values() if v[0].startswith("ours")}:
+        for kind in {v[0] for v in chosen.values() if v[0].startswith("ours")}:
             copies[kind] = copies["ours"]
             built[kind], sizes[kind], w0[kind] = sparse_model(rng, K, N, copies[kind], tile=_tile(kind))
         plan = {name: (session(built[kind], kind.startswith("ours"), isa, threads), copies[kind], ms)
-                for name, (kind, threads, isa, ms) in VARIANTS.items()}
+                for name, (kind, threads, isa, ms) in chosen.items()}
         del built
         setup_s = time.perf_counter() - t0
         feeds = {m: {"A": rng.standard_normal((m, K), np.float32)} for m in TOKENS}
         # correctness of the measured op: copy 0 against numpy (int8-rounded activations, as the kernel computes)
         checks = {}
-        for name, (kind, _, isa, ms) in VARIANTS.items():
+        for name, (kind, _, isa, ms) in chosen.items():
             if kind.startswith("ours") and isa is None:
                 for m in ms:
                     y0 = plan[name][0].run(["y0"], feeds[m])[0]
@@ -203,7 +210,7 @@ def kernel_benchmark(reps: int) -> dict:
         load_before = os.getloadavg()
         times = time_interleaved(plan, feeds, reps)
         load_after = os.getloadavg()
-        for name, (kind, threads, _, ms) in VARIANTS.items():
+        for name, (kind, threads, _, ms) in chosen.items():
             for m in ms:
                 med = statistics.median(times[(name, m)])
                 base = statistics.median(times[(BASELINE[threads], m)]) if (BASELINE[threads], m) in times else None
@@ -221,7 +228,7 @@ def kernel_benchmark(reps: int) -> dict:
         print(f"[{K}x{N}] done; check {checks}; load {load_before} -> {load_after}", file=sys.stderr)
         del plan
     return {"results": results, "library": kernel_info(), "target_bytes_per_variant": target, "l3_bytes": l3_bytes(),
-            "reps": reps, "variants": {k: {"threads": v[1], "isa": v[2], "tokens": v[3]} for k, v in VARIANTS.items()}}
+            "reps": reps, "variants": {k: {"threads": v[1], "isa": v[2], "tokens": v[3]} for k, v in chosen.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -379,8 +386,17 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernel", action="store_true", help="keep the kernel results of an earlier run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "spquant.json"))
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "spquant.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "spquant.md"), help="'' leaves the docs alone")
+    ap.add_argument("--shapes", default=None,
+                    help="kernel weight shapes KxN,... (default: " + ",".join(f"{k}x{n}" for k, n in SHAPES) + ")")
+    ap.add_argument("--variants", default=None, help="kernel variants to run, ';'-separated names of VARIANTS "
+                    "(default: all; MatMulNBits and fp32 always run)")
     args = ap.parse_args(argv)
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    variants = args.variants.split(";") if args.variants else None
+    unknown = [v for v in variants or [] if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     from modelsurgeon.runtime.benchmark import machine_info
 
     out = pathlib.Path(args.out)
@@ -391,7 +407,7 @@ def main(argv=None) -> int:
     if args.skip_kernel:
         data["kernel"] = previous.get("kernel")
     else:
-        data["kernel"] = kernel_benchmark(args.reps)
+        data["kernel"] = kernel_benchmark(args.reps, shapes, variants)
         data["kernel"].update(command=data["command"], seconds=time.perf_counter() - t0, loadavg_end=os.getloadavg())
     t1 = time.perf_counter()
     if args.skip_e2e:
@@ -404,7 +420,8 @@ def main(argv=None) -> int:
     data["seconds"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
-    write_docs(data, pathlib.Path(args.doc))
+    if args.doc:
+        write_docs(data, pathlib.Path(args.doc))
     print(markdown(data))
     return 0
 

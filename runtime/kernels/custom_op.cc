@@ -28,7 +28,7 @@ namespace {
 
 constexpr uint32_t kApiVersion = 17;
 constexpr int64_t kTiledMinRows = 8;  // from this many rows the row-tiled AVX-512 path wins
-constexpr int64_t kInlineMacs = int64_t{1} << 18;  // below this many multiply-adds, no thread pool
+constexpr int64_t kInlineMacs = int64_t{1} << 20;  // below this many multiply-adds, no thread pool (docs/spquant.md)
 constexpr const char* kDomain = "ai.modelsurgeon";
 constexpr const char* kOpName = "SparseQuantMatMul";
 const OrtApi* g_api = nullptr;
