@@ -284,6 +284,13 @@ def _fit(params: dict[str, Any], loss_of, train: list[int], held: list[int], ste
         with torch.no_grad():
             return float(np.mean([float(loss_of(b)) for b in batches]))
 
+    def keep_if_better(best: float, best_state):
+        """(objective, weights) of the best point so far, the current weights included (held-out objective)."""
+        value = total(held)
+        if np.isfinite(value) and value < best:
+            return value, {k: p.detach().clone() for k, p in params.items()}
+        return best, best_state
+
     start = {k: p.detach().clone() for k, p in params.items()}
     before = total(held or train)
     if steps == 0 or not params:
@@ -305,14 +312,10 @@ def _fit(params: dict[str, Any], loss_of, train: list[int], held: list[int], ste
         sched.step()
         done += 1
         if held and (done % check == 0 or done == steps):
-            value = total(held)
-            if np.isfinite(value) and value < best:
-                best, best_state = value, {k: p.detach().clone() for k, p in params.items()}
+            best, best_state = keep_if_better(best, best_state)
     if held:
         if done % check and done != steps:  # stopped by the deadline between two checks
-            value = total(held)
-            if np.isfinite(value) and value < best:
-                best, best_state = value, {k: p.detach().clone() for k, p in params.items()}
+            best, best_state = keep_if_better(best, best_state)
         after, kept = best, best_state is not None
         restore = best_state if kept else start
     else:
@@ -394,7 +397,7 @@ class HealPass(Pass):
         batch = batch_size_for(ctx.model, self.config["batch"])
         train, held = split_batches(calib, batch, self.config["holdout"])
         batches = train + held
-        self._split = list(range(len(train))), list(range(len(train), len(batches)))
+        split = list(range(len(train))), list(range(len(train), len(batches)))
         notes["heldout_batches"] = len(held)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config["threads"])
@@ -406,9 +409,9 @@ class HealPass(Pass):
                     mode = "e2e"
             notes["mode"] = mode + (f" ({why})" if why else "")
             if mode == "blocks":
-                result = self._heal_blocks(model, ctx, plan, batches, t0 + budget)
+                result = self._heal_blocks(model, ctx, plan, batches, split, t0 + budget)
             else:
-                result = self._heal_e2e(model, ctx, names, batches, t0 + budget)
+                result = self._heal_e2e(model, ctx, names, batches, split, t0 + budget)
         finally:
             torch.set_num_threads(threads)
         notes.update(result)
@@ -455,7 +458,7 @@ class HealPass(Pass):
         plan = {"tb": tb, "units": units, "targets": targets, "params": block_params, "outside": outside}
         return plan, ""
 
-    def _heal_blocks(self, model: ir.Model, ctx, plan, batches, deadline: float) -> dict:
+    def _heal_blocks(self, model: ir.Model, ctx, plan, batches, split, deadline: float) -> dict:
         import torch
 
         from modelsurgeon.onnx_torch import TorchGraph, to_torch
@@ -517,7 +520,7 @@ class HealPass(Pass):
                 if params and matched:
                     remaining = max(len(graphs) - (c0 + k), 1)
                     unit_deadline = time.monotonic() + max(deadline - time.monotonic(), 0) / remaining
-                    fit = _fit(params, loss_of, *self._split, self.config["steps"], self.config["lr"], unit_deadline)
+                    fit = _fit(params, loss_of, *split, self.config["steps"], self.config["lr"], unit_deadline)
                     fits.append(fit)
                     if fit.kept:
                         _store(model, params)
@@ -538,7 +541,7 @@ class HealPass(Pass):
 
     # -- end-to-end mode ----------------------------------------------------------------------------------------
 
-    def _heal_e2e(self, model: ir.Model, ctx, names: set[str], batches, deadline: float) -> dict:
+    def _heal_e2e(self, model: ir.Model, ctx, names: set[str], batches, split, deadline: float) -> dict:
         import torch
 
         from modelsurgeon.onnx_torch import feeds_to_torch, graph_function, to_torch
@@ -574,7 +577,7 @@ class HealPass(Pass):
             return sum((_kl if n in logits else _nmse)(out[n], tgt[n], masks[b]) for n in matched) / len(matched)
 
         steps = self.config["steps"]
-        fit = _fit(params, loss_of, *self._split, steps, self.config["lr"], deadline,
+        fit = _fit(params, loss_of, *split, steps, self.config["lr"], deadline,
                    progress=lambda it: ctx.progress_bar(it, desc="heal: end to end", total=steps))
         changed = set()
         if fit.kept:

@@ -371,7 +371,8 @@ def compute_rotations(model: ir.Model, tb: TransformerBlocks, feeds: list[dict],
 
 def _one_rotation(runner, tb, feeds, xs, dense, plan, measure, moment, half_block, progress) -> SlicePlan:
     """`bases=model`: the PCA of the dense stream at every block's input and MLP input and the final stream, the mean
-    of each point's moment divided by its trace; then, with the correction on, the sliced model is followed block by block for the refit maps."""
+    of each point's moment divided by its trace; then, with the correction on, the sliced model is followed block by
+    block for the refit maps."""
     blocks = tb.blocks if progress is None else progress(tb.blocks, desc="slice: PCA of the stream", total=len(tb.blocks))
     points = []
     stream = xs
