@@ -189,6 +189,9 @@ def test_heal_refuses_bad_options():
         get_pass("heal")(train="everything")
     with pytest.raises(UserError, match="steps"):
         get_pass("heal")(steps=-1)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserError, match="holdout"):
+            get_pass("heal")(holdout=bad)
 
 
 def test_heal_objectives_count_real_tokens_only():

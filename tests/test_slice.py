@@ -302,6 +302,15 @@ def test_kept_width_and_options():
         get_pass("slice")(bases="layer")
 
 
+def test_one_basis_for_the_model_refuses_per_block_widths():
+    """bases=model has one width for the whole stream: widths and allocate=loss are refused with one line each."""
+    model = _low_rank_stream_model("llama", 23, k=48, eps=0.05)
+    calib = synthesize(model, num_samples=4, seq_len=8, seed=3)
+    for extra, named in ((",widths=1:56", "the widths option"), (",allocate=loss", "allocate=loss")):
+        with pytest.raises(UserError, match=f"bases=model.*leave out {named}"):
+            _compile(model, f"slice(sparsity=0.25,bases=model{extra})", calibration=calib)
+
+
 def test_refit_ridge_pulls_towards_the_uncorrected_layers():
     """ridge 0 is the least-squares map from the sliced stream to the dense one; a huge ridge gives back the plain
     projection Q_k Q_k^T (the uncorrected layers), not zero."""
