@@ -40,6 +40,7 @@ CONFIGS = {
     "share2": ("smollm2", "share(groups=2)"),
     "slice30": ("smollm2", "slice(sparsity=0.3)"),
     "prune30": ("smollm2", "prune(ffn=0.3)"),
+    "prune30-act": ("smollm2", "prune(ffn=0.3,importance=activation)"),
     "minilm-lowrank20": ("minilm", "lowrank(ratio=0.2)"),
     "minilm-prune": ("minilm", "prune(heads=0.25,ffn=0.3)"),
     "minilm-drop2": ("minilm", "drop-blocks(n=2)"),
@@ -227,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default="touched")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="heal's threads option")
+    ap.add_argument("--rank", type=int, default=0, help="heal's rank option (LoRA deltas; 0: the weights themselves)")
     ap.add_argument("--holdout", type=float, default=0.0, help="heal's holdout option")
     ap.add_argument("--then-e2e", type=int, default=0, metavar="STEPS",
                     help="after the block-wise heal, a second heal end to end for STEPS steps (same lr, batch, "
@@ -246,11 +249,13 @@ def main(argv=None) -> int:
 
     out = pathlib.Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "heal", "rows": [], "notes": []}
-    extra = (f",seconds={args.seconds}" if args.seconds else "") + (f",holdout={args.holdout}" if args.holdout else "")
+    extra = (f",seconds={args.seconds}" if args.seconds else "") + (f",holdout={args.holdout}" if args.holdout else "") \
+        + (f",rank={args.rank}" if args.rank else "") + (f",threads={args.threads}" if args.threads != 1 else "")
     heal = f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}{extra})"
     if args.then_e2e:
         heal += (f",heal(steps={args.then_e2e},lr={args.e2e_lr or args.lr},mode=e2e,train=all,batch={args.batch}"
-                 + (f",holdout={args.holdout}" if args.holdout else "") + ")")
+                 + (f",holdout={args.holdout}" if args.holdout else "") + (f",rank={args.rank}" if args.rank else "")
+                 + (f",threads={args.threads}" if args.threads != 1 else "") + ")")
     by_model: dict[str, list[str]] = {}
     for c in args.configs.split(","):
         if c not in CONFIGS:

@@ -134,7 +134,9 @@ def _advice(p: Pass) -> str:
     """How to recover from a pass that degraded the model."""
     from modelsurgeon.pass_api import registered_passes
 
-    milder = f"try milder options for {p.name}" + (" (correct=lowrank(R) corrects shared blocks)" if p.name == "share" else "")
+    hint = {"share": " (correct=lowrank(R) corrects shared blocks)",
+            "prune": " (importance=activation ranks channels on the calibration data)"}.get(p.name, "")
+    milder = f"try milder options for {p.name}{hint}"
     if "heal" in registered_passes() and p.name != "heal":
         return f"recover with heal after it (--passes '...,{p.name}(...),heal'), or {milder}"
     return f"{milder}, or calibrate on more (and more varied) data"
@@ -302,7 +304,7 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
         log.warning("the input model already fails the structural checks (%s); passes are checked for new problems "
                     "only", sorted(inherited)[0])
 
-    for p in pipeline:
+    for i, p in enumerate(pipeline):
         ctx.model = model
         t0 = time.perf_counter()
         log.info("running %r", p)
@@ -343,7 +345,8 @@ def compile(model: Any, passes: str | Sequence[Any] = "cleanup", *, example_inpu
             if max_error is not None and w.rel_l2 > max_error:
                 raise VerificationError(p.name, f"output error {w.rel_l2:.3g} (relative L2) exceeds --max-error {max_error:g}")
             row.quality = gate.quality.value(checked["outputs"])
-            gate.judge(repr(p), row.quality, _advice(p))
+            recovery = next((q for q in pipeline[i + 1:] if q.recovers), None)
+            gate.judge(repr(p), row.quality, _advice(p), recovery=repr(recovery) if recovery else None)
             previous = checked["outputs"]
         else:
             problems = [x for x in structural_problems(model) if x not in inherited]

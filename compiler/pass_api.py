@@ -112,6 +112,7 @@ class Pass:
     stage: ClassVar[Stage] = Stage.STRUCTURE
     exact: ClassVar[bool] = False  # an exact rewrite: verification expects float-tolerance equality
     needs_calibration: ClassVar[bool] = False
+    recovers: ClassVar[bool] = False  # recovers quality lost by the passes before it (heal): the quality floor waits
 
     def __init__(self, **opts: Any):
         unknown = sorted(set(opts) - set(self.options))

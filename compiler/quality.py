@@ -192,13 +192,15 @@ class Gate:
     """Judges the model after each pass against the original: warns at the pass that takes it past the warning
     level, stops at the pass that takes it past the floor (unless `allow_degraded`: then warns, and the report lists
     the pass). Each level blames one pass, the first to cross it; later passes are judged again only if the model
-    came back above the level."""
+    came back above the level. A pass followed by a recovery pass (heal) is not stopped at the floor: it is warned,
+    and the floor is judged after the recovery, still blaming it when the recovery did not bring the model back."""
 
     quality: Quality
     floor: float | None = None  # min_quality: the floor in the metric's own unit (largest ratio for ppl)
     allow_degraded: bool = False
     degraded: list[str] = dataclasses.field(default_factory=list)
     _below: dict[str, bool] = dataclasses.field(default_factory=lambda: {"warn": False, "floor": False})
+    _pending: str | None = None  # the pass past the floor that a recovery pass after it may bring back
 
     def __post_init__(self):
         kind = self.quality.kind
@@ -227,8 +229,9 @@ class Gate:
         return f"{value:.3g}x the original's perplexity" if self.quality.kind == "ppl" else \
             f"{self.quality.label} {value:.3f}"
 
-    def judge(self, pass_name: str, value: float | None, advice: str) -> None:
-        """Check the model after pass `pass_name` scoring `value`: warn, raise DegradedError, or nothing."""
+    def judge(self, pass_name: str, value: float | None, advice: str, recovery: str | None = None) -> None:
+        """Check the model after pass `pass_name` scoring `value`: warn, raise DegradedError, or nothing. `recovery`:
+        the recovery pass later in the pipeline, if any (the floor then waits for it)."""
         if not self.active or value is None:
             return
         kind = self.quality.kind
@@ -236,16 +239,27 @@ class Gate:
         unit = "x" if kind == "ppl" else ""
         where = f"on {self.quality.data}"
         below_floor, below_warn = self._past(value, floor), self._past(value, WARN[kind])
+        if below_floor and recovery is not None:
+            if self._pending is None and not self._below["floor"]:
+                self._pending = pass_name
+                log.warning("%s took the model past the quality floor: %s %s (floor %g%s); %s comes later, so the "
+                            "floor is judged after it", pass_name, self._fmt(value), where, floor, unit, recovery)
+            return
+        culprit, self._pending = self._pending or pass_name, None
+        after = "" if culprit == pass_name else f" after {pass_name}"
+        if culprit != pass_name:
+            advice = f"give {pass_name} more steps or calibration data, or try milder options for {culprit}"
         crossed_floor = below_floor and not self._below["floor"]
         crossed_warn = below_warn and not self._below["warn"] and not below_floor
         self._below.update(floor=below_floor, warn=below_warn)
         if crossed_floor:
-            what = f"{self._fmt(value)} {where} (floor {floor:g}{unit})"
+            what = f"{self._fmt(value)} {where}{after and after + ', which did not bring it back'} (floor " \
+                   f"{floor:g}{unit})"
             if not self.allow_degraded:
-                raise DegradedError(pass_name, f"{what}; {advice}, set the floor with --min-quality, or keep the "
-                                               "model anyway with --allow-degraded")
-            self.degraded.append(pass_name)
-            log.warning("%s degraded the model past the quality floor: %s; kept (--allow-degraded)", pass_name, what)
+                raise DegradedError(culprit, f"{what}; {advice}, set the floor with --min-quality, or keep the "
+                                             "model anyway with --allow-degraded")
+            self.degraded.append(culprit)
+            log.warning("%s degraded the model past the quality floor: %s; kept (--allow-degraded)", culprit, what)
         elif crossed_warn:
-            log.warning("%s left the model at %s %s (warning level %g%s): %s", pass_name, self._fmt(value), where,
-                        WARN[kind], unit, advice)
+            log.warning("%s left the model at %s %s%s (warning level %g%s): %s", culprit, self._fmt(value), where,
+                        after, WARN[kind], unit, advice)

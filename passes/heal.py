@@ -18,7 +18,8 @@ The graph, or one transformer block of it, becomes a differentiable torch functi
 Which weights train (`train`): `touched` (default) are the float initializers the earlier passes created, changed,
 or made a rewired node read (share's borrowed weights), plus every weight of a block whose input the passes rewired
 (the block after a dropped one); `norms` the normalization scales and biases; `all` every float initializer. Every
-other initializer keeps its bytes. A unit (or the whole model in e2e) whose objective on all calibration batches
+other initializer keeps its bytes. With `rank=R` the matrices among them train as LoRA deltas of rank R, folded in
+when stored (`TunedWeights`). A unit (or the whole model in e2e) whose objective on all calibration batches
 does not improve keeps its weights, so heal never makes its own objective worse; at `steps=0` it changes nothing.
 With `holdout`, part of the calibration samples is held back and the objective on them decides instead: the best
 weights seen along the way are kept (docs/heal.md: on MiniLM an end-to-end phase at lr 1e-3 never beat its start
@@ -172,21 +173,57 @@ def trainable(model: ir.Model, ctx, which: str, tb=None) -> set[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _params(model: ir.Model, names) -> dict[str, Any]:
-    import torch
+class TunedWeights:
+    """The initializers heal tunes, as torch tensors. With `rank` 0 each one is a `torch.nn.Parameter` itself; with
+    rank R > 0 each 2-D one (a projection) is its stored value, frozen, plus a low-rank delta `A @ B` ([rows, R] @
+    [R, cols], LoRA) whose factors train, B starting at zero so the delta starts at nothing; 1-D ones (norm scales,
+    biases) and matrices too small for R train as they are. `values()` gives the tensors the graph reads (call it
+    again after each optimizer step), `parameters` what the optimizer moves, and the delta is folded into the
+    initializer when stored: the graph never sees the factors."""
 
-    from modelsurgeon.onnx_torch import to_torch
+    def __init__(self, model: ir.Model, names, rank: int = 0, seed: int = 0):
+        import torch
 
-    return {n: torch.nn.Parameter(to_torch(model.graph.initializers[n].const_value.numpy()).float().clone())
-            for n in sorted(names)}
+        from modelsurgeon.onnx_torch import to_torch
 
+        gen = torch.Generator().manual_seed(seed)
+        self.names = sorted(names)
+        self.frozen: dict[str, Any] = {}
+        self.factors: dict[str, tuple[Any, Any]] = {}
+        self.parameters: dict[str, Any] = {}
+        for n in self.names:
+            w = to_torch(model.graph.initializers[n].const_value.numpy()).float().clone()
+            if rank > 0 and w.dim() == 2 and min(w.shape) > 2 * rank:
+                a = torch.nn.Parameter(torch.randn(w.shape[0], rank, generator=gen) / np.sqrt(w.shape[0]))
+                b = torch.nn.Parameter(torch.zeros(rank, w.shape[1]))
+                self.frozen[n], self.factors[n] = w, (a, b)
+                self.parameters[n + "::lora_a"], self.parameters[n + "::lora_b"] = a, b
+            else:
+                self.parameters[n] = torch.nn.Parameter(w)
 
-def _store(model: ir.Model, params: dict[str, Any]) -> None:
-    """Write trained values into the initializers (their own dtype; the original tensors are left alone)."""
-    for name, p in params.items():
-        value = model.graph.initializers[name]
-        dtype = value.const_value.dtype.numpy()
-        value.const_value = ir.tensor(p.detach().numpy().astype(dtype), name=name)
+    def values(self) -> dict[str, Any]:
+        out = {}
+        for n in self.names:
+            if n in self.factors:
+                a, b = self.factors[n]
+                out[n] = self.frozen[n] + a @ b
+            else:
+                out[n] = self.parameters[n]
+        return out
+
+    def trained_count(self) -> int:
+        return int(sum(p.numel() for p in self.parameters.values()))
+
+    def store(self, model: ir.Model) -> None:
+        """Write the trained values into the initializers (their own dtype; the original tensors are left alone)."""
+        import torch
+
+        with torch.no_grad():
+            values = self.values()
+        for name in self.names:
+            value = model.graph.initializers[name]
+            dtype = value.const_value.dtype.numpy()
+            value.const_value = ir.tensor(values[name].detach().numpy().astype(dtype), name=name)
 
 
 def _token_weights(out, mask):
@@ -358,6 +395,7 @@ class HealPass(Pass):
     preserves = ("blocks", "channel_groups")  # only initializer values change
     stage = Stage.STRUCTURE
     needs_calibration = True
+    recovers = True
     options = {
         "steps": Option(int, 100, "optimizer steps per block (mode=blocks) or in all (mode=e2e); 0 changes nothing",
                         check=_non_negative),
@@ -372,6 +410,9 @@ class HealPass(Pass):
                           "the weights kept are the best measured on them along the way, and the objective reported "
                           "is theirs (0: train on all, keep the end result if it lowered the objective)",
                           check=lambda v: None if 0 <= v < 1 else "must be at least 0 and below 1"),
+        "rank": Option(int, 0, "train low-rank deltas of this rank (LoRA) for the matrices among the weights "
+                       "chosen by train, folded into them when stored (0: train the weights themselves)",
+                       check=_non_negative),
         "threads": Option(int, 1, "torch threads (1 by default: on a machine shared with other work, OpenMP threads "
                           "stall waiting for each other, 100x slower on small matrices)", check=_positive),
     }
@@ -472,8 +513,8 @@ class HealPass(Pass):
             outs = [targets[i][0] for i in unit if i in targets]
             last = blocks[unit[-1]].residual_out.name
             outs = list(dict.fromkeys(outs + [last]))
-            params = _params(model, set().union(*(plan["params"][i] for i in unit)))
-            g = TorchGraph(nodes, outs, params)
+            params = TunedWeights(model, set().union(*(plan["params"][i] for i in unit)), self.config["rank"])
+            g = TorchGraph(nodes, outs, params.values())
             stream_in = blocks[unit[0]].residual_in.name
             side = [n for n in g.external if n != stream_in]
             graphs.append((unit, g, params, stream_in, side, last))
@@ -487,7 +528,7 @@ class HealPass(Pass):
         per_chunk = max(1, int(CAPTURE_BUDGET // max(stream_bytes * 2, 1)))
 
         masks = _masks(batches)
-        fits, skipped, changed = [], [], set()
+        fits, skipped, changed, trained = [], [], set(), 0
         progress = iter(ctx.progress_bar(range(len(graphs)), desc="heal: blocks", total=len(graphs)))
         for c0 in range(0, len(graphs), per_chunk):
             chunk = graphs[c0:c0 + per_chunk]
@@ -513,23 +554,27 @@ class HealPass(Pass):
                     return f
 
                 def loss_of(b):
+                    g.params = params.values()
                     out = g(feeds(b))
                     return sum(_nmse(out[mine], tgt_t[b][theirs], masks[b]) for mine, theirs in matched) / len(matched)
 
                 label = f"blocks {unit[0]}-{unit[-1]}" if len(unit) > 1 else f"block {unit[0]}"
-                if params and matched:
+                if params.names and matched:
                     remaining = max(len(graphs) - (c0 + k), 1)
                     unit_deadline = time.monotonic() + max(deadline - time.monotonic(), 0) / remaining
-                    fit = _fit(params, loss_of, *split, self.config["steps"], self.config["lr"], unit_deadline)
+                    fit = _fit(params.parameters, loss_of, *split, self.config["steps"], self.config["lr"],
+                               unit_deadline)
                     fits.append(fit)
                     if fit.kept:
-                        _store(model, params)
-                        changed |= set(params)
+                        params.store(model)
+                        changed |= set(params.names)
+                        trained += params.trained_count()
                     elif fit.steps:
                         skipped.append(f"{label}: tuning did not lower its error ({fit.before:.3g}); weights kept")
-                elif params:
+                elif params.names:
                     skipped.append(f"{label}: its output has no counterpart in the original; weights kept")
                 with torch.no_grad():
+                    g.params = params.values()
                     stream = {last: [g(feeds(b))[last] for b in range(len(batches))]}
             del side_t, tgt_t
         for _ in progress:
@@ -537,7 +582,7 @@ class HealPass(Pass):
         if plan["outside"]:
             skipped.append(f"{len(plan['outside'])} weight(s) outside the blocks (embedding, head, final norm) are not "
                            f"tuned in block mode, e.g. {sorted(plan['outside'])[0]}; mode=e2e tunes them")
-        return self._summary(fits, changed, model, skipped, units=len(units))
+        return self._summary(fits, changed, trained, model, skipped, units=len(units))
 
     # -- end-to-end mode ----------------------------------------------------------------------------------------
 
@@ -558,8 +603,8 @@ class HealPass(Pass):
         cache: dict[int, dict] = {}
         per_batch = sum(ref[n].nbytes for n in matched)
         cacheable = per_batch * len(batches) <= CAPTURE_BUDGET
-        params = _params(model, names)
-        g = graph_function(model, params, outputs=matched)
+        params = TunedWeights(model, names, self.config["rank"])
+        g = graph_function(model, params.values(), outputs=matched)
         torch_feeds = [feeds_to_torch(f) for f in batches]
 
         def target(b):
@@ -573,24 +618,26 @@ class HealPass(Pass):
         masks = _masks(batches)
 
         def loss_of(b):
+            g.params = params.values()
             out, tgt = g(torch_feeds[b]), target(b)
             return sum((_kl if n in logits else _nmse)(out[n], tgt[n], masks[b]) for n in matched) / len(matched)
 
         steps = self.config["steps"]
-        fit = _fit(params, loss_of, *split, steps, self.config["lr"], deadline,
+        fit = _fit(params.parameters, loss_of, *split, steps, self.config["lr"], deadline,
                    progress=lambda it: ctx.progress_bar(it, desc="heal: end to end", total=steps))
-        changed = set()
+        changed, trained = set(), 0
         if fit.kept:
-            _store(model, params)
-            changed = set(params)
+            params.store(model)
+            changed, trained = set(params.names), params.trained_count()
         skipped = [] if fit.kept or not fit.steps else [f"model: tuning did not lower its error ({fit.before:.3g}); "
                                                          "weights kept"]
-        out = self._summary([fit], changed, model, skipped, units=1)
+        out = self._summary([fit], changed, trained, model, skipped, units=1)
         out["objective"] = "KL(original || model) of " + ", ".join(logits) if logits else "normalized MSE"
         return out
 
     @staticmethod
-    def _summary(fits: list[_Fit], changed: set[str], model: ir.Model, skipped: list[str], units: int) -> dict:
+    def _summary(fits: list[_Fit], changed: set[str], trained: int, model: ir.Model, skipped: list[str],
+                 units: int) -> dict:
         before = float(np.mean([f.before for f in fits])) if fits else 0.0  # mean over the units tuned
         after = float(np.mean([f.after for f in fits])) if fits else 0.0
         return {
@@ -599,6 +646,7 @@ class HealPass(Pass):
             "objective_before": round(before, 6),
             "objective_after": round(after, 6),
             "changed_initializers": len(changed),
-            "trained_parameters": int(sum(model.graph.initializers[n].const_value.size for n in changed)),
+            "changed_parameters": int(sum(model.graph.initializers[n].const_value.size for n in changed)),
+            "trained_parameters": trained,  # what the optimizer moved: the LoRA factors' size with rank > 0
             "skipped": skipped,
         }

@@ -254,3 +254,29 @@ def test_heal_with_held_out_samples_on_a_padded_encoder(reference_onnx):
     model, res = _run(model, ctx, "heal(steps=30,lr=1e-3,holdout=0.125)")
     assert res.notes["heldout_batches"] == 1 and res.notes["changed_initializers"] > 0
     assert res.notes["objective_after"] < res.notes["objective_before"]
+
+
+@pytest.mark.parametrize("mode, train", [("blocks", "touched"), ("e2e", "all")])
+def test_heal_with_lora_deltas_changes_each_matrix_by_at_most_their_rank(corpus_model, mode, train):
+    """rank=R: the matrices train as frozen value + A @ B (LoRA), folded in when stored. On Qwen2 from torch's dynamo
+    exporter after drop-blocks (block mode: the block after the dropped one trains; e2e: every weight), every
+    changed 2-D weight differs from its value before heal by a matrix of rank at most R, the objective goes down,
+    and the optimizer moved fewer numbers than the weights it changed hold."""
+    path = corpus_model("qwen2/dynamo18")
+    model, ctx = _setup(path)
+    model, _ = _run(model, ctx, "drop-blocks(n=1)")
+    before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    model, res = _run(model, ctx, f"heal(steps=30,lr=3e-3,rank=2,mode={mode},train={train})")
+    notes = res.notes
+    assert notes["mode"] == mode
+    assert notes["objective_after"] < notes["objective_before"] and notes["changed_initializers"] > 0
+    assert 0 < notes["trained_parameters"] < notes["changed_parameters"]
+    changed = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()
+               if not np.array_equal(v.const_value.numpy(), before[n])}
+    assert len(changed) == notes["changed_initializers"]
+    matrices = [n for n, w in changed.items() if w.ndim == 2]
+    assert matrices
+    for n in matrices:
+        delta = changed[n].astype(np.float64) - before[n]
+        s = np.linalg.svd(delta, compute_uv=False)
+        assert s[2] <= 1e-4 * s[0], (n, s[:4])

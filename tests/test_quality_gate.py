@@ -14,7 +14,7 @@ from modelsurgeon import calibration as cal
 from modelsurgeon.calibration import CalibrationData, from_token_ids
 from modelsurgeon.cli import main
 from modelsurgeon.errors import UserError
-from modelsurgeon.pass_api import Option, Pass, PassResult
+from modelsurgeon.pass_api import Option, Pass, PassResult, get_pass
 from modelsurgeon.quality import DegradedError, choose
 from modelsurgeon.runtime.session import run_model
 from modelsurgeon.verify import compare_arrays
@@ -178,6 +178,39 @@ def test_gate_warns_stops_and_keeps_with_allow_degraded(llama_text, caplog):
     assert "DEGRADED" in kept.report.table()
     with pytest.raises(DegradedError, match=r"floor 1.5x"):  # --min-quality moves the floor
         _compile(path, [_Noise(scale=0.3)], calib, min_quality=1.5)
+
+
+class _Restore(Pass):
+    """A recovery pass that puts the original's weights back (a perfect heal), or with `undo=False` changes nothing."""
+
+    name = "test-restore"
+    options = {"undo": Option(bool, True)}
+    recovers = True
+
+    def run(self, model, ctx):
+        if self.config["undo"]:
+            for name, v in ctx.original.graph.initializers.items():
+                model.graph.initializers[name].const_value = v.const_value
+        return PassResult(model, self.config["undo"])
+
+
+def test_gate_waits_for_a_recovery_pass_later_in_the_pipeline(llama_text, caplog):
+    """A pass past the floor with heal (a pass that `recovers`) after it is warned, not stopped: the floor is judged
+    after the recovery, which here brings the model back; a recovery that does not is reported against the pass that
+    crossed the floor."""
+    path, ids = llama_text
+    calib = CalibrationData({"input_ids": ids}, "greedy")
+    with caplog.at_level(logging.WARNING, logger="modelsurgeon"):
+        healed = _compile(path, [_Noise(scale=1.0), _Restore()], calib)
+    assert healed.report.rows[1].quality > 10 and healed.report.final.quality == pytest.approx(1.0, abs=1e-3)
+    assert any(r.getMessage().startswith("test-noise(scale=1.0) took the model past the quality floor") and
+               "test-restore comes later" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DegradedError, match=r"pass 'test-noise\(scale=1.0\)' degraded .* after "
+                                            r"test-restore\(undo=False\), which did not bring it back .*give "
+                                            r"test-restore\(undo=False\) more steps"):
+        _compile(path, [_Noise(scale=1.0), _Restore(undo=False)], calib)
+    # the real heal declares itself a recovery pass
+    assert get_pass("heal").recovers and not get_pass("prune").recovers
 
 
 def test_gate_is_off_on_synthesized_inputs(llama_text, caplog):
