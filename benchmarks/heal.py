@@ -249,13 +249,13 @@ def main(argv=None) -> int:
 
     out = pathlib.Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "heal", "rows": [], "notes": []}
-    extra = (f",seconds={args.seconds}" if args.seconds else "") + (f",holdout={args.holdout}" if args.holdout else "") \
-        + (f",rank={args.rank}" if args.rank else "") + (f",threads={args.threads}" if args.threads != 1 else "")
+    both = (f",holdout={args.holdout}" if args.holdout else "") + (f",rank={args.rank}" if args.rank else "") \
+        + (f",threads={args.threads}" if args.threads != 1 else "")  # options the e2e heal after it shares
+    extra = (f",seconds={args.seconds}" if args.seconds else "") + both
     heal = f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}{extra})"
     if args.then_e2e:
         heal += (f",heal(steps={args.then_e2e},lr={args.e2e_lr or args.lr},mode=e2e,train=all,batch={args.batch}"
-                 + (f",holdout={args.holdout}" if args.holdout else "") + (f",rank={args.rank}" if args.rank else "")
-                 + (f",threads={args.threads}" if args.threads != 1 else "") + ")")
+                 f"{both})")
     by_model: dict[str, list[str]] = {}
     for c in args.configs.split(","):
         if c not in CONFIGS:

@@ -192,6 +192,8 @@ def test_heal_refuses_bad_options():
     for bad in (-0.1, 1.0):
         with pytest.raises(UserError, match="holdout"):
             get_pass("heal")(holdout=bad)
+    with pytest.raises(UserError, match="rank"):
+        get_pass("heal")(rank=-1)
 
 
 def test_heal_objectives_count_real_tokens_only():
