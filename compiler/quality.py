@@ -192,15 +192,17 @@ class Gate:
     """Judges the model after each pass against the original: warns at the pass that takes it past the warning
     level, stops at the pass that takes it past the floor (unless `allow_degraded`: then warns, and the report lists
     the pass). Each level blames one pass, the first to cross it; later passes are judged again only if the model
-    came back above the level. A pass followed by a recovery pass (heal) is not stopped at the floor: it is warned,
-    and the floor is judged after the recovery, still blaming it when the recovery did not bring the model back."""
+    came back above the level. A pass followed by a recovery pass (heal) is judged after the recovery: past the floor
+    it is warned at once, not stopped; past the warning level alone it is not warned yet. Either level still blames it
+    when the recovery did not bring the model back."""
 
     quality: Quality
     floor: float | None = None  # min_quality: the floor in the metric's own unit (largest ratio for ppl)
     allow_degraded: bool = False
     degraded: list[str] = dataclasses.field(default_factory=list)
     _below: dict[str, bool] = dataclasses.field(default_factory=lambda: {"warn": False, "floor": False})
-    _pending: str | None = None  # the pass past the floor that a recovery pass after it may bring back
+    # level ("warn", "floor") -> the pass that took the model past it, which a recovery pass after it may bring back
+    _pending: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         kind = self.quality.kind
@@ -239,18 +241,24 @@ class Gate:
         unit = "x" if kind == "ppl" else ""
         where = f"on {self.quality.data}"
         below_floor, below_warn = self._past(value, floor), self._past(value, WARN[kind])
-        if below_floor and recovery is not None:
-            if self._pending is None and not self._below["floor"]:
-                self._pending = pass_name
+        if below_warn and recovery is not None:
+            new = [lv for lv, past in (("warn", True), ("floor", below_floor))
+                   if past and lv not in self._pending and not self._below[lv]]
+            self._pending.update((lv, pass_name) for lv in new)
+            if "floor" in new:
                 log.warning("%s took the model past the quality floor: %s %s (floor %g%s); %s comes later, so the "
                             "floor is judged after it", pass_name, self._fmt(value), where, floor, unit, recovery)
+            elif new:  # a warning now would advise the heal that is already coming
+                log.info("%s left the model at %s %s (warning level %g%s); %s comes later, so the model is judged "
+                         "after it", pass_name, self._fmt(value), where, WARN[kind], unit, recovery)
             return
-        culprit, self._pending = self._pending or pass_name, None
+        crossed_floor = below_floor and not self._below["floor"]
+        crossed_warn = below_warn and not self._below["warn"] and not below_floor
+        pending, self._pending = self._pending, {}
+        culprit = pending.get("floor" if crossed_floor else "warn", pass_name)
         after = "" if culprit == pass_name else f" after {pass_name}"
         if culprit != pass_name:
             advice = f"give {pass_name} more steps or calibration data, or try milder options for {culprit}"
-        crossed_floor = below_floor and not self._below["floor"]
-        crossed_warn = below_warn and not self._below["warn"] and not below_floor
         self._below.update(floor=below_floor, warn=below_warn)
         if crossed_floor:
             what = f"{self._fmt(value)} {where}{after and after + ', which did not bring it back'} (floor " \

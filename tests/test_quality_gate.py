@@ -209,6 +209,18 @@ def test_gate_waits_for_a_recovery_pass_later_in_the_pipeline(llama_text, caplog
                                             r"test-restore\(undo=False\), which did not bring it back .*give "
                                             r"test-restore\(undo=False\) more steps"):
         _compile(path, [_Noise(scale=1.0), _Restore(undo=False)], calib)
+    # past the warning level alone (4x): no warning before the recovery, none after one that brings the model back,
+    # and one that names the pass after one that does not
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modelsurgeon"):
+        _compile(path, [_Noise(scale=0.3), _Restore()], calib)
+    assert not [r for r in caplog.records if "warning level" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="modelsurgeon"):
+        kept = _compile(path, [_Noise(scale=0.3), _Restore(undo=False)], calib)
+    warned = [r.getMessage() for r in caplog.records if "warning level" in r.getMessage()]
+    assert 2 < kept.report.final.quality < 10 and len(warned) == 1
+    assert warned[0].startswith("test-noise(scale=0.3) left the model at") and "after test-restore(undo=False)" in \
+        warned[0] and "give test-restore(undo=False) more steps" in warned[0]
     # the real heal declares itself a recovery pass
     assert get_pass("heal").recovers and not get_pass("prune").recovers
 
