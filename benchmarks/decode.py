@@ -12,7 +12,8 @@ Rows:
   `int4_algo_config=k_quant_mixed`, run through the same loop (and through `onnxruntime_genai` itself, decode only,
   as a cross-check of the loop's overhead);
 - ours: `modelsurgeon.compile(SOURCE, PASSES, fuse=FUSE)` for the rows in OURS, SOURCE being torch's dynamo export
-  with a KV cache (`real.smollm2_kv_onnx`) or Optimum's folder; calibration: 32 windows of 128 tokens from the plays other than Macbeth and Hamlet (`calibration.from_token_ids`);
+  with a KV cache (`real.smollm2_kv_onnx`) or Optimum's folder; calibration: 32 windows of 128 tokens from the plays
+  other than Macbeth and Hamlet (`calibration.from_token_ids`), 64 for rows that heal;
 - llama.cpp (`llama-cpp-python`, if installed) on the packaged Q4_1 GGUF: the same prompt evaluated, N greedy tokens.
 
 Perplexity of every row: next-token NLL over the same Macbeth windows of 128 tokens, one full-window forward each with
@@ -44,6 +45,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMAND = "python benchmarks/decode.py"
 THREADS = 2
 Q = "quant4"  # defaults: the head at 8 bits, the tied table read from its codes (benchmarks/quant4_head.py)
+# end-to-end recovery with LoRA deltas of rank 8 (docs/heal.md), within the 30-minute compile budget of issue 18
+HEAL = "heal(steps=200,lr=0.001,mode=e2e,train=all,batch=8,holdout=0.125,rank=8,threads=2,seconds=1800)"
 G = "quant4(algo=gptq,lm_head=true,embeddings=true)"  # what quant4(algo=gptq) defaults to: the head at 4 bits, shared
 # (source export, passes, fuse): compile() appends `fuse` by default; fuse=False rows show what it is worth.
 # "dynamo": torch's dynamo exporter with a KV cache (`real.smollm2_kv_onnx`, the form `fuse` knows: GroupQueryAttention);
@@ -51,8 +54,10 @@ G = "quant4(algo=gptq,lm_head=true,embeddings=true)"  # what quant4(algo=gptq) d
 OURS = [("dynamo", "cleanup", False), ("dynamo", "cleanup", True), ("dynamo", Q, True), ("dynamo", G, False),
         ("dynamo", G, True), ("dynamo", f"slice(sparsity=0.25),{G}", True),
         ("dynamo", f"slice(sparsity=0.25,bases=model),{G}", True), ("dynamo", f"drop-blocks(n=6),{Q}", True),
-        ("dynamo", f"slice(sparsity=0.25),drop-blocks(n=4),{G}", True), ("optimum", G, False), ("optimum", G, True)]
+        ("dynamo", f"slice(sparsity=0.25),drop-blocks(n=4),{G}", True), ("optimum", G, False), ("optimum", G, True),
+        ("dynamo", f"drop-blocks(n=10),{G}", True), ("dynamo", f"drop-blocks(n=10),{HEAL},{G}", True)]
 HELD_OUT = ("Macbeth", "Hamlet")
+HEAL_WINDOWS = 64  # rows that heal calibrate on 64 windows (docs/heal.md's SmolLM2 runs), 8 of them held back by heal
 ANCHOR = "GenAI int4 default"  # the row every decode speed is also given as a per-round ratio to
 
 
@@ -65,7 +70,8 @@ def log(msg: str) -> None:
 
 
 def token_data(ppl_windows: int, calib_windows: int, max_context: int) -> dict[str, np.ndarray]:
-    """prompt [1, max_context] (Hamlet), ppl [W, 128] (Macbeth), calib [C, 128] (the other works)."""
+    """prompt [1, max_context] (Hamlet), ppl [W, 128] (Macbeth), calib [C, 128] and calib_heal [HEAL_WINDOWS, 128]
+    (the other works)."""
     from modelsurgeon import calibration as C
     from modelsurgeon.models import real
 
@@ -74,7 +80,8 @@ def token_data(ppl_windows: int, calib_windows: int, max_context: int) -> dict[s
     others = [t for name, t in sorted(texts.items()) if name not in HELD_OUT]
     return {"prompt": C.tokenize_text(texts["Hamlet"], tok, 1, max_context),
             "ppl": C.tokenize_text(texts["Macbeth"], tok, ppl_windows, 128),
-            "calib": C.tokenize_texts(others, tok, calib_windows, 128)}
+            "calib": C.tokenize_texts(others, tok, calib_windows, 128),
+            "calib_heal": C.tokenize_texts(others, tok, HEAL_WINDOWS, 128)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,8 +125,8 @@ def compile_ours(src: pathlib.Path, source: str, passes: str, fuse: bool, work: 
     t0 = time.perf_counter()
     try:
         data = C.from_token_ids(load(str(model_file(src))), calib_ids, source="shakespeare")
-        result = modelsurgeon.compile(str(src), passes=passes, calibration=data, verify=False, progress=False,
-                                      fuse=fuse)
+        result = modelsurgeon.compile(str(src), passes=passes, calibration=data, num_samples=len(calib_ids),
+                                      verify=False, progress=False, fuse=fuse)
     except UserError as exc:
         info = {"passes": passes, "refused": str(exc)}
         out.mkdir(parents=True)
@@ -307,24 +314,23 @@ def main() -> int:
     data = token_data(args.ppl_windows, args.calib_windows, max(args.contexts))
     fp32 = real.smollm2_optimum_onnx("text-generation-with-past").parent
     rows: list[dict] = [{"name": "fp32 (Optimum KV export)", "by": "optimum", "folder": fp32}]
-    for algo in (None, "k_quant_mixed"):
-        log(f"GenAI builder int4 {algo or 'default'}")
+    for name, precision, algo in (("GenAI int4 default", "int4", None), ("GenAI int4 k_quant_mixed", "int4", "k_quant_mixed"),
+                                  ("GenAI fp32", "fp32", None)):
+        if args.only is not None and not re.search(args.only, name):
+            continue  # not measured: not built either
+        log(f"GenAI builder {name}")
         try:
-            folder = real.smollm2_genai("int4", algo)
-            rows.append({"name": f"GenAI int4 {algo or 'default'}", "by": "genai", "folder": folder})
+            rows.append({"name": name, "by": "genai", "folder": real.smollm2_genai(precision, algo)})
         except Exception as exc:  # the builder failing is a result to record
-            rows.append({"name": f"GenAI int4 {algo or 'default'}", "by": "genai", "refused": str(exc)[:300]})
-    try:
-        rows.append({"name": "GenAI fp32", "by": "genai", "folder": real.smollm2_genai("fp32")})
-    except Exception as exc:
-        rows.append({"name": "GenAI fp32", "by": "genai", "refused": str(exc)[:300]})
+            rows.append({"name": name, "by": "genai", "refused": str(exc)[:300]})
     sources = {"dynamo": real.smollm2_kv_onnx(), "optimum": fp32}
     for source, passes, fuse in OURS:
         name = row_name(source, passes, fuse)
         if args.only is not None and not re.search(args.only, name):
             continue  # not measured: not compiled either
         log(f"compile {name}")
-        info = compile_ours(sources[source], source, passes, fuse, work, data["calib"], args.recompile)
+        calib = data["calib_heal" if "heal" in passes else "calib"]
+        info = compile_ours(sources[source], source, passes, fuse, work, calib, args.recompile)
         row = {"name": name, "by": "ours", **info}
         if "refused" not in info:
             row["folder"] = work / slug(name)
@@ -414,6 +420,7 @@ def main() -> int:
             r.pop(k, None)
     doc = {"benchmark": "decode", "command": COMMAND + " " + " ".join(sys.argv[1:]), "threads": THREADS,
            "rounds": args.rounds, "new_tokens": args.new, "contexts": args.contexts, "ppl_windows": args.ppl_windows,
+           "calib_windows": args.calib_windows, "heal_calib_windows": HEAL_WINDOWS,
            "load_before": load_before, "load_after": os.getloadavg(), "seconds": time.perf_counter() - start,
            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows, **extra}
     import onnxruntime

@@ -11,7 +11,7 @@ heal's notes. Rows are merged into the JSON by (model, config), so configuration
     python benchmarks/heal.py --configs drop6,lowrank20 [--steps 100] [--lr 1e-4] [--mode blocks] [--seconds S]
                               [--calib-samples 64] [--eval-samples 16] [--out docs/results/heal.json] [--no-table]
 
-Configurations: drop6, lowrank20, share2, slice30, prune30 (SmolLM2); minilm-lowrank20, minilm-prune,
+Configurations: drop6, lowrank20, share2, share2-corr32, slice30, prune30 (SmolLM2); minilm-lowrank20, minilm-prune,
 minilm-drop2 (MiniLM); effnet-prune30 (EfficientNet-Lite0: calibration on random crops of 14 photos, top-1
 agreement with the dense model on 4 others).
 """
@@ -38,6 +38,7 @@ CONFIGS = {
     "drop6": ("smollm2", "drop-blocks(n=6)"),
     "lowrank20": ("smollm2", "lowrank(ratio=0.2)"),
     "share2": ("smollm2", "share(groups=2)"),
+    "share2-corr32": ("smollm2", "share(groups=2,correct=lowrank(32))"),
     "slice30": ("smollm2", "slice(sparsity=0.3)"),
     "prune30": ("smollm2", "prune(ffn=0.3)"),
     "prune30-act": ("smollm2", "prune(ffn=0.3,importance=activation)"),
