@@ -48,6 +48,7 @@ Q = "quant4"  # defaults: the head at 8 bits, the tied table read from its codes
 # end-to-end recovery with LoRA deltas of rank 8 (docs/heal.md), within the 30-minute compile budget of issue 18
 HEAL = "heal(steps=200,lr=0.001,mode=e2e,train=all,batch=8,holdout=0.125,rank=8,threads=2,seconds=1800)"
 G = "quant4(algo=gptq,lm_head=true,embeddings=true)"  # what quant4(algo=gptq) defaults to: the head at 4 bits, shared
+GS = G[:-1] + ",symmetric=true)"  # GenAI's default int4 layout: no zero points
 # (source export, passes, fuse): compile() appends `fuse` by default; fuse=False rows show what it is worth.
 # "dynamo": torch's dynamo exporter with a KV cache (`real.smollm2_kv_onnx`, the form `fuse` knows: GroupQueryAttention);
 # "optimum": Optimum's TorchScript export (attention stays decomposed; fuse fuses norms and packs projections only).
@@ -55,7 +56,8 @@ OURS = [("dynamo", "cleanup", False), ("dynamo", "cleanup", True), ("dynamo", Q,
         ("dynamo", G, True), ("dynamo", f"slice(sparsity=0.25),{G}", True),
         ("dynamo", f"slice(sparsity=0.25,bases=model),{G}", True), ("dynamo", f"drop-blocks(n=6),{Q}", True),
         ("dynamo", f"slice(sparsity=0.25),drop-blocks(n=4),{G}", True), ("optimum", G, False), ("optimum", G, True),
-        ("dynamo", f"drop-blocks(n=10),{G}", True), ("dynamo", f"drop-blocks(n=10),{HEAL},{G}", True)]
+        ("dynamo", f"drop-blocks(n=10),{G}", True), ("dynamo", f"drop-blocks(n=10),{HEAL},{G}", True),
+        ("dynamo", GS, True), ("dynamo", f"slice(sparsity=0.25),{GS}", True)]
 HELD_OUT = ("Macbeth", "Hamlet")
 HEAL_WINDOWS = 64  # rows that heal calibrate on 64 windows (docs/heal.md's SmolLM2 runs), 8 of them held back by heal
 ANCHOR = "GenAI int4 default"  # the row every decode speed is also given as a per-round ratio to
@@ -249,14 +251,19 @@ class LlamaCpp:
 
 
 def profile_decode(path: pathlib.Path, prompt: np.ndarray, steps: int, source: pathlib.Path) -> dict[str, float]:
-    """Milliseconds per decode step by op type (ORT profiling), averaged over `steps` steps after a 128-token prefill."""
+    """Milliseconds per decode step by op type (ORT profiling), averaged over `steps` steps after a 128-token prefill.
+    MatMulNBits is split by weight shape ("MatMulNBits 576x3072": K x N), with "<key> calls" beside each key."""
+    import onnx
     import onnxruntime as ort
 
     from modelsurgeon.runtime import generate
     from modelsurgeon.runtime.session import session_options
 
+    shapes = {n.name: "x".join(str(a.i) for a in sorted(n.attribute, key=lambda a: a.name) if a.name in ("K", "N"))
+              for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
     so = session_options(THREADS)
     so.enable_profiling = True
+    (ROOT / "build").mkdir(exist_ok=True)
     so.profile_file_prefix = str(ROOT / "build" / "decode-profile")
     dec = generate.Decoder(str(path), threads=THREADS, source=str(source))
     dec.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -272,8 +279,23 @@ def profile_decode(path: pathlib.Path, prompt: np.ndarray, steps: int, source: p
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         if any(r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in runs):
-            totals[e.get("args", {}).get("op_name", "?")] += e["dur"] / 1000 / steps
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+            op = e.get("args", {}).get("op_name", "?")
+            node = e["name"][:-len("_kernel_time")]
+            key = f"{op} {shapes[node]}" if node in shapes else op
+            totals[key] += e["dur"] / 1000 / steps
+            totals[f"{key} calls"] += 1 / steps
+    totals["total"] = sum(v for k, v in totals.items() if not k.endswith(" calls"))
+    return dict(sorted(totals.items(), key=lambda kv: (kv[0].endswith(" calls"), -kv[1])))
+
+
+def profile_rows(chosen: list[dict], prompt: np.ndarray, rounds: int) -> dict[str, dict[str, float]]:
+    """`profile_decode` of each chosen row, interleaved over `rounds` rounds; per key the median over rounds."""
+    samples: dict[str, list[dict[str, float]]] = {r["name"]: [] for r in chosen}
+    for i in range(rounds):
+        for r in chosen:
+            samples[r["name"]].append(profile_decode(r["model"], prompt, 16, r["model"]))
+        log(f"profile round {i + 1}/{rounds} done")
+    return {name: {k: float(np.median([s.get(k, 0.0) for s in runs])) for k in runs[0]} for name, runs in samples.items()}
 
 
 def measure(decoder):
@@ -297,7 +319,8 @@ def main() -> int:
     ap.add_argument("--recompile", action="store_true")
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--no-genai-runtime", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="per-op profile of one decode step: fastest of ours, GenAI int4")
+    ap.add_argument("--profile", action="store_true", help="per-op profile of one decode step (MatMulNBits by weight shape), medians of up to 5 "
+                    "interleaved rounds: the fastest of ours and GenAI int4, or with --only every measured ORT row")
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "results" / "decode.json")
     ap.add_argument("--only", default=None, help="compile and measure only the rows whose name matches this regular "
                     "expression (re.search); the table in docs/decode.md is left alone")
@@ -409,11 +432,10 @@ def main() -> int:
             log(f"onnxruntime_genai {r['name']}: {r['onnxruntime_genai']}")
     ours = [r for r in live if r["by"] == "ours"]
     if args.profile and ours and anchor is not None:
-        fastest = max(ours, key=lambda r: r[f"decode_tps_{args.contexts[0]}"])
-        (ROOT / "build").mkdir(exist_ok=True)
-        extra["profile_ms_per_decode_step"] = {
-            r["name"]: profile_decode(r["model"], data["prompt"], 16, r["model"])
-            for r in (fastest, next(x for x in live if x["name"] == anchor))}
+        # with --only: every ORT row measured; else the fastest of ours against the anchor
+        chosen = [r for r in live if "model" in r] if args.only is not None else \
+            [max(ours, key=lambda r: r[f"decode_tps_{args.contexts[0]}"]), next(x for x in live if x["name"] == anchor)]
+        extra["profile_ms_per_decode_step"] = profile_rows(chosen, data["prompt"], max(1, min(args.rounds, 5)))
 
     for r in rows:
         for k in ("folder", "model", "decoder"):

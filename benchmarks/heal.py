@@ -285,7 +285,8 @@ def main(argv=None) -> int:
                 print(f"[{name}] {passes},{heal}: {q1} ({t3 - t2:.0f} s) {notes.get('heal')}", flush=True)
                 row = {"model": name, "config": c, "passes": passes, "heal": heal, "dense": base,
                        "one_shot": q0, "healed": q1, "pass_s": round(t1 - t0, 1), "heal_s": round(t3 - t2, 1),
-                       "calib_samples": args.calib_samples}
+                       "calib_samples": args.calib_samples,
+                       "command": "python benchmarks/heal.py " + " ".join(sys.argv[1:] if argv is None else argv)}
                 if args.mix:
                     row["calib_mix"] = args.mix
                 if "perplexity" in base:

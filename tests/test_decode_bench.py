@@ -62,3 +62,26 @@ def test_paired_ratio_is_taken_within_rounds(bench, tmp_path, monkeypatch):
         {"name": "llama.cpp", "size_MiB": 9, "ppl": 12.0, "prefill_tps_128": 90.0, "decode_tps_128": 25.0}]})
     text = (tmp_path / "docs" / "decode.md").read_text()
     assert "decode / GenAI int4 @128 |" in text and "| 20.0 | 1.00x |" in text and "| 25.0 | - |" in text
+
+
+def test_profile_splits_matmulnbits_by_weight_shape(bench, corpus_model):
+    """The decode-step profile gives each MatMulNBits weight shape its own key, with as many calls per step as the
+    graph has nodes of that shape, and a total that is the sum of its parts."""
+    import collections
+
+    import onnx
+
+    path = generate.model_file(corpus_model("qwen2/genai-int4"))
+    nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    expected = collections.Counter(
+        "MatMulNBits " + "x".join(str(a.i) for a in sorted(n.attribute, key=lambda a: a.name) if a.name in ("K", "N"))
+        for n in nodes)
+    assert len(expected) > 1
+    prompt = np.random.default_rng(0).integers(3, 200, (1, 12))
+    profile = bench.profile_decode(path, prompt, 3, path)
+    for key, count in expected.items():
+        assert profile[key] > 0
+        assert profile[f"{key} calls"] == pytest.approx(count)
+    parts = [v for k, v in profile.items() if k != "total" and not k.endswith(" calls")]
+    assert profile["total"] == pytest.approx(sum(parts))
+    assert "MatMulNBits" not in profile  # no node left unattributed to its shape
