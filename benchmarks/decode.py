@@ -259,7 +259,7 @@ def profile_decode(path: pathlib.Path, prompt: np.ndarray, steps: int, source: p
     from modelsurgeon.runtime import generate
     from modelsurgeon.runtime.session import session_options
 
-    shapes = {n.name: "x".join(str(a.i) for a in sorted(n.attribute, key=lambda a: a.name) if a.name in ("K", "N"))
+    shapes = {n.name: f"{onnx.helper.get_node_attr_value(n, 'K')}x{onnx.helper.get_node_attr_value(n, 'N')}"
               for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
     so = session_options(THREADS)
     so.enable_profiling = True
@@ -295,7 +295,8 @@ def profile_rows(chosen: list[dict], prompt: np.ndarray, rounds: int) -> dict[st
         for r in chosen:
             samples[r["name"]].append(profile_decode(r["model"], prompt, 16, r["model"]))
         log(f"profile round {i + 1}/{rounds} done")
-    return {name: {k: float(np.median([s.get(k, 0.0) for s in runs])) for k in runs[0]} for name, runs in samples.items()}
+    return {name: {k: float(np.median([s.get(k, 0.0) for s in runs])) for k in dict.fromkeys(k for s in runs for k in s)}
+            for name, runs in samples.items()}
 
 
 def measure(decoder):
