@@ -57,7 +57,17 @@ OURS = [("dynamo", "cleanup", False), ("dynamo", "cleanup", True), ("dynamo", Q,
         ("dynamo", f"slice(sparsity=0.25,bases=model),{G}", True), ("dynamo", f"drop-blocks(n=6),{Q}", True),
         ("dynamo", f"slice(sparsity=0.25),drop-blocks(n=4),{G}", True), ("optimum", G, False), ("optimum", G, True),
         ("dynamo", f"drop-blocks(n=10),{G}", True), ("dynamo", f"drop-blocks(n=10),{HEAL},{G}", True),
-        ("dynamo", GS, True), ("dynamo", f"slice(sparsity=0.25),{GS}", True)]
+        ("dynamo", GS, True), ("dynamo", f"slice(sparsity=0.25),{GS}", True),
+        ("dynamo", f"slice(sparsity=0.25,bases=model),{GS}", True),
+        ("dynamo", f"slice(sparsity=0.25,bases=model),{HEAL},{GS}", True)]
+# --set pareto (issue 19, benchmarks/pareto.py): bytes against quality and decode speed, the head and the tied table at
+# 4 bits in every row so that the rows differ only in how the projections are stored
+H = "lm_head=true,embeddings=true"
+PARETO = [("dynamo", f"quant4(block={b},{H})", True) for b in (32, 64, 128)] + \
+         [("dynamo", G, True)] + [("dynamo", f"quant4(algo=gptq,block={b},{H})", True) for b in (64, 128)] + \
+         [("dynamo", GS, True), ("dynamo", f"quant4(algo=gptq,block=128,keep8=24,{H})", True)] + \
+         [("dynamo", f"spquant(sparsity={s}{',min_saving=0' if s == 0 else ''}),{G}", True) for s in (0, 0.1, 0.25, 0.5)]
+ROW_SETS = {"decode": OURS, "pareto": PARETO}
 HELD_OUT = ("Macbeth", "Hamlet")
 HEAL_WINDOWS = 64  # rows that heal calibrate on 64 windows (docs/heal.md's SmolLM2 runs), 8 of them held back by heal
 ANCHOR = "GenAI int4 default"  # the row every decode speed is also given as a per-round ratio to
@@ -323,6 +333,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="per-op profile of one decode step (MatMulNBits by weight shape), medians of up to 5 "
                     "interleaved rounds: the fastest of ours and GenAI int4, or with --only every measured ORT row")
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "results" / "decode.json")
+    ap.add_argument("--set", choices=sorted(ROW_SETS), default="decode", help="which of our rows: decode (this page's) "
+                    "or pareto (issue 19's bytes/quality/speed rows; benchmarks/pareto.py reads the result)")
     ap.add_argument("--only", default=None, help="compile and measure only the rows whose name matches this regular "
                     "expression (re.search); the table in docs/decode.md is left alone")
     args = ap.parse_args()
@@ -348,7 +360,7 @@ def main() -> int:
         except Exception as exc:  # the builder failing is a result to record
             rows.append({"name": name, "by": "genai", "refused": str(exc)[:300]})
     sources = {"dynamo": real.smollm2_kv_onnx(), "optimum": fp32}
-    for source, passes, fuse in OURS:
+    for source, passes, fuse in ROW_SETS[args.set]:
         name = row_name(source, passes, fuse)
         if args.only is not None and not re.search(args.only, name):
             continue  # not measured: not compiled either
@@ -443,7 +455,7 @@ def main() -> int:
             r.pop(k, None)
     doc = {"benchmark": "decode", "command": COMMAND + " " + " ".join(sys.argv[1:]), "threads": THREADS,
            "rounds": args.rounds, "new_tokens": args.new, "contexts": args.contexts, "ppl_windows": args.ppl_windows,
-           "calib_windows": args.calib_windows, "heal_calib_windows": HEAL_WINDOWS,
+           "set": args.set, "calib_windows": args.calib_windows, "heal_calib_windows": HEAL_WINDOWS,
            "load_before": load_before, "load_after": os.getloadavg(), "seconds": time.perf_counter() - start,
            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows, **extra}
     import onnxruntime
@@ -452,7 +464,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, default=str))
     log(f"wrote {args.out} in {doc['seconds']:.0f} s")
-    if args.only is None:
+    if args.only is None and args.set == "decode":
         write_table(doc)
     return 0
 
