@@ -72,7 +72,8 @@ def minilm_rows(work: pathlib.Path, rounds: int) -> dict:
         row = {"label": label, "passes": passes}
         if passes:
             t0 = time.perf_counter()
-            res = modelsurgeon.compile(str(dense), passes, calibration=calibration, progress=False, verify=False)
+            res = modelsurgeon.compile(str(dense), passes, calibration=calibration, num_samples=MINILM_CALIB, progress=False,
+                                       verify=False)
             out = work / "".join(c if c.isalnum() else "_" for c in label) / "model.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
             paths[label] = pathlib.Path(res.save(out))
