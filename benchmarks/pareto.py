@@ -182,7 +182,7 @@ def write_doc(doc: dict, page: pathlib.Path) -> None:
                                                  ("ms_decode_128", "decode ms/token @128", ".2f"),
                                                  ("decode_vs_genai_int4_128", "decode vs GenAI int4", ".2f")]), ""]
     if doc.get("minilm"):
-        parts += ["all-MiniLM-L6-v2 (`python benchmarks/pareto.py`, the word-embedding table float in every row):", "",
+        parts += [f"all-MiniLM-L6-v2 (`{doc['command'].strip()}`, the word-embedding table float in every row):", "",
                   table(doc["minilm"]["rows"], [("size_MiB", "MiB", ".1f"), ("cosine", "cosine", ".4f"),
                                                 ("ms_128", "ms, 128 tokens", ".2f"), ("ms_16", "ms, 16 tokens", ".2f")]),
                   ""]
