@@ -59,14 +59,16 @@ OURS = [("dynamo", "cleanup", False), ("dynamo", "cleanup", True), ("dynamo", Q,
         ("dynamo", f"drop-blocks(n=10),{G}", True), ("dynamo", f"drop-blocks(n=10),{HEAL},{G}", True),
         ("dynamo", GS, True), ("dynamo", f"slice(sparsity=0.25),{GS}", True),
         ("dynamo", f"slice(sparsity=0.25,bases=model),{GS}", True),
-        ("dynamo", f"slice(sparsity=0.25,bases=model),{HEAL},{GS}", True)]
+        ("dynamo", f"slice(sparsity=0.25,bases=model),{HEAL},{GS}", True),
+        ("dynamo", f"drop-blocks(n=10),{HEAL},{GS}", True)]
 # --set pareto (issue 19, benchmarks/pareto.py): bytes against quality and decode speed, the head and the tied table at
 # 4 bits in every row so that the rows differ only in how the projections are stored
 H = "lm_head=true,embeddings=true"
 PARETO = [("dynamo", f"quant4(block={b},{H})", True) for b in (32, 64, 128)] + \
          [("dynamo", G, True)] + [("dynamo", f"quant4(algo=gptq,block={b},{H})", True) for b in (64, 128)] + \
          [("dynamo", GS, True), ("dynamo", f"quant4(algo=gptq,block=128,keep8=24,{H})", True)] + \
-         [("dynamo", f"spquant(sparsity={s}{',min_saving=0' if s == 0 else ''}),{G}", True) for s in (0, 0.1, 0.25, 0.5)]
+         [("dynamo", f"spquant(sparsity={s}{',min_saving=0' if s == 0 else ''}),{G}", True) for s in (0, 0.1, 0.25, 0.5)] + \
+         [("dynamo", f"spquant(sparsity=0,min_saving=0,scale_bits=8),{G}", True)]  # block-32 groups at 4.25 bits
 ROW_SETS = {"decode": OURS, "pareto": PARETO}
 HELD_OUT = ("Macbeth", "Hamlet")
 HEAL_WINDOWS = 64  # rows that heal calibrate on 64 windows (docs/heal.md's SmolLM2 runs), 8 of them held back by heal

@@ -10,7 +10,8 @@ no other row beats on all three marked:
   saw, and ms per call at batch 1 for a 128-token and a 16-token input (interleaved, medians), measured here.
 
 Rows: quant4 round-to-nearest and GPTQ at blocks 32/64/128, GPTQ with zero points dropped (symmetric), GPTQ at
-block 128 with the most sensitive layers at 8 bits (mixed 4/8), spquant at 0/10/25/50% group sparsity. On
+block 128 with the most sensitive layers at 8 bits (mixed 4/8), spquant at 0/10/25/50% group sparsity, and dense
+spquant with 8-bit scale codes (block-32 groups at 4.25 bits per weight). On
 SmolLM2 the head and its tied embedding table are 4-bit in every row (spquant leaves the head, quant4(gptq) takes
 it); on MiniLM the word-embedding table stays float in every row (the same 44.7 MiB in each).
 
@@ -32,6 +33,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import decode as D  # noqa: E402  (the model-bytes count, shared with the SmolLM2 rows)
+
 THREADS = 2
 MINILM_CALIB, MINILM_EVAL, MINILM_SEQ = 512, 512, 128
 MINILM_ROWS = {  # label: passes ("" = the fp32 model itself)
@@ -42,15 +46,12 @@ MINILM_ROWS = {  # label: passes ("" = the fp32 model itself)
     "quant4 gptq, block 128, 8 layers at 8 bits": "quant4(algo=gptq,block=128,keep8=8)",
     **{f"spquant {int(s * 100)}% groups": f"spquant(sparsity={s}{',min_saving=0' if s == 0 else ''})"
        for s in (0, 0.1, 0.25, 0.5)},
+    "spquant 0% groups, 8-bit scales": "spquant(sparsity=0,min_saving=0,scale_bits=8)",
 }
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def folder_mib(path: pathlib.Path) -> float:
-    return sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file()) / 2**20
 
 
 def minilm_rows(work: pathlib.Path, rounds: int) -> dict:
@@ -82,7 +83,7 @@ def minilm_rows(work: pathlib.Path, rounds: int) -> dict:
             paths[label] = dense
         m = evaluate(str(paths[label]), str(dense), task="embedding", data=str(eval_file), tokenizer=str(tok),
                      num_samples=MINILM_EVAL, seq_len=MINILM_SEQ, batch_size=16).metrics
-        row.update(size_MiB=folder_mib(paths[label]) if passes else dense.stat().st_size / 2**20,
+        row.update(size_MiB=D.folder_mib(paths[label].parent) if passes else dense.stat().st_size / 2**20,
                    cosine=m["cosine_mean"], cosine_min=m["cosine_min"])
         log(f"MiniLM {label}: {row['size_MiB']:.1f} MiB, cosine {row['cosine']:.4f}")
         rows.append(row)
@@ -182,7 +183,7 @@ def write_doc(doc: dict, page: pathlib.Path) -> None:
                                                  ("ms_decode_128", "decode ms/token @128", ".2f"),
                                                  ("decode_vs_genai_int4_128", "decode vs GenAI int4", ".2f")]), ""]
     if doc.get("minilm"):
-        parts += [f"all-MiniLM-L6-v2 (`{doc['command'].strip()}`, the word-embedding table float in every row):", "",
+        parts += [f"all-MiniLM-L6-v2 (`{doc['minilm'].get('command', doc['command']).strip()}`, the word-embedding table float in every row):", "",
                   table(doc["minilm"]["rows"], [("size_MiB", "MiB", ".1f"), ("cosine", "cosine", ".4f"),
                                                 ("ms_128", "ms, 128 tokens", ".2f"), ("ms_16", "ms, 16 tokens", ".2f")]),
                   ""]
@@ -194,7 +195,7 @@ def write_doc(doc: dict, page: pathlib.Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2", type=pathlib.Path, help="decode.py --set pareto JSON to read")
-    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-minilm", action="store_true", help="keep the MiniLM rows already in --out")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--work", type=pathlib.Path, default=None)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "results" / "pareto.json")
@@ -208,9 +209,14 @@ def main(argv=None) -> int:
     if args.smollm2:
         doc["smollm2"] = smollm2_rows(args.smollm2.resolve())
         mark_fronts(doc["smollm2"]["rows"], "ppl", False, "ms_decode_128")
-    if not args.skip_minilm:
+    if args.skip_minilm and args.out.exists():
+        doc["minilm"] = json.loads(args.out.read_text()).get("minilm")
+        if doc["minilm"] is None:
+            del doc["minilm"]
+    elif not args.skip_minilm:
         work = args.work or pathlib.Path(tempfile.mkdtemp(prefix="pareto_"))
         doc["minilm"] = minilm_rows(work, args.rounds)
+        doc["minilm"]["command"] = doc["command"]
         mark_fronts(doc["minilm"]["rows"], "cosine", True, "ms_128")
     import onnxruntime
 

@@ -17,6 +17,11 @@ one SparseQuantMatMul node. Per layer:
    outlier, and the error is compensated on the channels not yet visited through the inverse Hessian, so
    dropping and rounding are corrected together.
 
+Scales are float16, or with `scale_bits=8` one byte per group (sign, 4-bit exponent and 3-bit mantissa against a
+per-layer exponent offset; GPTQ rounds each group's scale to that grid before encoding the group, so the
+compensation sees the stored scale): at block 32 that is 4.25 bits per weight, MatMulNBits' bytes at block 128
+with block-32 groups.
+
 Layers where the sparse format does not save at least `min_saving` of MatMulNBits' bytes (e.g. low sparsity)
 fall back to `com.microsoft.MatMulNBits` (plain GPTQ), as do layers with float16 activations. The model also
 gets the op's ONNX function (runtime/sparse_quant_function.py), so it runs on any ONNX Runtime; with our
@@ -37,7 +42,8 @@ from modelsurgeon import quantize as Q
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 from modelsurgeon.passes import _quant_graph as G
 from modelsurgeon.runtime import sparse_quant_function as F
-from modelsurgeon.runtime.sparse_quant_format import SparseQuantWeight, index_dtype, pack_codes, slot_columns
+from modelsurgeon.runtime.sparse_quant_format import (SparseQuantWeight, decode_scale_codes, encode_scale_codes,
+                                                      index_dtype, pack_codes, scale_code_exponent, slot_columns)
 
 
 def _check_block(b: int) -> str | None:
@@ -96,10 +102,22 @@ def choose_outliers(w: np.ndarray, hessian_diag: np.ndarray, kept: np.ndarray, b
     return np.where(valid, rows, -1)
 
 
+def scale_exponent_for(w: np.ndarray, block: int) -> int:
+    """The layer's `scale_exponent` for 8-bit scale codes, from its largest group's range (error compensation
+    may grow a scale; the code range keeps an octave above this estimate)."""
+    k, n = w.shape
+    nb = Q.n_blocks(k, block)
+    padded = np.zeros((nb * block, n), np.float32)
+    padded[:k] = w
+    return scale_code_exponent(float(np.abs(padded).reshape(nb, block, n).max(axis=1).max()) / 7.0)
+
+
 def sparse_gptq(w: np.ndarray, hessian: np.ndarray, kept: np.ndarray, outlier_rows: np.ndarray, block: int,
-                symmetric: bool, damp: float = 0.01, clip_search: bool = True, lazy_batch: int = 128):
-    """GPTQ with a group mask and exact outliers. Returns (codes uint8 [K, N], scales f16-rounded f32 [nb, N],
-    zero points [nb, N], dense result [K, N] float32). Channels are visited in order (groups stay contiguous)."""
+                symmetric: bool, damp: float = 0.01, clip_search: bool = True, lazy_batch: int = 128,
+                scale_exponent: int | None = None):
+    """GPTQ with a group mask and exact outliers. Returns (codes uint8 [K, N], scales [nb, N] rounded to what the
+    format stores (float16, or 8-bit codes with `scale_exponent`), zero points [nb, N], dense result [K, N]
+    float32). Channels are visited in order (groups stay contiguous)."""
     w = np.asarray(w, np.float64)
     k, n = w.shape
     nb = Q.n_blocks(k, block)
@@ -133,7 +151,10 @@ def sparse_gptq(w: np.ndarray, hessian: np.ndarray, kept: np.ndarray, outlier_ro
                 lo, hi = g * block, min((g + 1) * block, k)
                 current = W1[:, lo - i1:hi - i1]
                 sc, zp = Q.find_params(current.T, 4, symmetric, clip_search, h_orig[lo:hi, lo:hi])
-                scales[g] = sc.astype(np.float16).astype(np.float32)  # the precision the format stores
+                if scale_exponent is None:  # the precision the format stores
+                    scales[g] = sc.astype(np.float16).astype(np.float32)
+                else:
+                    scales[g] = decode_scale_codes(encode_scale_codes(sc, scale_exponent), scale_exponent)
                 zeros[g] = zp
             wcol = W1[:, i]
             q = Q.encode(wcol, scales[g], zeros[g], 4)
@@ -151,14 +172,20 @@ def sparse_gptq(w: np.ndarray, hessian: np.ndarray, kept: np.ndarray, outlier_ro
 
 def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block: int, outliers: float,
                    symmetric: bool, damp: float = 0.01, clip_search: bool = True, bias: np.ndarray | None = None,
-                   tile: int = 1) -> SparseQuantResult:
-    """Select, quantize and pack one weight [K, N] into the SparseQuantMatMul format."""
+                   tile: int = 1, scale_bits: int = 16) -> SparseQuantResult:
+    """Select, quantize and pack one weight [K, N] into the SparseQuantMatMul format (scales float16, or 8-bit
+    codes with scale_bits=8)."""
     w = np.asarray(w, np.float32)
     k, n = w.shape
     kept = choose_groups(group_importance(w, hessian, block), sparsity, tile)
     r = max(1, int(round(outliers * k))) if outliers > 0 else 0
     rows = choose_outliers(w, np.diag(hessian), kept, block, r) if r else np.zeros((n, 0), np.int64)
-    codes, scales, zeros, dense = sparse_gptq(w, hessian, kept, rows, block, symmetric, damp, clip_search)
+    # outliers live in dropped groups: with few of them (low sparsity) the slots no column fills are not stored
+    r = int((rows >= 0).sum(axis=1).max(initial=0))
+    rows = rows[:, :r]  # choose_outliers puts every column's unused slots (-1) last
+    exponent = scale_exponent_for(w, block) if scale_bits == 8 else None
+    codes, scales, zeros, dense = sparse_gptq(w, hessian, kept, rows, block, symmetric, damp, clip_search,
+                                              scale_exponent=exponent)
     nb = kept.shape[0]
     tiles = -(-n // tile)
     n_pad = tiles * tile - n  # padding columns of a partial last tile: code 8, scale 0 (decode to zero)
@@ -173,7 +200,9 @@ def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block
     group_codes = codes_p.reshape(nb, block, -1)[blk_slot, :, col_of]  # [nnz * T, block]
     weight = SparseQuantWeight(
         K=k, N=n, block=block, packed=pack_codes(group_codes),
-        scales=scales_p[blk_slot, col_of].astype(np.float16),
+        scales=(scales_p[blk_slot, col_of].astype(np.float16) if exponent is None
+                else encode_scale_codes(scales_p[blk_slot, col_of], exponent)),
+        scale_exponent=0 if exponent is None else exponent,
         group_ptr=np.concatenate([[0], np.cumsum(kept_tiles.sum(axis=0))]).astype(np.int32),
         group_index=blk_of.astype(index_dtype(nb)),
         zero_points=None if symmetric else (zeros_p[blk_slot, col_of] - 8).astype(np.int8),
@@ -214,6 +243,9 @@ class SparseQuantPass(Pass):
         "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
         "protected_bits": G.PROTECTED_BITS,
+        "scale_bits": Option(int, 16, "bits per group scale: 16 (float16) or 8 (sign, 4-bit exponent, 3-bit mantissa "
+                             "per group, one exponent offset per layer: 0.25 bits per weight less at block 32)",
+                             choices=(16, 8)),
         "tile": Option(int, 8, "adjacent output columns that keep the same groups (1: every column chooses its own; "
                        "4, 8 and 16 have a fast kernel path)", choices=(1, 4, 8, 16)),
     }
@@ -268,7 +300,7 @@ class SparseQuantPass(Pass):
                 if reason is None:
                     result = compress_layer(lin.weight, hessian, sparsity=c["sparsity"], block=c["block"],
                                             outliers=c["outliers"], symmetric=c["symmetric"], damp=c["damp"],
-                                            bias=lin.bias, tile=c["tile"])
+                                            bias=lin.bias, tile=c["tile"], scale_bits=c["scale_bits"])
                     if result.weight.nbytes() > (1.0 - c["min_saving"]) * matmulnbits_bytes(k, n, c["block"], c["symmetric"]):
                         reason = (f"sparse format saves less than {c['min_saving']:.0%} of MatMulNBits' bytes "
                                   f"at sparsity={c['sparsity']}")

@@ -6,7 +6,9 @@ native kernel instead. The body is the format's executable specification (see sp
 
 1. codes: two 256-entry Gather tables turn each packed byte into its low and high code minus 8 (int8); the
    halves are concatenated -> q [nnz, block]; `DequantizeLinear(q, scales, zero_points, axis=0)` gives
-   (u - 8 - z') * scale;
+   (u - 8 - z') * scale. With `scale_code` = 1 the scales are uint8 codes c = s·128 + e·8 + m, decoded first
+   as (-1)^s 2^(scale_exponent + e) (1 + m/8) (a Where on the attribute picks the decoded or the given scales:
+   a function body has one set of nodes for every input type);
 2. scatter: the tile of every kept tile-group comes from group_ptr (ScatterElements-add of ones at the tile
    starts, then CumSum), the column of slot j*T + c is tile*T + c; the groups are ScatterND'ed into a zero
    [N' * n_blocks, block] matrix (N' = N rounded up to whole tiles) -> W^T [N, K];
@@ -35,7 +37,8 @@ DOMAIN = "ai.modelsurgeon"
 OP_NAME = "SparseQuantMatMul"
 DOMAIN_VERSION = 1
 MIN_OPSET = 16  # ScatterElements / ScatterND with reduction="add"
-ATTRIBUTES = ("K", "N", "block", "bits", "accuracy_level")  # plus "outliers" (default 0) and "tile" (default 1)
+ATTRIBUTES = ("K", "N", "block", "bits", "accuracy_level")
+DEFAULTS = {"outliers": 0, "tile": 1, "scale_code": 0, "scale_exponent": 0}  # attributes a node may leave out
 
 
 def _code_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +81,22 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         n("Gather", ["lo_table", "packed_i32"], ["q_lo"]),
         n("Gather", ["hi_table", "packed_i32"], ["q_hi"]),
         n("Concat", ["q_lo", "q_hi"], ["q"], axis=1),
-        n("Cast", ["scales"], ["scales_f32"], to=F),
+        n("Cast", ["scales"], ["scales_given"], to=F),
+        #    8-bit scale codes c = s*128 + e*8 + m: (-1)^s 2^(E + e) (1 + m/8), used where scale_code = 1
+        _attr_const("SC_s", "scale_code"), _attr_const("E_s", "scale_exponent"),
+        _const("f128", np.array(128.0, np.float32)), _const("f8", np.array(8.0, np.float32)),
+        _const("one_f", np.array(1.0, np.float32)), _const("two_f", np.array(2.0, np.float32)),
+        n("Div", ["scales_given", "f128"], ["code_s128"]), n("Floor", ["code_s128"], ["code_s"]),   # sign bit
+        n("Mul", ["code_s", "f128"], ["code_s_128"]), n("Sub", ["scales_given", "code_s_128"], ["code_em"]),
+        n("Div", ["code_em", "f8"], ["code_em8"]), n("Floor", ["code_em8"], ["code_e"]),
+        n("Mul", ["code_e", "f8"], ["code_e8"]), n("Sub", ["code_em", "code_e8"], ["code_m"]),
+        n("Div", ["code_m", "f8"], ["code_m8"]), n("Add", ["one_f", "code_m8"], ["code_mant"]),
+        n("Cast", ["E_s"], ["E_f"], to=F), n("Add", ["code_e", "E_f"], ["code_exp"]),
+        n("Pow", ["two_f", "code_exp"], ["code_pow"]), n("Mul", ["code_pow", "code_mant"], ["code_mag"]),
+        n("Mul", ["code_s", "two_f"], ["code_s2"]), n("Sub", ["one_f", "code_s2"], ["code_sign"]),  # 1 - 2s
+        n("Mul", ["code_mag", "code_sign"], ["scales_decoded"]),
+        n("Cast", ["SC_s"], ["SC_b"], to=TensorProto.BOOL),
+        n("Where", ["SC_b", "scales_decoded", "scales_given"], ["scales_f32"]),
         n("DequantizeLinear", ["q", "scales_f32", "zero_points"], ["groups"], axis=0),
         # 2. tile of every kept tile-group: ones added at ptr[1:tiles], cumulative sum
         n("Cast", ["group_ptr"], ["ptr"], to=I64),
@@ -148,7 +166,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         n("Add", ["y_main", "bias_n"], ["Y"]),
     ]
     nodes.insert(0, _const("c0_s", np.array(0, np.int64)))
-    defaults = [helper.make_attribute("outliers", 0), helper.make_attribute("tile", 1)]
+    defaults = [helper.make_attribute(k, v) for k, v in DEFAULTS.items()]
     return helper.make_function(DOMAIN, OP_NAME, list(INPUT_NAMES), ["Y"], nodes,
                                 opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
                                 attribute_protos=defaults)
@@ -187,7 +205,8 @@ def make_node(A: ir.Value, weight: SparseQuantWeight, graph: ir.Graph, prefix: s
                    attributes={"K": weight.K, "N": weight.N, "block": weight.block, "bits": 4,
                                "accuracy_level": accuracy_level,
                                **({"outliers": weight.outliers_per_column} if weight.outliers_per_column else {}),
-                               **({"tile": weight.tile} if weight.tile != 1 else {})})
+                               **({"tile": weight.tile} if weight.tile != 1 else {}),
+                               **({"scale_code": 1, "scale_exponent": weight.scale_exponent} if weight.scale_codes else {})})
     node.outputs[0].name = output_name or f"{prefix}.out"
     node.outputs[0].dtype = ir.DataType.FLOAT
     return node

@@ -29,7 +29,9 @@ SHAPES = [(77, 13, 32), (300, 33, 64), (129, 7, 16), (1000, 21, 128), (17, 5, 32
 VARIANTS = [(False, 0, False, np.float16, None, 1), (True, 3, True, np.float32, np.int32, 1),
             (True, 0, False, np.float16, None, 1), (False, 4, True, np.float16, None, 1),
             (False, 0, False, np.float16, None, 4), (True, 3, True, np.float32, np.int32, 8),
-            (True, 0, True, np.float16, None, 16), (False, 4, True, np.float16, None, 3)]
+            (True, 0, True, np.float16, None, 16), (False, 4, True, np.float16, None, 3),
+            (False, 0, False, np.uint8, None, 8), (True, 3, True, np.uint8, np.int32, 1),
+            (False, 2, True, np.uint8, None, 4)]  # uint8: 8-bit scale codes
 
 
 def _weight(seed, shape, variant):
@@ -86,6 +88,26 @@ def test_dense_decodes_the_documented_formula():
     expect[0, 0] = 3.0                     # outlier of column 0
     expect[0:4, 1] = (np.array([0, 8, 8, 8]) - 7) * 2.0  # column 1 keeps block 0 with zero point 8 - 1
     assert np.array_equal(w.dense(), expect)
+
+
+def test_scale_codes_are_a_sign_a_4_bit_exponent_and_a_3_bit_mantissa():
+    from modelsurgeon.runtime.sparse_quant_format import decode_scale_codes, encode_scale_codes, scale_code_exponent
+
+    codes = np.arange(256, dtype=np.uint8)
+    values = decode_scale_codes(codes, -10)
+    assert values[0] == 2.0 ** -10 and values[0x3A] == 2.0 ** -3 * (1 + 2 / 8) and values[127] == 2.0 ** 5 * 15 / 8
+    assert np.array_equal(values[128:], -values[:128])  # the top bit is the sign
+    assert np.all(np.diff(values[:128]) > 0)  # monotonic: every code a distinct scale
+    assert np.array_equal(encode_scale_codes(values, -10), codes)  # representable scales round-trip
+    rng = np.random.default_rng(0)
+    s = np.exp2(rng.uniform(-9.9, 5.8, size=10000)) * rng.choice([-1, 1], size=10000)
+    back = decode_scale_codes(encode_scale_codes(s, -10), -10)
+    assert np.abs(back / s - 1).max() <= 1 / 16 + 1e-9  # nearest code: half a mantissa step
+    # out of range: clamped to the end codes; zero and non-finite scales give valid codes
+    assert encode_scale_codes(np.array([0.0, 1e-9, -1e-9, 1e9, np.inf]), -10).tolist() == [0, 0, 128, 127, 127]
+    # the exponent leaves one octave above a layer's largest scale
+    e = scale_code_exponent(0.37)
+    assert decode_scale_codes(np.array([127]), e)[0] >= 2 * 0.37 and decode_scale_codes(np.array([0]), e)[0] < 0.37 / 2 ** 13
 
 
 def test_tiles_share_blocks_and_store_columns_side_by_side():
@@ -230,6 +252,39 @@ def test_compressed_layer_decodes_to_what_gptq_computed(layer_problem):
             assert not groups_only[~allowed, col].any()
 
 
+def test_8_bit_scale_codes_cost_a_byte_per_group_and_little_error(layer_problem):
+    from modelsurgeon import quantize as Q
+    from modelsurgeon.passes.spquant import compress_layer
+
+    w, h, _ = layer_problem
+    res = {bits: compress_layer(w, h, sparsity=0.25, block=32, outliers=0.0, symmetric=True, tile=8, scale_bits=bits)
+           for bits in (16, 8)}
+    coded = res[8].weight
+    assert coded.scales.dtype == np.uint8 and res[16].weight.scales.dtype == np.float16
+    assert res[16].weight.nbytes() - coded.nbytes() == coded.scales.size  # one byte less per stored group
+    np.testing.assert_allclose(coded.dense(), res[8].dense, rtol=0, atol=1e-6)  # GPTQ used the stored scales
+    err = {bits: Q.relative_output_error(w, r.dense, h) for bits, r in res.items()}
+    assert err[16] <= err[8] < 1.05 * err[16]
+
+
+def test_outlier_slots_no_column_fills_are_not_stored(layer_problem):
+    from modelsurgeon.passes.spquant import compress_layer
+
+    w, h, _ = layer_problem
+    dense = compress_layer(w, h, sparsity=0.0, block=32, outliers=0.01, symmetric=True, tile=8)
+    assert dense.weight.outliers_per_column == 0 and dense.weight.outlier_rows is None
+    plain = compress_layer(w, h, sparsity=0.0, block=32, outliers=0.0, symmetric=True, tile=8)
+    assert dense.weight.nbytes() == plain.weight.nbytes()
+    np.testing.assert_array_equal(dense.dense, plain.dense)
+    # 64 slots asked per column; a column has 32 rows per dropped group to fill them with
+    few = compress_layer(w, h, sparsity=1 / 8, block=32, outliers=0.25, symmetric=True, tile=8)
+    ptr = few.weight.group_ptr
+    most_dropped = int((8 - np.diff(ptr)).max())
+    assert 1 <= most_dropped < 2
+    assert few.weight.outliers_per_column == 32 * most_dropped
+    np.testing.assert_allclose(few.weight.dense(), few.dense, rtol=0, atol=1e-6)
+
+
 def test_tiles_cost_some_error_and_keep_their_columns_together(layer_problem):
     from modelsurgeon import quantize as Q
     from modelsurgeon.passes.spquant import choose_groups, compress_layer, group_importance
@@ -286,6 +341,21 @@ def test_pass_emits_the_op_and_its_function(llama_path):
         assert np.linalg.norm(kn - fb) / np.linalg.norm(fb) < 0.05  # int8 activations vs exact fp32 fallback
 
 
+def test_pass_stores_8_bit_scale_codes_that_both_paths_run(llama_path):
+    import modelsurgeon
+
+    res = modelsurgeon.compile(str(llama_path), "spquant(sparsity=0,min_saving=0,scale_bits=8)", progress=False)
+    nodes = [n for n in res.model.graph.all_nodes() if n.domain == "ai.modelsurgeon"]
+    assert nodes and all(n.attributes["scale_code"].value == 1 and n.inputs[2].const_value.dtype == ir.DataType.UINT8
+                         for n in nodes)
+    assert res.report.rows[-1].rel_l2 < 0.5
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 256, size=(2, 8)).astype(np.int64)}
+    fb = make_session(res.model, custom_ops=False).run(None, feeds)[0]
+    if LIBRARY:
+        kn = make_session(res.model).run(None, feeds)[0]
+        assert np.linalg.norm(kn - fb) / np.linalg.norm(fb) < 0.05
+
+
 def test_pass_falls_back_to_matmulnbits_where_sparsity_does_not_pay(llama_path):
     import modelsurgeon
 
@@ -298,7 +368,7 @@ def test_pass_falls_back_to_matmulnbits_where_sparsity_does_not_pay(llama_path):
 
 @pytest.mark.parametrize("spec", ["spquant(block=48)", "spquant(sparsity=1.0)", "spquant(outliers=-0.1)",
                                   "spquant(accuracy_level=2)", "spquant(bogus=1)", "spquant(tile=3)",
-                                  "spquant(protected_bits=4)"])
+                                  "spquant(protected_bits=4)", "spquant(scale_bits=4)"])
 def test_bad_options(spec):
     from modelsurgeon.pipeline import build_pipeline, parse_passes
 

@@ -69,7 +69,7 @@ struct WeightCache {
 };
 
 struct Kernel {
-  int64_t K = 0, N = 0, bits = 4, block = 0, accuracy_level = 4, outliers = 0, tile = 1;
+  int64_t K = 0, N = 0, bits = 4, block = 0, accuracy_level = 4, outliers = 0, tile = 1, scale_code = 0, scale_exponent = 0;
   Isa isa = Isa::kScalar;
   std::atomic<const WeightCache*> cache{nullptr};  // set once, by the first call that validates
   ~Kernel() { delete cache.load(); }
@@ -185,8 +185,15 @@ OrtStatus* parse_weights(const Kernel& k, const OrtValue* const* values, Problem
   if (in[kPacked].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || in[kPacked].numel != slots * (p.block / 2))
     return error("packed must be uint8 [kept groups * tile, block/2]");
   if (in[kScales].numel != slots) return error("scales must have one value per kept group and column of its tile");
-  if (in[kScales].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) p.scales_f16 = true;
-  else if (in[kScales].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return error("scales must be float16 or float");
+  if (k.scale_code) {
+    if (in[kScales].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return error("scales must be uint8 codes with scale_code=1");
+    p.scales_u8 = true;
+    p.scale_code_bias = static_cast<uint32_t>(127 + k.scale_exponent) << 23;
+  } else if (in[kScales].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+    p.scales_f16 = true;
+  } else if (in[kScales].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    return error("scales must be float16 or float (or uint8 with scale_code=1)");
+  }
   if (in[kGroupPtr].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kGroupPtr].numel != tiles + 1)
     return error("group_ptr must be int32 [ceil(N / tile) + 1]");
   if (in[kGroupIndex].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16) p.index_u16 = true;
@@ -346,11 +353,17 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
   if (!s) s = attr("accuracy_level", &k->accuracy_level, false);
   if (!s) s = attr("outliers", &k->outliers, false);
   if (!s) s = attr("tile", &k->tile, false);
+  if (!s) s = attr("scale_code", &k->scale_code, false);
+  if (!s) s = attr("scale_exponent", &k->scale_exponent, false);
   if (!s && k->bits != 4) s = error("only bits=4 is supported");
   if (!s && (k->block < 2 || k->block % 2)) s = error("block must be even and >= 2");
   if (!s && (k->K <= 0 || k->N <= 0)) s = error("K and N must be positive");
   if (!s && k->outliers < 0) s = error("outliers must be >= 0");
   if (!s && k->tile < 1) s = error("tile must be >= 1");
+  if (!s && k->scale_code != 0 && k->scale_code != 1) s = error("scale_code must be 0 (float scales) or 1 (8-bit codes)");
+  // every code a normal float: 2^(scale_exponent) .. 2^(scale_exponent + 15) * 15/8
+  if (!s && k->scale_code && (k->scale_exponent < -126 || k->scale_exponent > 112))
+    s = error("scale_exponent must be in [-126, 112]");
   if (s) { delete k; return s; }
   k->isa = detect_isa();
   *out = k;
@@ -370,7 +383,7 @@ ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) 
     case kPacked: case kOutlierRows: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     case kZeroPoints: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
     case kGroupPtr: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // scales float16/float, group_index uint16/int32
+    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // scales float16/float/uint8, group_index uint16/int32
   }
 }
 ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

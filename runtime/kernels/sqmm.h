@@ -8,7 +8,8 @@
 //   column c of tile t is stored at slot s = j * T + c:
 //     group_index[j]  block id b of tile-group j (uint16 or int32)
 //     packed[s, i]    byte i holds code u[i] (low nibble) and u[i + block/2] (high nibble), i < block/2
-//     scales[s]       float16 or float
+//     scales[s]       float16 or float; or uint8 codes (attribute scale_code = 1): code c = s << 7 | e << 3 | m
+//                     stands for (-1)^s * 2^(scale_exponent + e) * (1 + m / 8), scale_exponent a node attribute
 //     zero_points[s]  optional int8 z' in [-8, 7]; the zero point is 8 + z' (8 when absent: symmetric)
 //   W[b*block + i, t*T + c] = (u[i] - 8 - z') * scales[s]; rows of dropped groups are zero; rows >= K and
 //   columns >= N (the partial last tile) are padding. T = 1 is plain per-column CSR.
@@ -33,6 +34,8 @@ struct Problem {
   const uint8_t* packed = nullptr;  // [nnz * T, block/2]
   const void* scales = nullptr;
   bool scales_f16 = false;
+  bool scales_u8 = false;           // 8-bit scale codes
+  uint32_t scale_code_bias = 0;     // (127 + scale_exponent) << 23 (see scale_from_code)
   const int8_t* zero_points = nullptr;  // [nnz * T] or null
   const int32_t* group_ptr = nullptr;   // [tiles + 1]
   const void* group_index = nullptr;    // [nnz] tile-groups
@@ -106,11 +109,25 @@ void epilogue(const Problem& p, int64_t n0, int64_t n1);
 
 float half_to_float(uint16_t h);
 
-// Calls fn(ScaleT{}, IndexT{}) with the storage types of p: scales float16 (as uint16_t) or float, group indices
-// uint16_t or int32_t. Each ISA's entry point instantiates its templated kernel through this one switch.
+// An 8-bit scale code as float: sign bit, 4-bit exponent e, 3-bit mantissa m: (-1)^s 2^(scale_exponent + e) (1 + m/8).
+// The low 7 bits shifted into a float's exponent and top mantissa bits plus the exponent bias, the sign bit moved to
+// bit 31 (symmetric quantization uses signed scales: the largest magnitude lands on code -8).
+inline float scale_from_code(uint8_t c, uint32_t bias) {
+  const uint32_t bits = ((static_cast<uint32_t>(c & 0x80u)) << 24) | ((static_cast<uint32_t>(c & 0x7fu) << 20) + bias);
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Calls fn(ScaleT{}, IndexT{}) with the storage types of p: scales float16 (as uint16_t), float or 8-bit codes
+// (uint8_t), group indices uint16_t or int32_t. Each ISA's entry point instantiates its templated kernel through
+// this one switch.
 template <class Fn>
 inline void with_storage_types(const Problem& p, Fn&& fn) {
-  if (p.scales_f16) {
+  if (p.scales_u8) {
+    if (p.index_u16) fn(uint8_t{}, uint16_t{});
+    else fn(uint8_t{}, int32_t{});
+  } else if (p.scales_f16) {
     if (p.index_u16) fn(uint16_t{}, uint16_t{});
     else fn(uint16_t{}, int32_t{});
   } else {

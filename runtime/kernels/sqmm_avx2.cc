@@ -10,9 +10,14 @@
 namespace msops {
 namespace {
 
-template <class ScaleT> inline float load_scale1(const void* s, int64_t g);
-template <> inline float load_scale1<float>(const void* s, int64_t g) { return static_cast<const float*>(s)[g]; }
-template <> inline float load_scale1<uint16_t>(const void* s, int64_t g) { return _cvtsh_ss(static_cast<const uint16_t*>(s)[g]); }
+template <class ScaleT> inline float load_scale1(const Problem& p, int64_t g);
+template <> inline float load_scale1<float>(const Problem& p, int64_t g) { return static_cast<const float*>(p.scales)[g]; }
+template <> inline float load_scale1<uint16_t>(const Problem& p, int64_t g) {
+  return _cvtsh_ss(static_cast<const uint16_t*>(p.scales)[g]);
+}
+template <> inline float load_scale1<uint8_t>(const Problem& p, int64_t g) {
+  return scale_from_code(static_cast<const uint8_t*>(p.scales)[g], p.scale_code_bias);
+}
 
 inline float zero_point1(const int8_t* zp, int64_t g) { return 8.f + (zp ? static_cast<float>(zp[g]) : 0.f); }
 
@@ -49,7 +54,7 @@ void int8_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
                                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + c * 16)));
           d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(u, xa), ones));
         }
-        const float sw = load_scale1<ScaleT>(p.scales, g);
+        const float sw = load_scale1<ScaleT>(p, g);
         facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sw * srow[b]), facc);
         corr += sw * zero_point1(p.zero_points, g) * crow[b];
       }
@@ -82,7 +87,7 @@ void fp32_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
           t = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + c * 8), t);
           t = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + half + c * 8), t);
         }
-        const float sw = load_scale1<ScaleT>(p.scales, g);
+        const float sw = load_scale1<ScaleT>(p, g);
         facc = _mm256_fmadd_ps(t, _mm256_set1_ps(sw), facc);
         corr += sw * zero_point1(p.zero_points, g) * crow[b];
       }

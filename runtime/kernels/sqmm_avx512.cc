@@ -20,14 +20,30 @@ namespace {
 #endif
 constexpr int64_t kPrefetchGroups = MSOPS_PREFETCH_GROUPS;
 
-template <class ScaleT> inline __m128 load_scales4(const void* s, int64_t g);
-template <> inline __m128 load_scales4<float>(const void* s, int64_t g) { return _mm_loadu_ps(static_cast<const float*>(s) + g); }
-template <> inline __m128 load_scales4<uint16_t>(const void* s, int64_t g) {
-  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(s) + g)));
+template <class ScaleT> inline __m128 load_scales4(const Problem& p, int64_t g);
+template <> inline __m128 load_scales4<float>(const Problem& p, int64_t g) {
+  return _mm_loadu_ps(static_cast<const float*>(p.scales) + g);
 }
-template <class ScaleT> inline float load_scale1(const void* s, int64_t g);
-template <> inline float load_scale1<float>(const void* s, int64_t g) { return static_cast<const float*>(s)[g]; }
-template <> inline float load_scale1<uint16_t>(const void* s, int64_t g) { return _cvtsh_ss(static_cast<const uint16_t*>(s)[g]); }
+template <> inline __m128 load_scales4<uint16_t>(const Problem& p, int64_t g) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.scales) + g)));
+}
+template <> inline __m128 load_scales4<uint8_t>(const Problem& p, int64_t g) {  // scale_from_code, 4 at a time
+  int32_t four;
+  std::memcpy(&four, static_cast<const uint8_t*>(p.scales) + g, 4);
+  const __m128i c = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(four));
+  const __m128i mag = _mm_add_epi32(_mm_slli_epi32(_mm_and_si128(c, _mm_set1_epi32(0x7f)), 20),
+                                    _mm_set1_epi32(static_cast<int32_t>(p.scale_code_bias)));
+  const __m128i sign = _mm_slli_epi32(_mm_and_si128(c, _mm_set1_epi32(0x80)), 24);
+  return _mm_castsi128_ps(_mm_or_si128(mag, sign));
+}
+template <class ScaleT> inline float load_scale1(const Problem& p, int64_t g);
+template <> inline float load_scale1<float>(const Problem& p, int64_t g) { return static_cast<const float*>(p.scales)[g]; }
+template <> inline float load_scale1<uint16_t>(const Problem& p, int64_t g) {
+  return _cvtsh_ss(static_cast<const uint16_t*>(p.scales)[g]);
+}
+template <> inline float load_scale1<uint8_t>(const Problem& p, int64_t g) {
+  return scale_from_code(static_cast<const uint8_t*>(p.scales)[g], p.scale_code_bias);
+}
 
 template <class IndexT> inline __m128i load_index4(const IndexT* idx);
 template <> inline __m128i load_index4<uint16_t>(const uint16_t* idx) { return _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx))); }
@@ -92,7 +108,7 @@ void int8_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
                                                       reinterpret_cast<const double*>(prow + 2 * b3)));
         const __m128 sa4 = _mm_shuffle_ps(p01, p23, _MM_SHUFFLE(2, 0, 2, 0));
         const __m128 ca4 = _mm_shuffle_ps(p01, p23, _MM_SHUFFLE(3, 1, 3, 1));
-        const __m128 sw4 = load_scales4<ScaleT>(p.scales, g);
+        const __m128 sw4 = load_scales4<ScaleT>(p, g);
         const __m128 s4 = _mm_mul_ps(sw4, sa4);
         const __m512 s512 = _mm512_castps128_ps512(s4);
         f01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d01), _mm512_permutexvar_ps(lo_half, s512), f01);
@@ -111,7 +127,7 @@ void int8_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
         const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack16(p.packed + g * 16),
                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + b * 32)));
         const __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-        const float sw = load_scale1<ScaleT>(p.scales, g);
+        const float sw = load_scale1<ScaleT>(p, g);
         const int32_t di = _mm_cvtsi128_si32(_mm_hadd_epi32(_mm_hadd_epi32(d4, d4), _mm_hadd_epi32(d4, d4)));
         tail += sw * (srow[b] * static_cast<float>(di) - zero_point1(p.zero_points, g) * crow[b]);
       }
@@ -162,7 +178,7 @@ void int8_block32_tiles(const Problem& p, const Activations& a, int64_t n0, int6
           const __m512i pw = _mm512_loadu_si512(p.packed + s * 16);
           d = _mm512_dpbusd_epi32(d, _mm512_and_si512(pw, nib), alo);
           d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(pw, 4), nib), ahi);
-          const __m512 sw = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(load_scales4<ScaleT>(p.scales, s)));
+          const __m512 sw = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(load_scales4<ScaleT>(p, s)));
           f[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sa), f[u]);
         }
       };
@@ -213,7 +229,7 @@ void int8_block64(const Problem& p, const Activations& a, int64_t n0, int64_t n1
                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + half + c * 32)), 1);
           d = _mm512_dpbusd_epi32(d, u, xa);
         }
-        const float sw = load_scale1<ScaleT>(p.scales, g);
+        const float sw = load_scale1<ScaleT>(p, g);
         facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sw * srow[b]), facc);
         corr += sw * zero_point1(p.zero_points, g) * crow[b];
       }
@@ -247,7 +263,7 @@ void fp32_block32(const Problem& p, const Activations& a, int64_t n0, int64_t n1
           t = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + c * 16), t);
           t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + half + c * 16), t);
         }
-        const float sw = load_scale1<ScaleT>(p.scales, g);
+        const float sw = load_scale1<ScaleT>(p, g);
         facc = _mm512_fmadd_ps(t, _mm512_set1_ps(sw), facc);
         corr += sw * zero_point1(p.zero_points, g) * crow[b];
       }
@@ -304,7 +320,7 @@ void int8_tiled(const Problem& p, const Activations& a, int64_t n0, int64_t n1) 
           d3 = _mm512_dpbusd_epi32(d3, _mm512_load_si512(ab + (q + 3) * 64), _mm512_set1_epi32(cw[q + 3]));
         }
         const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(d0, d1), _mm512_add_epi32(d2, d3)));
-        const float sw = load_scale1<ScaleT>(p.scales, g);
+        const float sw = load_scale1<ScaleT>(p, g);
         __m512 v = _mm512_mul_ps(d, _mm512_load_ps(st + b * kTileRows));
         if (p.zero_points)  // (8 - z) * sa * sum(a) = -z' * acorr
           v = _mm512_fnmadd_ps(_mm512_set1_ps(static_cast<float>(p.zero_points[g])), _mm512_load_ps(ct + b * kTileRows), v);
@@ -354,7 +370,7 @@ void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_
             __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), sa);
             if (p.zero_points)  // (8 - z) * sa * sum(a) = -z' * acorr
               v = _mm512_fnmadd_ps(_mm512_set1_ps(static_cast<float>(p.zero_points[s])), _mm512_load_ps(ct + b * kTileRows), v);
-            facc[c] = _mm512_fmadd_ps(v, _mm512_set1_ps(load_scale1<ScaleT>(p.scales, s)), facc[c]);
+            facc[c] = _mm512_fmadd_ps(v, _mm512_set1_ps(load_scale1<ScaleT>(p, s)), facc[c]);
           }
         }
         const int64_t cols = std::min<int64_t>(C, n1 - (t0 + c0));
