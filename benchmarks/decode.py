@@ -264,21 +264,20 @@ class LlamaCpp:
 
 def profile_decode(path: pathlib.Path, prompt: np.ndarray, steps: int, source: pathlib.Path) -> dict[str, float]:
     """Milliseconds per decode step by op type (ORT profiling), averaged over `steps` steps after a 128-token prefill.
-    MatMulNBits is split by weight shape ("MatMulNBits 576x3072": K x N), with "<key> calls" beside each key."""
+    MatMulNBits and SparseQuantMatMul are split by weight shape ("MatMulNBits 576x3072": K x N), with "<key> calls"
+    beside each key."""
     import onnx
-    import onnxruntime as ort
 
     from modelsurgeon.runtime import generate
-    from modelsurgeon.runtime.session import session_options
+    from modelsurgeon.runtime.session import make_session
 
     shapes = {n.name: f"{onnx.helper.get_node_attr_value(n, 'K')}x{onnx.helper.get_node_attr_value(n, 'N')}"
-              for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
-    so = session_options(THREADS)
-    so.enable_profiling = True
+              for n in onnx.load(str(path), load_external_data=False).graph.node
+              if n.op_type in ("MatMulNBits", "SparseQuantMatMul")}
     (ROOT / "build").mkdir(exist_ok=True)
-    so.profile_file_prefix = str(ROOT / "build" / "decode-profile")
     dec = generate.Decoder(str(path), threads=THREADS, source=str(source))
-    dec.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # as the timed rows run: our library registered (spquant rows run its kernel, not the ONNX function)
+    dec.session = make_session(str(path), threads=THREADS, profile_prefix=str(ROOT / "build" / "decode-profile"))
     logits, cache = dec.step(prompt[:, :128], dec.empty_cache(1))
     for _ in range(steps):
         logits, cache = dec.step(logits[:, -1].argmax(-1)[:, None], cache)

@@ -1,4 +1,4 @@
-"""Packing sibling projections: MatMuls (or 4-bit MatMulNBits) that read the same activation become one product
+"""Packing sibling projections: MatMuls (or 4-bit MatMulNBits, or our SparseQuantMatMul) that read the same activation become one product
 with their weights concatenated along N, followed by a Split, the way ONNX Runtime GenAI builds q/k/v and gate/up.
 
 One product instead of three (q, k, v) or two (gate, up) reads the activation once and pays one kernel launch and one
@@ -60,6 +60,47 @@ def _nbits_key(node: ir.Node):
             tuple(attr(node, a, 0 if a == "accuracy_level" else None) for a in _NBITS_ATTRS))
 
 
+_SQMM_ATTRS = ("K", "block", "bits", "accuracy_level", "outliers", "tile", "scale_code", "scale_exponent")
+_SQMM_DEFAULTS = {"bits": 4, "accuracy_level": 4, "outliers": 0, "tile": 1, "scale_code": 0, "scale_exponent": 0}
+
+
+def _sqmm_key(node: ir.Node):
+    """Grouping key of our SparseQuantMatMul (runtime/sparse_quant_format.py), or None when it cannot be packed: a
+    weight input that is not constant, or an N that does not end on a whole tile (the next part's first tile would
+    share blocks with it)."""
+    inputs = list(node.inputs) + [None] * (9 - len(node.inputs))
+    if any(v is not None and (v.const_value is None or v.is_graph_input()) for v in inputs[1:]):
+        return None
+    attrs = tuple(attr(node, a, _SQMM_DEFAULTS.get(a)) for a in _SQMM_ATTRS)
+    if int(attr(node, "N")) % attrs[_SQMM_ATTRS.index("tile")]:
+        return None
+    types = tuple(None if v is None else v.dtype for v in inputs[1:])
+    return ("SparseQuantMatMul", inputs[0], types, attrs)
+
+
+def _packed_sqmm(model: ir.Model, namer: Namer, group: list[ir.Node]) -> ir.Node:
+    """Columns of several SparseQuantMatMul weights side by side: every slot-major array concatenated, group_ptr
+    offset by the kept tile-groups before it (each part's N is a whole number of tiles)."""
+    first = group[0]
+    inputs: list[ir.Value | None] = [first.inputs[0]]
+    names = ("packed", "scales", "zero_points", "group_ptr", "group_index", "outlier_rows", "outlier_values", "bias")
+    for i, label in enumerate(names, start=1):
+        if i >= len(first.inputs) or first.inputs[i] is None:
+            inputs.append(None)
+            continue
+        parts = [_const(n.inputs[i]) for n in group]
+        if label == "group_ptr":
+            offsets = np.cumsum([0] + [int(ptr[-1]) for ptr in parts[:-1]])
+            parts = [parts[0]] + [ptr[1:] + off for ptr, off in zip(parts[1:], offsets[1:])]
+        packed = np.concatenate(parts, axis=0).astype(parts[0].dtype)
+        inputs.append(add_initializer(model, namer, f"{first.name}_packed_{label}", packed))
+    while inputs[-1] is None:
+        inputs.pop()
+    attrs = [ir.AttrInt64("N", sum(int(attr(n, "N")) for n in group))]
+    attrs += [ir.AttrInt64(a, int(attr(first, a, _SQMM_DEFAULTS.get(a)))) for a in _SQMM_ATTRS]
+    return ir.Node(first.domain, first.op_type, inputs, attrs, name=namer(f"{first.name}_packed"))
+
+
 def _rows(array: np.ndarray, n: int) -> np.ndarray:
     """An N-major MatMulNBits input ([N, ...] or flattened [N * per_row]) as [N, per_row]."""
     return array.reshape(n, -1)
@@ -93,7 +134,7 @@ def _packed_float(model: ir.Model, namer: Namer, group: list[ir.Node]) -> ir.Nod
 
 
 def _width(node: ir.Node) -> int:
-    return int(attr(node, "N")) if node.op_type == "MatMulNBits" else int(node.inputs[1].shape[1])
+    return int(attr(node, "N")) if node.op_type in ("MatMulNBits", "SparseQuantMatMul") else int(node.inputs[1].shape[1])
 
 
 def pack_projections(model: ir.Model) -> int:
@@ -105,6 +146,8 @@ def pack_projections(model: ir.Model) -> int:
             key = _float_key(node)
         elif _is(node, "com.microsoft", "MatMulNBits"):
             key = _nbits_key(node)
+        elif _is(node, "ai.modelsurgeon", "SparseQuantMatMul"):
+            key = _sqmm_key(node)
         if key is not None and not node.outputs[0].is_graph_output():
             groups[key].append(node)
     namer = Namer(model)
@@ -113,7 +156,8 @@ def pack_projections(model: ir.Model) -> int:
         if len(group) < 2 or any(_const(n.inputs[1]) is None for n in group):
             continue
         widths = [_width(n) for n in group]
-        product = (_packed_nbits if key[0] == "MatMulNBits" else _packed_float)(model, namer, group)
+        product = {"MatMulNBits": _packed_nbits, "SparseQuantMatMul": _packed_sqmm}.get(key[0], _packed_float)(
+            model, namer, group)
         product.outputs[0].name = namer(f"{group[0].outputs[0].name}_packed")
         dtype = group[0].outputs[0].dtype or group[0].inputs[0].dtype  # (a hand-built graph may leave it untyped)
         product.outputs[0].dtype = dtype

@@ -172,9 +172,9 @@ def sparse_gptq(w: np.ndarray, hessian: np.ndarray, kept: np.ndarray, outlier_ro
 
 def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block: int, outliers: float,
                    symmetric: bool, damp: float = 0.01, clip_search: bool = True, bias: np.ndarray | None = None,
-                   tile: int = 1, scale_bits: int = 16) -> SparseQuantResult:
+                   tile: int = 1, scale_bits: int = 16, scale_exponent: int | None = None) -> SparseQuantResult:
     """Select, quantize and pack one weight [K, N] into the SparseQuantMatMul format (scales float16, or 8-bit
-    codes with scale_bits=8)."""
+    codes with scale_bits=8, against `scale_exponent` or the layer's own)."""
     w = np.asarray(w, np.float32)
     k, n = w.shape
     kept = choose_groups(group_importance(w, hessian, block), sparsity, tile)
@@ -183,7 +183,7 @@ def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block
     # outliers live in dropped groups: with few of them (low sparsity) the slots no column fills are not stored
     r = int((rows >= 0).sum(axis=1).max(initial=0))
     rows = rows[:, :r]  # choose_outliers puts every column's unused slots (-1) last
-    exponent = scale_exponent_for(w, block) if scale_bits == 8 else None
+    exponent = None if scale_bits != 8 else scale_exponent if scale_exponent is not None else scale_exponent_for(w, block)
     codes, scales, zeros, dense = sparse_gptq(w, hessian, kept, rows, block, symmetric, damp, clip_search,
                                               scale_exponent=exponent)
     nb = kept.shape[0]
@@ -293,6 +293,8 @@ class SparseQuantPass(Pass):
         for group in ctx.progress_bar(groups, desc="spquant", total=len(groups)):
             G.refresh_inputs(group)
             hessian, _ = _input_statistics(runner, group[0].x.name, group[0].shape[0], self.name)
+            # layers reading one input share a scale exponent, so that `fuse` can pack them into one product
+            exponent = scale_exponent_for(np.concatenate([lin.weight for lin in group], axis=1), c["block"])
             for lin in group:
                 k, n = lin.shape
                 reason = self._sparse_blocker(lin)
@@ -300,7 +302,8 @@ class SparseQuantPass(Pass):
                 if reason is None:
                     result = compress_layer(lin.weight, hessian, sparsity=c["sparsity"], block=c["block"],
                                             outliers=c["outliers"], symmetric=c["symmetric"], damp=c["damp"],
-                                            bias=lin.bias, tile=c["tile"], scale_bits=c["scale_bits"])
+                                            bias=lin.bias, tile=c["tile"], scale_bits=c["scale_bits"],
+                                            scale_exponent=exponent)
                     if result.weight.nbytes() > (1.0 - c["min_saving"]) * matmulnbits_bytes(k, n, c["block"], c["symmetric"]):
                         reason = (f"sparse format saves less than {c['min_saving']:.0%} of MatMulNBits' bytes "
                                   f"at sparsity={c['sparsity']}")

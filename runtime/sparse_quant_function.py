@@ -16,9 +16,9 @@ native kernel instead. The body is the format's executable specification (see sp
 
 Optional inputs. A function cannot test whether an optional input was given (ONNX type inference rejects
 `Optional` on an absent function input), so each optional input is read only where an op's own optional input
-gives the neutral value when absent ("materializers"): zero_points is DequantizeLinear's zero point (0);
-bias and outlier_values are Gemm's C over zero matrices (0); outlier_rows, little-endian uint16 as bytes, is a
-uint8 DequantizeLinear zero point (0). The number of outliers per column is the `outliers` attribute (default 0).
+gives the neutral value when absent ("materializers"): zero_points and outlier_rows (little-endian uint16 as
+bytes) are the zero points of a QuantizeLinear of zeros (0 when absent); bias and outlier_values are Gemm's C over
+zero matrices (0). No DequantizeLinear: ORT's constant folding leaves it (and so everything after it) unfolded. The number of outliers per column is the `outliers` attribute (default 0).
 
 Everything but the MatMul depends only on initializers, so ORT constant-folds it once at session creation: the
 fallback runs an fp32 MatMul over the decoded weight (exact dequantized math, like accuracy_level=0).
@@ -97,7 +97,15 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         n("Mul", ["code_mag", "code_sign"], ["scales_decoded"]),
         n("Cast", ["SC_s"], ["SC_b"], to=TensorProto.BOOL),
         n("Where", ["SC_b", "scales_decoded", "scales_given"], ["scales_f32"]),
-        n("DequantizeLinear", ["q", "scales_f32", "zero_points"], ["groups"], axis=0),
+        #    (q - z') * scale in plain arithmetic: ORT's constant folding skips DequantizeLinear (kept for QDQ
+        #    fusion), and everything downstream of an unfolded node would run on every call
+        n("Shape", ["scales"], ["slots_1d"]),
+        _fill("slots_1d", "zeros_slots", F, 0.0), _fill("slots_1d", "ones_slots", F, 1.0),
+        n("QuantizeLinear", ["zeros_slots", "ones_slots", "zero_points"], ["zp_or_zero"], axis=0),
+        n("Cast", ["zp_or_zero"], ["zp_f"], to=F),
+        n("Cast", ["q"], ["q_f"], to=F),
+        n("Unsqueeze", ["zp_f", "c1"], ["zp_col"]), n("Sub", ["q_f", "zp_col"], ["q_centered"]),
+        n("Unsqueeze", ["scales_f32", "c1"], ["scale_col"]), n("Mul", ["q_centered", "scale_col"], ["groups"]),
         # 2. tile of every kept tile-group: ones added at ptr[1:tiles], cumulative sum
         n("Cast", ["group_ptr"], ["ptr"], to=I64),
         n("Slice", ["ptr", "c1", "cm1"], ["col_starts"]),
@@ -139,9 +147,9 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         n("Slice", ["wt_padded", "c00", "nk_1d", "c01"], ["wt_groups"]),
         # 3. outliers (materialized: zeros when absent) added into W^T [N, K]
         n("Mul", ["N_1d", "R_1d"], ["NR_1d"]), n("Mul", ["NR_1d", "two_1d"], ["NR2_1d"]),
-        _fill("NR2_1d", "row_bytes0", TensorProto.UINT8, 0),
-        _fill("NR2_1d", "minus_ones", F, -1.0),
-        n("DequantizeLinear", ["row_bytes0", "minus_ones", "outlier_rows"], ["row_bytes"], axis=0),
+        _fill("NR2_1d", "zeros_nr2", F, 0.0), _fill("NR2_1d", "ones_nr2", F, 1.0),
+        n("QuantizeLinear", ["zeros_nr2", "ones_nr2", "outlier_rows"], ["row_bytes_u8"], axis=0),
+        n("Cast", ["row_bytes_u8"], ["row_bytes"], to=F),
         n("Concat", ["N_1d", "R_1d", "two_1d"], ["nr2_shape"], axis=0),
         n("Reshape", ["row_bytes", "nr2_shape"], ["row_bytes_3d"], allowzero=1),
         n("MatMul", ["row_bytes_3d", "byte_weights"], ["rows_f"]),

@@ -251,9 +251,15 @@ def test_fusions_find_norms_and_attention_around_4bit_projections(corpus_model):
     assert abs(fuse_row.rel_l2 - quant_row.rel_l2) < 1e-4  # fusion adds no error to quantization's
 
 
-def _projections_model(nbits: bool) -> ir.Model:
-    """Three projections of one activation (q, k, v widths 16, 8, 8), each read by its own op; quantized to
-    MatMulNBits (asymmetric, zero points) when `nbits`."""
+_QUANTIZED = {"MatMulNBits": "quant4(block=16)",  # asymmetric, zero points
+              # our op with every optional input: zero points, outliers, 8-bit scale codes, tiles of 8 columns
+              "SparseQuantMatMul": "spquant(sparsity=0.5,block=16,tile=8,min_saving=0,symmetric=false,outliers=0.03,"
+                                   "scale_bits=8)"}
+
+
+def _projections_model(op: str) -> ir.Model:
+    """Three projections of one activation (q, k, v widths 16, 8, 8), each read by its own op; quantized to `op`
+    (MatMulNBits or SparseQuantMatMul) unless it is MatMul."""
     rng = np.random.default_rng(5)
     inits = [onnx.numpy_helper.from_array(rng.standard_normal((32, n)).astype(np.float32), f"w{i}")
              for i, n in enumerate((16, 8, 8))]
@@ -263,17 +269,17 @@ def _projections_model(nbits: bool) -> ir.Model:
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 32])],
                    [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", "s", n])
                     for i, n in enumerate((16, 8, 8))], inits)
-    if nbits:
-        model = modelsurgeon.compile(model, "quant4(block=16)", fuse=False, cleanup=False).model
+    if op != "MatMul":
+        model = modelsurgeon.compile(model, _QUANTIZED[op], fuse=False, cleanup=False, progress=False).model
     return model
 
 
-@pytest.mark.parametrize("nbits", [False, True])
-def test_sibling_projections_are_packed_into_one_product_and_a_split(nbits):
+@pytest.mark.parametrize("op", ["MatMul", "MatMulNBits", "SparseQuantMatMul"])
+def test_sibling_projections_are_packed_into_one_product_and_a_split(op):
     from modelsurgeon.passes._packed_projections import pack_projections
 
-    model = _projections_model(nbits)
-    op = "MatMulNBits" if nbits else "MatMul"
+    model = _projections_model(op)
+    nbits = op != "MatMul"
     assert ops(model)[op] == 3
     feeds = _feeds(model)
     ref = run_model(model, feeds, accuracy_level=0)
