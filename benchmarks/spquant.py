@@ -86,14 +86,17 @@ def matmulnbits_model(rng, K, N, copies):
     return _model(nodes, inits, K, outs, {"": 18, "com.microsoft": 1}), N * nb * (BLOCK // 2 + 4)
 
 
-def sparse_model(rng, K, N, copies, tile: int = 1):
+def sparse_model(rng, K, N, copies, tile: int = 1, dense8: bool = False):
+    """`copies` of our op on random weights: KEEP of the groups and outliers with float16 scales, or with `dense8`
+    every group, no outliers and 8-bit scale codes (the 4.25-bit dense format)."""
     from modelsurgeon.runtime.sparse_quant_format import random_weight
     from modelsurgeon.runtime.sparse_quant_function import DOMAIN, OP_NAME, function_proto
 
-    r = max(1, round(OUTLIER_FRACTION * K))
+    r = 0 if dense8 else max(1, round(OUTLIER_FRACTION * K))
     nodes, inits, outs, weights = [], [], [], []
     for c in range(copies):
-        w = random_weight(rng, K, N, BLOCK, keep=KEEP, outliers=r, tile=tile)
+        w = random_weight(rng, K, N, BLOCK, keep=1.0 if dense8 else KEEP, outliers=r, tile=tile,
+                          scale_dtype=np.uint8 if dense8 else np.float16)
         names = []
         for key, arr in w.inputs().items():
             if arr is None:
@@ -104,7 +107,8 @@ def sparse_model(rng, K, N, copies, tile: int = 1):
         while names and not names[-1]:
             names.pop()
         nodes.append(helper.make_node(OP_NAME, ["A", *names], [f"y{c}"], domain=DOMAIN, K=K, N=N, block=BLOCK,
-                                      bits=4, accuracy_level=4, outliers=r, tile=tile))
+                                      bits=4, accuracy_level=4, outliers=r, tile=tile,
+                                      **({"scale_code": 1, "scale_exponent": w.scale_exponent} if dense8 else {})))
         outs.append(f"y{c}")
         if c == 0:
             weights.append(w)
@@ -142,6 +146,8 @@ VARIANTS = {
     "ours a4, tile 8, AVX2 path": ("ours:8", None, "avx2", [1]),
     "MatMulNBits a4, 1 thread": ("nbits", 1, None, [1]),
     "ours a4, tile 8, 1 thread": ("ours:8", 1, None, [1]),
+    "ours a4, dense, 8-bit scales, tile 8": ("ours8:8", None, None, TOKENS),  # 4.25 bits per weight
+    "ours a4, dense, 8-bit scales, tile 8, 1 thread": ("ours8:8", 1, None, [1]),
 }
 
 
@@ -185,15 +191,17 @@ def kernel_benchmark(reps: int, shapes=SHAPES, variants=None) -> dict:
     for K, N in shapes:
         t0 = time.perf_counter()
         per_copy = {"fp32": K * N * 4, "nbits": N * -(-K // BLOCK) * (BLOCK // 2 + 4),
-                    "ours": int(N * -(-K // BLOCK) * KEEP * (BLOCK // 2 + 4) + N * round(OUTLIER_FRACTION * K) * 6)}
+                    "ours": int(N * -(-K // BLOCK) * KEEP * (BLOCK // 2 + 4) + N * round(OUTLIER_FRACTION * K) * 6),
+                    "ours8": N * -(-K // BLOCK) * (BLOCK // 2 + 1)}
         copies = {kind: max(2, math.ceil(target / v)) for kind, v in per_copy.items()}
         built, sizes = {}, {}
         built["fp32"], sizes["fp32"] = fp32_model(rng, K, N, copies["fp32"])
         built["nbits"], sizes["nbits"] = matmulnbits_model(rng, K, N, copies["nbits"])
         w0 = {}
         for kind in {v[0] for v in chosen.values() if v[0].startswith("ours")}:
-            copies[kind] = copies["ours"]
-            built[kind], sizes[kind], w0[kind] = sparse_model(rng, K, N, copies[kind], tile=_tile(kind))
+            copies[kind] = copies["ours8" if kind.startswith("ours8") else "ours"]
+            built[kind], sizes[kind], w0[kind] = sparse_model(rng, K, N, copies[kind], tile=_tile(kind),
+                                                              dense8=kind.startswith("ours8"))
         plan = {name: (session(built[kind], kind.startswith("ours"), isa, threads), copies[kind], ms)
                 for name, (kind, threads, isa, ms) in chosen.items()}
         del built

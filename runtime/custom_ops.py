@@ -123,7 +123,7 @@ def build(force: bool = False, verbose: bool = False, cxx: str | None = None) ->
 
     try:
         target = BUILD_DIR / LIBRARY_NAME
-        sources = [KERNEL_DIR / name for name in SOURCES] + [KERNEL_DIR / "sqmm.h"]
+        sources = [KERNEL_DIR / name for name in SOURCES] + sorted(KERNEL_DIR.glob("*.h"))
         if not force and target.is_file() and all(target.stat().st_mtime >= s.stat().st_mtime for s in sources):
             log(f"up to date: {target}")
             return target

@@ -6,18 +6,11 @@
 #include <cstring>
 
 #include "sqmm.h"
+#include "sqmm_x86.h"
 
 namespace msops {
 namespace {
 
-template <class ScaleT> inline float load_scale1(const Problem& p, int64_t g);
-template <> inline float load_scale1<float>(const Problem& p, int64_t g) { return static_cast<const float*>(p.scales)[g]; }
-template <> inline float load_scale1<uint16_t>(const Problem& p, int64_t g) {
-  return _cvtsh_ss(static_cast<const uint16_t*>(p.scales)[g]);
-}
-template <> inline float load_scale1<uint8_t>(const Problem& p, int64_t g) {
-  return scale_from_code(static_cast<const uint8_t*>(p.scales)[g], p.scale_code_bias);
-}
 
 inline float zero_point1(const int8_t* zp, int64_t g) { return 8.f + (zp ? static_cast<float>(zp[g]) : 0.f); }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "sqmm.h"
+#include "sqmm_x86.h"
 
 namespace msops {
 namespace {
@@ -35,14 +36,6 @@ template <> inline __m128 load_scales4<uint8_t>(const Problem& p, int64_t g) {  
                                     _mm_set1_epi32(static_cast<int32_t>(p.scale_code_bias)));
   const __m128i sign = _mm_slli_epi32(_mm_and_si128(c, _mm_set1_epi32(0x80)), 24);
   return _mm_castsi128_ps(_mm_or_si128(mag, sign));
-}
-template <class ScaleT> inline float load_scale1(const Problem& p, int64_t g);
-template <> inline float load_scale1<float>(const Problem& p, int64_t g) { return static_cast<const float*>(p.scales)[g]; }
-template <> inline float load_scale1<uint16_t>(const Problem& p, int64_t g) {
-  return _cvtsh_ss(static_cast<const uint16_t*>(p.scales)[g]);
-}
-template <> inline float load_scale1<uint8_t>(const Problem& p, int64_t g) {
-  return scale_from_code(static_cast<const uint8_t*>(p.scales)[g], p.scale_code_bias);
 }
 
 template <class IndexT> inline __m128i load_index4(const IndexT* idx);
