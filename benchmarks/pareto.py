@@ -209,11 +209,11 @@ def main(argv=None) -> int:
     if args.smollm2:
         doc["smollm2"] = smollm2_rows(args.smollm2.resolve())
         mark_fronts(doc["smollm2"]["rows"], "ppl", False, "ms_decode_128")
-    if args.skip_minilm and args.out.exists():
-        doc["minilm"] = json.loads(args.out.read_text()).get("minilm")
-        if doc["minilm"] is None:
-            del doc["minilm"]
-    elif not args.skip_minilm:
+    if args.skip_minilm:
+        kept = json.loads(args.out.read_text()).get("minilm") if args.out.exists() else None
+        if kept is not None:
+            doc["minilm"] = kept
+    else:
         work = args.work or pathlib.Path(tempfile.mkdtemp(prefix="pareto_"))
         doc["minilm"] = minilm_rows(work, args.rounds)
         doc["minilm"]["command"] = doc["command"]

@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.passes._quant_graph import Namer, add_initializer, attr, drop_unused_initializers
+from modelsurgeon.runtime.sparse_quant_format import INPUT_NAMES as SQMM_INPUTS
+from modelsurgeon.runtime.sparse_quant_function import DEFAULTS as SQMM_DEFAULTS
 
 
 def _is(node: ir.Node, domain: str, op: str) -> bool:
@@ -60,15 +62,15 @@ def _nbits_key(node: ir.Node):
             tuple(attr(node, a, 0 if a == "accuracy_level" else None) for a in _NBITS_ATTRS))
 
 
-_SQMM_ATTRS = ("K", "block", "bits", "accuracy_level", "outliers", "tile", "scale_code", "scale_exponent")
-_SQMM_DEFAULTS = {"bits": 4, "accuracy_level": 4, "outliers": 0, "tile": 1, "scale_code": 0, "scale_exponent": 0}
+_SQMM_ATTRS = ("K", "block", "bits", "accuracy_level", *SQMM_DEFAULTS)
+_SQMM_DEFAULTS = {"bits": 4, "accuracy_level": 4, **SQMM_DEFAULTS}
 
 
 def _sqmm_key(node: ir.Node):
     """Grouping key of our SparseQuantMatMul (runtime/sparse_quant_format.py), or None when it cannot be packed: a
     weight input that is not constant, or an N that does not end on a whole tile (the next part's first tile would
     share blocks with it)."""
-    inputs = list(node.inputs) + [None] * (9 - len(node.inputs))
+    inputs = list(node.inputs) + [None] * (len(SQMM_INPUTS) - len(node.inputs))
     if any(v is not None and (v.const_value is None or v.is_graph_input()) for v in inputs[1:]):
         return None
     attrs = tuple(attr(node, a, _SQMM_DEFAULTS.get(a)) for a in _SQMM_ATTRS)
@@ -83,8 +85,7 @@ def _packed_sqmm(model: ir.Model, namer: Namer, group: list[ir.Node]) -> ir.Node
     offset by the kept tile-groups before it (each part's N is a whole number of tiles)."""
     first = group[0]
     inputs: list[ir.Value | None] = [first.inputs[0]]
-    names = ("packed", "scales", "zero_points", "group_ptr", "group_index", "outlier_rows", "outlier_values", "bias")
-    for i, label in enumerate(names, start=1):
+    for i, label in enumerate(SQMM_INPUTS[1:], start=1):
         if i >= len(first.inputs) or first.inputs[i] is None:
             inputs.append(None)
             continue

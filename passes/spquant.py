@@ -183,7 +183,9 @@ def compress_layer(w: np.ndarray, hessian: np.ndarray, *, sparsity: float, block
     # outliers live in dropped groups: with few of them (low sparsity) the slots no column fills are not stored
     r = int((rows >= 0).sum(axis=1).max(initial=0))
     rows = rows[:, :r]  # choose_outliers puts every column's unused slots (-1) last
-    exponent = None if scale_bits != 8 else scale_exponent if scale_exponent is not None else scale_exponent_for(w, block)
+    exponent = None
+    if scale_bits == 8:
+        exponent = scale_exponent_for(w, block) if scale_exponent is None else scale_exponent
     codes, scales, zeros, dense = sparse_gptq(w, hessian, kept, rows, block, symmetric, damp, clip_search,
                                               scale_exponent=exponent)
     nb = kept.shape[0]
@@ -294,7 +296,8 @@ class SparseQuantPass(Pass):
             G.refresh_inputs(group)
             hessian, _ = _input_statistics(runner, group[0].x.name, group[0].shape[0], self.name)
             # layers reading one input share a scale exponent, so that `fuse` can pack them into one product
-            exponent = scale_exponent_for(np.concatenate([lin.weight for lin in group], axis=1), c["block"])
+            exponent = (scale_exponent_for(np.concatenate([lin.weight for lin in group], axis=1), c["block"])
+                        if c["scale_bits"] == 8 else None)
             for lin in group:
                 k, n = lin.shape
                 reason = self._sparse_blocker(lin)

@@ -232,12 +232,12 @@ def random_weight(rng: np.random.Generator, K: int, N: int, block: int, keep: fl
     slots = len(blocks) * tile
     codes = rng.integers(0, 16, size=(slots, block), dtype=np.uint8)
     idx_t = index_type or index_dtype(nb)
-    scales = rng.random(slots) * 0.02 + 0.001
-    w = SparseQuantWeight(K=K, N=N, block=block, packed=pack_codes(codes), scales=scales.astype(scale_dtype),
-                          group_ptr=ptr, group_index=blocks.astype(idx_t), tile=tile)
-    if np.dtype(scale_dtype) == np.uint8:  # codes over the whole range, largest scale 0.021
-        w.scale_exponent = scale_code_exponent(0.021)
-        w.scales = rng.integers(0, 256, size=slots, dtype=np.uint8)
+    if np.dtype(scale_dtype) == np.uint8:  # codes over the whole range, below a largest scale of 0.021
+        scales, exponent = rng.integers(0, 256, size=slots, dtype=np.uint8), scale_code_exponent(0.021)
+    else:
+        scales, exponent = (rng.random(slots) * 0.02 + 0.001).astype(scale_dtype), 0
+    w = SparseQuantWeight(K=K, N=N, block=block, packed=pack_codes(codes), scales=scales, group_ptr=ptr,
+                          group_index=blocks.astype(idx_t), tile=tile, scale_exponent=exponent)
     if zero_points:
         w.zero_points = rng.integers(-8, 8, size=slots, dtype=np.int8)
     if outliers:

@@ -5,8 +5,7 @@ Every model that uses the op carries this FunctionProto (same domain and name), 
 native kernel instead. The body is the format's executable specification (see sparse_quant_format.py):
 
 1. codes: two 256-entry Gather tables turn each packed byte into its low and high code minus 8 (int8); the
-   halves are concatenated -> q [nnz, block]; `DequantizeLinear(q, scales, zero_points, axis=0)` gives
-   (u - 8 - z') * scale. With `scale_code` = 1 the scales are uint8 codes c = s·128 + e·8 + m, decoded first
+   halves are concatenated -> q [nnz, block]; Cast, Sub and Mul give (u - 8 - z') * scale. With `scale_code` = 1 the scales are uint8 codes c = s·128 + e·8 + m, decoded first
    as (-1)^s 2^(scale_exponent + e) (1 + m/8) (a Where on the attribute picks the decoded or the given scales:
    a function body has one set of nodes for every input type);
 2. scatter: the tile of every kept tile-group comes from group_ptr (ScatterElements-add of ones at the tile
@@ -18,7 +17,8 @@ Optional inputs. A function cannot test whether an optional input was given (ONN
 `Optional` on an absent function input), so each optional input is read only where an op's own optional input
 gives the neutral value when absent ("materializers"): zero_points and outlier_rows (little-endian uint16 as
 bytes) are the zero points of a QuantizeLinear of zeros (0 when absent); bias and outlier_values are Gemm's C over
-zero matrices (0). No DequantizeLinear: ORT's constant folding leaves it (and so everything after it) unfolded. The number of outliers per column is the `outliers` attribute (default 0).
+zero matrices (0). No DequantizeLinear: ORT's constant folding leaves it (and so everything after it) unfolded.
+The number of outliers per column is the `outliers` attribute (default 0).
 
 Everything but the MatMul depends only on initializers, so ORT constant-folds it once at session creation: the
 fallback runs an fp32 MatMul over the decoded weight (exact dequantized math, like accuracy_level=0).

@@ -23,6 +23,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace msops {
 
@@ -117,6 +118,15 @@ inline float scale_from_code(uint8_t c, uint32_t bias) {
   float f;
   __builtin_memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// One group's scale as float, for each storage type of Problem::scales (see with_storage_types); `half` turns
+// float16 bits into a float (each ISA its own conversion).
+template <class ScaleT, class Half>
+inline float load_scale(const Problem& p, int64_t g, Half half) {
+  if constexpr (std::is_same_v<ScaleT, float>) return static_cast<const float*>(p.scales)[g];
+  else if constexpr (std::is_same_v<ScaleT, uint16_t>) return half(static_cast<const uint16_t*>(p.scales)[g]);
+  else return scale_from_code(static_cast<const uint8_t*>(p.scales)[g], p.scale_code_bias);
 }
 
 // Calls fn(ScaleT{}, IndexT{}) with the storage types of p: scales float16 (as uint16_t), float or 8-bit codes

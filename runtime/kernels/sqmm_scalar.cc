@@ -29,15 +29,6 @@ float half_to_float(uint16_t h) {
 
 namespace {
 
-template <class T> inline float load_scale(const Problem& p, int64_t g);
-template <> inline float load_scale<float>(const Problem& p, int64_t g) { return static_cast<const float*>(p.scales)[g]; }
-template <> inline float load_scale<uint16_t>(const Problem& p, int64_t g) {
-  return half_to_float(static_cast<const uint16_t*>(p.scales)[g]);
-}
-template <> inline float load_scale<uint8_t>(const Problem& p, int64_t g) {
-  return scale_from_code(static_cast<const uint8_t*>(p.scales)[g], p.scale_code_bias);
-}
-
 template <class ScaleT, class IndexT>
 void columns_impl(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const int64_t half = p.block / 2, nb = p.n_blocks;
@@ -48,7 +39,7 @@ void columns_impl(const Problem& p, const Activations& a, int64_t n0, int64_t n1
       float acc = 0.f, corr = 0.f;
       for (int64_t j = cg.j0; j < cg.j1; ++j) {
         const int64_t b = static_cast<int64_t>(idx[j]), g = cg.slot(j);
-        const float sw = load_scale<ScaleT>(p, g);
+        const float sw = load_scale<ScaleT>(p, g, half_to_float);
         const float z = 8.f + (p.zero_points ? static_cast<float>(p.zero_points[g]) : 0.f);
         const uint8_t* w = p.packed + g * half;
         if (p.accuracy_level == 4) {

@@ -10,14 +10,9 @@
 namespace msops {
 namespace {
 
-// One group's scale as float, for each storage type of Problem::scales (see with_storage_types).
-template <class ScaleT> inline float load_scale1(const Problem& p, int64_t g);
-template <> inline float load_scale1<float>(const Problem& p, int64_t g) { return static_cast<const float*>(p.scales)[g]; }
-template <> inline float load_scale1<uint16_t>(const Problem& p, int64_t g) {
-  return _cvtsh_ss(static_cast<const uint16_t*>(p.scales)[g]);
-}
-template <> inline float load_scale1<uint8_t>(const Problem& p, int64_t g) {
-  return scale_from_code(static_cast<const uint8_t*>(p.scales)[g], p.scale_code_bias);
+// One group's scale as float (sqmm.h's load_scale with the F16C conversion).
+template <class ScaleT> inline float load_scale1(const Problem& p, int64_t g) {
+  return load_scale<ScaleT>(p, g, [](uint16_t h) { return _cvtsh_ss(h); });
 }
 
 }  // namespace
