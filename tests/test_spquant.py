@@ -165,8 +165,8 @@ def test_function_rejects_old_opsets():
 def test_kernel_matches_numpy_on_every_path(isa, shape, monkeypatch):
     monkeypatch.setenv("MODELSURGEON_SQMM_ISA", isa)  # read when ORT creates the kernel; lowers the path only
     rng = np.random.default_rng(3)
-    # 3 rows: the per-row paths; 19 rows: AVX-512's 16-row tiles (one full, one partial)
-    inputs = [rng.normal(size=(m, shape[0])).astype(np.float32) for m in (3, 19)]
+    # 3 rows: the per-row paths; 19 rows: AVX-512's 16-row tiles (one full, one partial); 70: AVX2's 64-row chunks
+    inputs = [rng.normal(size=(m, shape[0])).astype(np.float32) for m in (3, 19, 70)]
     for v, variant in enumerate(VARIANTS):
         w = _weight(10 + v, shape, variant)
         for level in (0, 4):

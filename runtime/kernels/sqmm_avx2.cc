@@ -3,6 +3,7 @@
 // Block sizes that are multiples of 32; others use the scalar code.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "sqmm.h"
@@ -56,6 +57,103 @@ void int8_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   }
 }
 
+// 8 consecutive slots' scales as floats (sqmm.h's load_scale, 8 at a time).
+template <class ScaleT> inline __m256 load_scales8(const Problem& p, int64_t s);
+template <> inline __m256 load_scales8<float>(const Problem& p, int64_t s) {
+  return _mm256_loadu_ps(static_cast<const float*>(p.scales) + s);
+}
+template <> inline __m256 load_scales8<uint16_t>(const Problem& p, int64_t s) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.scales) + s)));
+}
+template <> inline __m256 load_scales8<uint8_t>(const Problem& p, int64_t s) {  // scale_from_code, 8 at a time
+  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p.scales) + s)));
+  const __m256i mag = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7f)), 20),
+                                       _mm256_set1_epi32(static_cast<int32_t>(p.scale_code_bias)));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_castsi256_ps(_mm256_or_si256(mag, sign));
+}
+
+// The zero points z = 8 + z' of 8 consecutive slots.
+inline __m256 zero_points8(const int8_t* zp, int64_t s) {
+  if (!zp) return _mm256_set1_ps(8.f);
+  const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + s)));
+  return _mm256_add_ps(_mm256_cvtepi32_ps(z), _mm256_set1_ps(8.f));
+}
+
+// Codes of a 32-row group from its 16 packed bytes: [low nibbles | high nibbles], rows 0..31 in order.
+inline __m256i codes32(const uint8_t* w) {
+  const __m256i pk = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_and_si256(_mm256_srlv_epi64(pk, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0f));
+}
+
+// The 8x8 transpose of 32-bit lanes: lane c of out[q] is lane q of in[c].
+inline void transpose8x32(__m256i v[8]) {
+  __m256i t[8], s[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    s[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    s[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    s[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    s[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    v[q] = _mm256_permute2x128_si256(s[q], s[q + 4], 0x20);
+    v[q + 4] = _mm256_permute2x128_si256(s[q], s[q + 4], 0x31);
+  }
+}
+
+// int8 activations, block 32, column tiles of a multiple of 8 columns, 8 columns at a time. A tile-group's codes
+// are unpacked once and serve every row (kRows at a time), transposed so that lane c of v[q] holds column c's codes
+// of rows 4q..4q+3: against the broadcast activations of those rows, maddubs leaves column c's partial dot products
+// in lane c, so one vector holds the 8 columns' dot products with no horizontal sums (int16 sums of 8 maddubs stay
+// under 8 * 2 * 15 * 127 = 30480), and a row's 8 columns accumulate in one float vector.
+template <class ScaleT, class IndexT>
+void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
+  const int64_t T = p.tile, nb = p.n_blocks;
+  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int64_t kRows = 64;
+  alignas(32) float acc[kRows * 8];
+  for (int64_t t0 = n0; t0 < n1; t0 += T) {
+    const int64_t j0 = p.group_ptr[t0 / T], j1 = p.group_ptr[t0 / T + 1];
+    for (int64_t c0 = 0; c0 < T && t0 + c0 < n1; c0 += 8) {
+      const int64_t cols = std::min<int64_t>(8, n1 - (t0 + c0));
+      for (int64_t m0 = 0; m0 < p.M; m0 += kRows) {
+        const int64_t rows = std::min<int64_t>(kRows, p.M - m0);
+        for (int64_t r = 0; r < rows; ++r) _mm256_store_ps(acc + r * 8, _mm256_setzero_ps());
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t b = idx[j], s = j * T + c0;
+          __m256i v[8];
+          for (int c = 0; c < 8; ++c) v[c] = codes32(p.packed + (s + c) * 16);
+          transpose8x32(v);
+          const __m256 sw = load_scales8<ScaleT>(p, s);
+          const __m256 swz = _mm256_mul_ps(sw, zero_points8(p.zero_points, s));
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t m = m0 + r;
+            const int32_t* x = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32);
+            auto part = [&](int q) { return _mm256_maddubs_epi16(v[q], _mm256_set1_epi32(x[q])); };
+            const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(part(0), part(1)), _mm256_add_epi16(part(2), part(3))),
+                                                 _mm256_add_epi16(_mm256_add_epi16(part(4), part(5)), _mm256_add_epi16(part(6), part(7))));
+            const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+            // sw * (sa * dot(u, q) - z * acorr)
+            __m256 acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), _mm256_load_ps(acc + r * 8));
+            acc8 = _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
+            _mm256_store_ps(acc + r * 8, acc8);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* y = p.Y + (m0 + r) * p.N + t0 + c0;
+          if (cols == 8) _mm256_storeu_ps(y, _mm256_load_ps(acc + r * 8));
+          else for (int64_t c = 0; c < cols; ++c) y[c] = acc[r * 8 + c];
+        }
+      }
+    }
+  }
+}
+
 template <class ScaleT, class IndexT>
 void fp32_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
@@ -92,7 +190,10 @@ void fp32_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
 template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.block % 32 != 0) return columns_scalar(p, a, n0, n1);
-  if (p.accuracy_level == 4) return int8_cols<ScaleT, IndexT>(p, a, n0, n1);
+  if (p.accuracy_level == 4) {
+    if (p.block == 32 && p.tile % 8 == 0) return int8_block32_tile8<ScaleT, IndexT>(p, a, n0, n1);
+    return int8_cols<ScaleT, IndexT>(p, a, n0, n1);
+  }
   fp32_cols<ScaleT, IndexT>(p, a, n0, n1);
 }
 
@@ -102,9 +203,54 @@ void columns_avx2(const Problem& p, const Activations& a, int64_t n0, int64_t n1
   with_storage_types(p, [&](auto scale, auto index) { columns_typed<decltype(scale), decltype(index)>(p, a, n0, n1); });
 }
 
+namespace {
+
+// 8 floats from x, of which `avail` exist (zeros past them).
+inline __m256 load8(const float* x, int64_t avail) {
+  if (avail >= 8) return _mm256_loadu_ps(x);
+  if (avail <= 0) return _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(x, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(avail)), lane));
+}
+
+}  // namespace
+
+// Level 4, blocks a multiple of 32: each block's int8 codes as prepare_rows_scalar computes them (the same float
+// products, rounded to nearest even), 32 at a time. At 128 rows the scalar loop cost more than the products.
 void prepare_rows_avx2(const Problem& p, int8_t* aq, float* af, float* ascale, float* acorr, int64_t m0, int64_t m1) {
-  // Activation preparation is a small part of the work; the scalar code vectorizes well enough.
-  prepare_rows_scalar(p, aq, af, ascale, acorr, m0, m1);
+  const int64_t B = p.block, nb = p.n_blocks;
+  if (p.accuracy_level != 4 || B % 32 != 0) return prepare_rows_scalar(p, aq, af, ascale, acorr, m0, m1);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = p.A + m * p.K;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * B, len = std::min<int64_t>(B, p.K - k0);
+      __m256 vmax = _mm256_setzero_ps();
+      for (int64_t k = 0; k < len; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8(x + k0 + k, len - k), absmask));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+      const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      int8_t* q = aq + m * p.Kp + k0;
+      __m256i vsum = _mm256_setzero_si256();
+      for (int64_t k = 0; k < B; k += 32) {
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + k0 + k, len - k), inv));
+        const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + k0 + k + 8, len - k - 8), inv));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + k0 + k + 16, len - k - 16), inv));
+        const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + k0 + k + 24, len - k - 24), inv));
+        vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(bytes, order));
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+      const float sa = amax / 127.f;
+      ascale[m * nb + b] = sa;
+      acorr[m * nb + b] = sa * static_cast<float>(_mm_cvtsi128_si32(s4));
+    }
+  }
 }
 
 }  // namespace msops
