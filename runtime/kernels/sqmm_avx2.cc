@@ -80,36 +80,36 @@ inline __m256 zero_points8(const int8_t* zp, int64_t s) {
   return _mm256_add_ps(_mm256_cvtepi32_ps(z), _mm256_set1_ps(8.f));
 }
 
-// Codes of a 32-row group from its 16 packed bytes: [low nibbles | high nibbles], rows 0..31 in order.
-inline __m256i codes32(const uint8_t* w) {
-  const __m256i pk = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  return _mm256_and_si256(_mm256_srlv_epi64(pk, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0f));
-}
-
-// The 8x8 transpose of 32-bit lanes: lane c of out[q] is lane q of in[c].
-inline void transpose8x32(__m256i v[8]) {
-  __m256i t[8], s[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    s[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    s[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    s[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    s[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
+// The codes of 8 consecutive slots (block 32: 16 packed bytes each, byte i = u[i] | u[16 + i] << 4), transposed for
+// dot products across columns: lane l of v[q] holds rows 4q..4q+3 of column lane_columns()[l]. Two 32-bit unpack
+// levels gather dword q of every slot (rows 4q..4q+3 in its low nibbles, 16+4q.. in its high ones); the columns come
+// out in the order lane_columns(), which the scales are permuted to and the results permuted back from.
+inline void tile_codes8(const uint8_t* w, __m256i v[8]) {
+  const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));       // slots 0, 1
+  const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));  // slots 2, 3
+  const __m256i l2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64));
+  const __m256i l3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 96));
+  const __m256i lo01 = _mm256_unpacklo_epi32(l0, l1), hi01 = _mm256_unpackhi_epi32(l0, l1);
+  const __m256i lo23 = _mm256_unpacklo_epi32(l2, l3), hi23 = _mm256_unpackhi_epi32(l2, l3);
+  const __m256i d[4] = {_mm256_unpacklo_epi64(lo01, lo23), _mm256_unpackhi_epi64(lo01, lo23),
+                        _mm256_unpacklo_epi64(hi01, hi23), _mm256_unpackhi_epi64(hi01, hi23)};
+  const __m256i nib = _mm256_set1_epi8(0x0f);
   for (int q = 0; q < 4; ++q) {
-    v[q] = _mm256_permute2x128_si256(s[q], s[q + 4], 0x20);
-    v[q + 4] = _mm256_permute2x128_si256(s[q], s[q + 4], 0x31);
+    v[q] = _mm256_and_si256(d[q], nib);
+    v[q + 4] = _mm256_and_si256(_mm256_srli_epi16(d[q], 4), nib);
   }
 }
+// Lane l of tile_codes8's vectors holds column lane_columns()[l]; column c sits in lane column_lanes()[c]. (Functions,
+// not namespace constants: a static initializer with AVX2 instructions would run on CPUs without AVX2.)
+inline __m256i lane_columns() { return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); }
+inline __m256i column_lanes() { return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); }
 
 // int8 activations, block 32, column tiles of a multiple of 8 columns, 8 columns at a time. A tile-group's codes
-// are unpacked once and serve every row (kRows at a time), transposed so that lane c of v[q] holds column c's codes
-// of rows 4q..4q+3: against the broadcast activations of those rows, maddubs leaves column c's partial dot products
-// in lane c, so one vector holds the 8 columns' dot products with no horizontal sums (int16 sums of 8 maddubs stay
-// under 8 * 2 * 15 * 127 = 30480), and a row's 8 columns accumulate in one float vector.
+// are unpacked once and serve every row (kRows at a time), transposed so that each lane of v[q] holds one column's
+// codes of rows 4q..4q+3 (tile_codes8): against the broadcast activations of those rows, maddubs leaves each
+// column's partial dot products in its own lane, so one vector holds the 8 columns' dot products with no horizontal
+// sums (int16 sums of 8 maddubs stay under 8 * 2 * 15 * 127 = 30480), and a row's 8 columns accumulate in one float
+// vector.
 template <class ScaleT, class IndexT>
 void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
@@ -127,10 +127,9 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t b = idx[j], s = j * T + c0;
           __m256i v[8];
-          for (int c = 0; c < 8; ++c) v[c] = codes32(p.packed + (s + c) * 16);
-          transpose8x32(v);
-          const __m256 sw = load_scales8<ScaleT>(p, s);
-          const __m256 swz = _mm256_mul_ps(sw, zero_points8(p.zero_points, s));
+          tile_codes8(p.packed + s * 16, v);
+          const __m256 sw = _mm256_permutevar8x32_ps(load_scales8<ScaleT>(p, s), lane_columns());  // lane order
+          const __m256 swz = _mm256_mul_ps(sw, _mm256_permutevar8x32_ps(zero_points8(p.zero_points, s), lane_columns()));
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t m = m0 + r;
             const int32_t* x = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32);
@@ -144,10 +143,16 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
             _mm256_store_ps(acc + r * 8, acc8);
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = 0; r < rows; ++r) {  // back to column order
           float* y = p.Y + (m0 + r) * p.N + t0 + c0;
-          if (cols == 8) _mm256_storeu_ps(y, _mm256_load_ps(acc + r * 8));
-          else for (int64_t c = 0; c < cols; ++c) y[c] = acc[r * 8 + c];
+          const __m256 out = _mm256_permutevar8x32_ps(_mm256_load_ps(acc + r * 8), column_lanes());
+          if (cols == 8) {
+            _mm256_storeu_ps(y, out);
+          } else {
+            alignas(32) float tmp[8];
+            _mm256_store_ps(tmp, out);
+            for (int64_t c = 0; c < cols; ++c) y[c] = tmp[c];
+          }
         }
       }
     }
