@@ -40,12 +40,18 @@ def test_cuda_sessions_ask_for_full_float32():
     assert provider_list([(CUDA, {"use_tf32": "1", "device_id": "0"})]) == [(CUDA, {"use_tf32": "1", "device_id": "0"})]
 
 
-def _sessions(model):
-    """CPU and CUDA sessions of `model`. accuracy_level 0: the CPU provider's fusion of QDQ 4-bit weights into
-    MatMulNBits would otherwise quantize the activations to int8 (ORT's default level 4), which CUDA does not."""
-    cpu = make_session(model, providers=["CPUExecutionProvider"], custom_ops=False, accuracy_level=0)
-    gpu = make_session(model, providers=[CUDA, "CPUExecutionProvider"], custom_ops=False, accuracy_level=0)
-    return cpu, gpu
+def _assert_cuda_matches_cpu(model, feeds, tol, label, custom_ops=False):
+    """`model` on CUDA (first provider) and on the CPU, same feeds: every output of the same shape and within `tol`
+    (relative L2). accuracy_level 0: the CPU provider's fusion of QDQ 4-bit weights into MatMulNBits would otherwise
+    quantize the activations to int8 (ORT's default level 4), which CUDA does not. Returns the CUDA session."""
+    cpu = make_session(model, providers=["CPUExecutionProvider"], custom_ops=custom_ops, accuracy_level=0)
+    gpu = make_session(model, providers=[CUDA, "CPUExecutionProvider"], custom_ops=custom_ops, accuracy_level=0)
+    assert gpu.get_providers()[0] == CUDA
+    for out, want, got in zip(cpu.get_outputs(), cpu.run(None, feeds), gpu.run(None, feeds)):
+        assert got.shape == want.shape, (label, out.name)
+        if want.size:
+            assert _rel(got, want) < tol, (label, out.name, _rel(got, want))
+    return gpu
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,11 +74,7 @@ def test_compiled_models_run_on_cuda_like_on_cpu(reference_onnx, kind, passes, t
     calib = synthesize(model, num_samples=8, seq_len=16, seed=0)
     result = modelsurgeon.compile(model, passes=passes, calibration=calib, progress=False)
     feeds = synthesize(result.model, num_samples=2, seq_len=11, seed=5).arrays
-    cpu, gpu = _sessions(result.model)
-    assert gpu.get_providers()[0] == CUDA
-    for name, want, got in zip([o.name for o in cpu.get_outputs()], cpu.run(None, feeds), gpu.run(None, feeds)):
-        assert got.shape == want.shape
-        assert _rel(got, want) < tol, (passes, name, _rel(got, want))
+    _assert_cuda_matches_cpu(result.model, feeds, tol, passes)
 
 
 # Graphs this project did not shape: other exporters' layouts and com.microsoft ops (GroupQueryAttention,
@@ -92,12 +94,7 @@ def test_compiled_models_run_on_cuda_like_on_cpu(reference_onnx, kind, passes, t
 def test_corpus_models_run_on_cuda_like_on_cpu(corpus_model, name, passes, tol):
     result = modelsurgeon.compile(str(corpus_model(name)), passes, num_samples=4, progress=False)
     feeds = synthesize(result.model, num_samples=1, seq_len=9, seed=5).arrays
-    cpu, gpu = _sessions(result.model)
-    assert gpu.get_providers()[0] == CUDA
-    for out, want, got in zip(cpu.get_outputs(), cpu.run(None, feeds), gpu.run(None, feeds)):
-        assert got.shape == want.shape, (name, out.name)
-        if want.size:
-            assert _rel(got, want) < tol, (name, passes, out.name, _rel(got, want))
+    _assert_cuda_matches_cpu(result.model, feeds, tol, f"{name}: {passes}")
 
 
 @needs_cuda
@@ -126,8 +123,5 @@ def test_spquant_kernel_runs_beside_cuda(reference_onnx):
     result = modelsurgeon.compile(model, passes="spquant(sparsity=0.5,accuracy_level=0)", calibration=calib,
                                   progress=False)
     feeds = synthesize(result.model, num_samples=2, seq_len=11, seed=5).arrays
-    cpu = make_session(result.model, providers=["CPUExecutionProvider"], accuracy_level=0)
-    gpu = make_session(result.model, providers=[CUDA, "CPUExecutionProvider"], accuracy_level=0)
-    assert gpu.get_providers()[0] == CUDA and session_path(gpu) == "kernel"
-    for want, got in zip(cpu.run(None, feeds), gpu.run(None, feeds)):
-        assert _rel(got, want) < 1e-4
+    gpu = _assert_cuda_matches_cpu(result.model, feeds, 1e-4, "spquant with the library", custom_ops=True)
+    assert session_path(gpu) == "kernel"

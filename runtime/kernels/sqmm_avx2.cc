@@ -104,6 +104,9 @@ inline void tile_codes8(const uint8_t* w, __m256i v[8]) {
 inline __m256i lane_columns() { return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); }
 inline __m256i column_lanes() { return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); }
 
+// Software prefetch distance in bytes of the packed codes stream (as sqmm_avx512.cc's, 256 groups of 16 bytes).
+constexpr int64_t kPrefetchBytes = 4096;
+
 // int8 activations, block 32, column tiles of a multiple of 8 columns, 8 columns at a time. A tile-group's codes
 // are unpacked once and serve every row (kRows at a time), transposed so that each lane of v[q] holds one column's
 // codes of rows 4q..4q+3 (tile_codes8): against the broadcast activations of those rows, maddubs leaves each
@@ -127,7 +130,10 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t b = idx[j], s = j * T + c0;
           __m256i v[8];
-          tile_codes8(p.packed + s * 16, v);
+          const uint8_t* w = p.packed + s * 16;
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);  // the two lines of a
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);  // later tile-group
+          tile_codes8(w, v);
           const __m256 sw = _mm256_permutevar8x32_ps(load_scales8<ScaleT>(p, s), lane_columns());  // lane order
           const __m256 swz = _mm256_mul_ps(sw, _mm256_permutevar8x32_ps(zero_points8(p.zero_points, s), lane_columns()));
           for (int64_t r = 0; r < rows; ++r) {
