@@ -27,7 +27,6 @@ namespace msops {
 namespace {
 
 constexpr uint32_t kApiVersion = 17;
-constexpr int64_t kTiledMinRows = 8;  // from this many rows the row-tiled AVX-512 path wins
 constexpr int64_t kInlineMacs = int64_t{1} << 20;  // below this many multiply-adds, no thread pool (docs/spquant.md)
 constexpr const char* kDomain = "ai.modelsurgeon";
 constexpr const char* kOpName = "SparseQuantMatMul";
@@ -303,7 +302,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   // Many rows on AVX-512: 16-row tiles share each group's unpacked codes (see columns_avx512_tiled).
   std::vector<int8_t> atile;
   std::vector<float> stile, ctile;
-  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && p.M >= kTiledMinRows && p.block % 32 == 0) {
+  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && p.M >= kTiledMinRows && p.block % 32 == 0 &&
+      !uses_tile8_rows(p)) {
     const int64_t tiles = (p.M + kTileRows - 1) / kTileRows;
     atile.resize(static_cast<size_t>(tiles * p.Kp * kTileRows) + 64);
     stile.resize(static_cast<size_t>(tiles * p.n_blocks * kTileRows) + 16);
@@ -319,7 +319,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   }
   std::vector<int32_t> alanes;
   // Few rows, column tiles on AVX-512: minus the activations summed per vpdpbusd lane (see sqmm.h).
-  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && !t.act.tiles && has_tile_kernels(p)) {
+  if (p.accuracy_level == 4 && k->isa == Isa::kAvx512 && !t.act.tiles && has_tile_kernels(p) && !uses_tile8_rows(p)) {
     alanes.resize(static_cast<size_t>(p.M * p.n_blocks * 4));
     for (int64_t mb = 0; mb < p.M * p.n_blocks; ++mb) {
       const int8_t* x = aq.data() + (mb / p.n_blocks) * p.Kp + (mb % p.n_blocks) * 32;

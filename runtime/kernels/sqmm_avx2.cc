@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "sqmm.h"
+#include "sqmm_tile8.h"
 #include "sqmm_x86.h"
 
 namespace msops {
@@ -57,113 +58,16 @@ void int8_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   }
 }
 
-// 8 consecutive slots' scales as floats (sqmm.h's load_scale, 8 at a time).
-template <class ScaleT> inline __m256 load_scales8(const Problem& p, int64_t s);
-template <> inline __m256 load_scales8<float>(const Problem& p, int64_t s) {
-  return _mm256_loadu_ps(static_cast<const float*>(p.scales) + s);
-}
-template <> inline __m256 load_scales8<uint16_t>(const Problem& p, int64_t s) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.scales) + s)));
-}
-template <> inline __m256 load_scales8<uint8_t>(const Problem& p, int64_t s) {  // scale_from_code, 8 at a time
-  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p.scales) + s)));
-  const __m256i mag = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7f)), 20),
-                                       _mm256_set1_epi32(static_cast<int32_t>(p.scale_code_bias)));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-  return _mm256_castsi256_ps(_mm256_or_si256(mag, sign));
-}
-
-// The zero points z = 8 + z' of 8 consecutive slots.
-inline __m256 zero_points8(const int8_t* zp, int64_t s) {
-  if (!zp) return _mm256_set1_ps(8.f);
-  const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + s)));
-  return _mm256_add_ps(_mm256_cvtepi32_ps(z), _mm256_set1_ps(8.f));
-}
-
-// The codes of 8 consecutive slots (block 32: 16 packed bytes each, byte i = u[i] | u[16 + i] << 4), transposed for
-// dot products across columns: lane l of v[q] holds rows 4q..4q+3 of column lane_columns()[l]. Two 32-bit unpack
-// levels gather dword q of every slot (rows 4q..4q+3 in its low nibbles, 16+4q.. in its high ones); the columns come
-// out in the order lane_columns(), which the scales are permuted to and the results permuted back from.
-inline void tile_codes8(const uint8_t* w, __m256i v[8]) {
-  const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));       // slots 0, 1
-  const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));  // slots 2, 3
-  const __m256i l2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64));
-  const __m256i l3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 96));
-  const __m256i lo01 = _mm256_unpacklo_epi32(l0, l1), hi01 = _mm256_unpackhi_epi32(l0, l1);
-  const __m256i lo23 = _mm256_unpacklo_epi32(l2, l3), hi23 = _mm256_unpackhi_epi32(l2, l3);
-  const __m256i d[4] = {_mm256_unpacklo_epi64(lo01, lo23), _mm256_unpackhi_epi64(lo01, lo23),
-                        _mm256_unpacklo_epi64(hi01, hi23), _mm256_unpackhi_epi64(hi01, hi23)};
-  const __m256i nib = _mm256_set1_epi8(0x0f);
-  for (int q = 0; q < 4; ++q) {
-    v[q] = _mm256_and_si256(d[q], nib);
-    v[q + 4] = _mm256_and_si256(_mm256_srli_epi16(d[q], 4), nib);
+// Column c's dot products over a group for 8 columns: madd(maddubs) per 4 rows, the int16 sums of 8 maddubs stay
+// under 8 * 2 * 15 * 127 = 30480.
+struct DotMaddubs {
+  static __m256i dot(const __m256i v[8], const int32_t* x) {
+    auto part = [&](int q) { return _mm256_maddubs_epi16(v[q], _mm256_set1_epi32(x[q])); };
+    const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(part(0), part(1)), _mm256_add_epi16(part(2), part(3))),
+                                         _mm256_add_epi16(_mm256_add_epi16(part(4), part(5)), _mm256_add_epi16(part(6), part(7))));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
   }
-}
-// Lane l of tile_codes8's vectors holds column lane_columns()[l]; column c sits in lane column_lanes()[c]. (Functions,
-// not namespace constants: a static initializer with AVX2 instructions would run on CPUs without AVX2.)
-inline __m256i lane_columns() { return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); }
-inline __m256i column_lanes() { return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); }
-
-// Software prefetch distance in bytes of the packed codes stream (as sqmm_avx512.cc's, 256 groups of 16 bytes).
-constexpr int64_t kPrefetchBytes = 4096;
-
-// int8 activations, block 32, column tiles of a multiple of 8 columns, 8 columns at a time. A tile-group's codes
-// are unpacked once and serve every row (kRows at a time), transposed so that each lane of v[q] holds one column's
-// codes of rows 4q..4q+3 (tile_codes8): against the broadcast activations of those rows, maddubs leaves each
-// column's partial dot products in its own lane, so one vector holds the 8 columns' dot products with no horizontal
-// sums (int16 sums of 8 maddubs stay under 8 * 2 * 15 * 127 = 30480), and a row's 8 columns accumulate in one float
-// vector.
-template <class ScaleT, class IndexT>
-void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
-  const IndexT* idx = static_cast<const IndexT*>(p.group_index);
-  const int64_t T = p.tile, nb = p.n_blocks;
-  const __m256i ones = _mm256_set1_epi16(1);
-  constexpr int64_t kRows = 64;
-  alignas(32) float acc[kRows * 8];
-  for (int64_t t0 = n0; t0 < n1; t0 += T) {
-    const int64_t j0 = p.group_ptr[t0 / T], j1 = p.group_ptr[t0 / T + 1];
-    for (int64_t c0 = 0; c0 < T && t0 + c0 < n1; c0 += 8) {
-      const int64_t cols = std::min<int64_t>(8, n1 - (t0 + c0));
-      for (int64_t m0 = 0; m0 < p.M; m0 += kRows) {
-        const int64_t rows = std::min<int64_t>(kRows, p.M - m0);
-        for (int64_t r = 0; r < rows; ++r) _mm256_store_ps(acc + r * 8, _mm256_setzero_ps());
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t b = idx[j], s = j * T + c0;
-          __m256i v[8];
-          const uint8_t* w = p.packed + s * 16;
-          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);  // the two lines of a
-          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);  // later tile-group
-          tile_codes8(w, v);
-          const __m256 sw = _mm256_permutevar8x32_ps(load_scales8<ScaleT>(p, s), lane_columns());  // lane order
-          const __m256 swz = _mm256_mul_ps(sw, _mm256_permutevar8x32_ps(zero_points8(p.zero_points, s), lane_columns()));
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t m = m0 + r;
-            const int32_t* x = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32);
-            auto part = [&](int q) { return _mm256_maddubs_epi16(v[q], _mm256_set1_epi32(x[q])); };
-            const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(part(0), part(1)), _mm256_add_epi16(part(2), part(3))),
-                                                 _mm256_add_epi16(_mm256_add_epi16(part(4), part(5)), _mm256_add_epi16(part(6), part(7))));
-            const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-            // sw * (sa * dot(u, q) - z * acorr)
-            __m256 acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), _mm256_load_ps(acc + r * 8));
-            acc8 = _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
-            _mm256_store_ps(acc + r * 8, acc8);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {  // back to column order
-          float* y = p.Y + (m0 + r) * p.N + t0 + c0;
-          const __m256 out = _mm256_permutevar8x32_ps(_mm256_load_ps(acc + r * 8), column_lanes());
-          if (cols == 8) {
-            _mm256_storeu_ps(y, out);
-          } else {
-            alignas(32) float tmp[8];
-            _mm256_store_ps(tmp, out);
-            for (int64_t c = 0; c < cols; ++c) y[c] = tmp[c];
-          }
-        }
-      }
-    }
-  }
-}
+};
 
 template <class ScaleT, class IndexT>
 void fp32_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
@@ -202,7 +106,7 @@ template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.block % 32 != 0) return columns_scalar(p, a, n0, n1);
   if (p.accuracy_level == 4) {
-    if (p.block == 32 && p.tile % 8 == 0) return int8_block32_tile8<ScaleT, IndexT>(p, a, n0, n1);
+    if (p.block == 32 && p.tile % 8 == 0) return int8_block32_tile8<ScaleT, IndexT, DotMaddubs>(p, a, n0, n1);
     return int8_cols<ScaleT, IndexT>(p, a, n0, n1);
   }
   fp32_cols<ScaleT, IndexT>(p, a, n0, n1);

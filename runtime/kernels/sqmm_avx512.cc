@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "sqmm.h"
+#include "sqmm_tile8.h"
 #include "sqmm_x86.h"
 
 namespace msops {
@@ -375,9 +376,23 @@ void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_
   }
 }
 
+// The 8 columns' dot products over a group for sqmm_tile8.h: vpdpbusd per 4 rows, in two chains.
+struct DotVnni {
+  static __m256i dot(const __m256i v[8], const int32_t* x) {
+    __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], _mm256_set1_epi32(x[0]));
+    __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[1], _mm256_set1_epi32(x[1]));
+    for (int q = 2; q < 8; q += 2) {
+      d0 = _mm256_dpbusd_epi32(d0, v[q], _mm256_set1_epi32(x[q]));
+      d1 = _mm256_dpbusd_epi32(d1, v[q + 1], _mm256_set1_epi32(x[q + 1]));
+    }
+    return _mm256_add_epi32(d0, d1);
+  }
+};
+
 template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.accuracy_level == 4) {
+    if (uses_tile8_rows(p)) return int8_block32_tile8<ScaleT, IndexT, DotVnni>(p, a, n0, n1);
     if (a.alanes) {  // set exactly when has_tile_kernels(p)
       if (p.tile == 4) return int8_block32_tiles<ScaleT, IndexT, 1>(p, a, n0, n1);
       if (p.tile == 8) return int8_block32_tiles<ScaleT, IndexT, 2>(p, a, n0, n1);
