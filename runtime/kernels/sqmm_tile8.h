@@ -81,24 +81,51 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
       const int64_t cols = std::min<int64_t>(8, n1 - (t0 + c0));
       for (int64_t m0 = 0; m0 < p.M; m0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, p.M - m0);
-        for (int64_t r = 0; r < rows; ++r) _mm256_store_ps(acc + r * 8, _mm256_setzero_ps());
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t b = idx[j], s = j * T + c0;
-          __m256i v[8];
-          const uint8_t* w = p.packed + s * 16;
+        // Tile-group j's codes and its scales in lane order: sw and sw * z.
+        auto group = [&](int64_t j, __m256i v[8], __m256& sw, __m256& swz) {
+          const uint8_t* w = p.packed + (j * T + c0) * 16;
           _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);  // the two lines of a
           _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);  // later tile-group
           tile_codes8(w, v);
-          const __m256 sw = _mm256_permutevar8x32_ps(load_scales8<ScaleT>(p, s), lane_columns());  // lane order
-          const __m256 swz = _mm256_mul_ps(sw, _mm256_permutevar8x32_ps(zero_points8(p.zero_points, s), lane_columns()));
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t m = m0 + r;
-            const int32_t* x = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32);
-            const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, x));
-            // sw * (sa * dot(u, q) - z * acorr)
-            __m256 acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), _mm256_load_ps(acc + r * 8));
-            acc8 = _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
-            _mm256_store_ps(acc + r * 8, acc8);
+          sw = _mm256_permutevar8x32_ps(load_scales8<ScaleT>(p, j * T + c0), lane_columns());
+          swz = _mm256_mul_ps(sw, _mm256_permutevar8x32_ps(zero_points8(p.zero_points, j * T + c0), lane_columns()));
+        };
+        // Row m's contribution of tile-group j to its 8 columns: sw * (sa * dot(u, q) - z * acorr).
+        auto contribution = [&](int64_t m, int64_t b, const __m256i v[8], __m256 sw, __m256 swz) {
+          const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32)));
+          return _mm256_fmsub_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])),
+                                 _mm256_mul_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b])));
+        };
+        if (rows == 1) {  // one row: two register accumulators, no store-to-load chain through acc
+          __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+          __m256i v[8];
+          __m256 sw, swz;
+          int64_t j = j0;
+          for (; j + 2 <= j1; j += 2) {
+            group(j, v, sw, swz);
+            acc0 = _mm256_add_ps(acc0, contribution(m0, idx[j], v, sw, swz));
+            group(j + 1, v, sw, swz);
+            acc1 = _mm256_add_ps(acc1, contribution(m0, idx[j + 1], v, sw, swz));
+          }
+          if (j < j1) {
+            group(j, v, sw, swz);
+            acc0 = _mm256_add_ps(acc0, contribution(m0, idx[j], v, sw, swz));
+          }
+          _mm256_store_ps(acc, _mm256_add_ps(acc0, acc1));
+        } else {
+          for (int64_t r = 0; r < rows; ++r) _mm256_store_ps(acc + r * 8, _mm256_setzero_ps());
+          for (int64_t j = j0; j < j1; ++j) {
+            __m256i v[8];
+            __m256 sw, swz;
+            group(j, v, sw, swz);
+            const int64_t b = idx[j];
+            for (int64_t r = 0; r < rows; ++r) {  // as contribution, accumulated in two FMAs
+              const int64_t m = m0 + r;
+              const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32)));
+              __m256 acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), _mm256_load_ps(acc + r * 8));
+              acc8 = _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
+              _mm256_store_ps(acc + r * 8, acc8);
+            }
           }
         }
         for (int64_t r = 0; r < rows; ++r) {  // back to column order
