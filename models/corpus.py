@@ -167,8 +167,12 @@ class Unavailable(Exception):
     """A corpus entry that cannot be made here (its exporter is not installed, or the export failed): one line why."""
 
 
-class _TimedOut(Unavailable):
-    """An export that ran out of time: unavailable now, but not cached as failed (a busy machine may be the cause)."""
+class _Transient(Unavailable):
+    """A failure that says nothing about the exporter: unavailable now, but not cached as failed."""
+
+
+class _TimedOut(_Transient):
+    """An export that ran out of time (a busy machine may be the cause)."""
 
 
 def light_dir() -> pathlib.Path:
@@ -269,7 +273,7 @@ def _cached(entry: Entry, extra: dict[str, Any], make) -> pathlib.Path:
                     if not (tmp / "model.onnx").exists():
                         raise Unavailable("the exporter wrote no model.onnx")
                     os.replace(tmp, folder)
-                except _TimedOut:
+                except _Transient:
                     raise
                 except Unavailable as exc:
                     _write_atomic(failed, str(exc))
@@ -333,7 +337,8 @@ def venv_versions() -> dict[str, str]:
 
 def _run_exporter(cmd: list[str], out: pathlib.Path, other_python: bool = False) -> subprocess.CompletedProcess:
     """Run an exporter's command in `out`, offline and quiet (`other_python`: the venv's interpreter, which must
-    not see this environment's PYTHONPATH); running past EXPORT_TIMEOUT raises _TimedOut."""
+    not see this environment's PYTHONPATH); running past EXPORT_TIMEOUT raises _TimedOut, and an interpreter that
+    cannot start (a venv removed under a running test session) raises _Transient: neither is the exporter's failure."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     if other_python:
         env["TOKENIZERS_PARALLELISM"] = "false"
@@ -342,6 +347,8 @@ def _run_exporter(cmd: list[str], out: pathlib.Path, other_python: bool = False)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, env=env, cwd=out)
     except subprocess.TimeoutExpired:
         raise _TimedOut(f"export failed: timed out after {EXPORT_TIMEOUT}s") from None
+    except OSError as exc:
+        raise _Transient(f"export failed: could not start {cmd[0]} ({exc.strerror or exc})") from None
 
 
 def _output_lines(proc: subprocess.CompletedProcess) -> list[str]:

@@ -152,3 +152,24 @@ def test_pass_matrix_on_the_corpus(capsys):
             print(f"corpus skipped: {line}")
     assert not problems, (f"{len(problems)} corpus cells regressed (expectations: {EXPECTED.name}; after a fix, "
                           "`python benchmarks/corpus.py --update-expected`):\n" + "\n".join(problems))
+
+
+def test_an_exporter_that_cannot_start_is_not_cached_as_failed(tmp_path, monkeypatch):
+    """An interpreter that vanished (a venv removed under a running session) says nothing about the exporter: the
+    entry is unavailable now and tried again next time, where an exporter's own failure is recorded once."""
+    monkeypatch.setenv("MODELSURGEON_CACHE", str(tmp_path))
+    entry = corpus.Entry("llama", "optimum")
+
+    def missing_python(out):
+        corpus._run_exporter([str(tmp_path / "no-venv" / "python"), "-c", "pass"], out)
+
+    with pytest.raises(corpus.Unavailable, match="could not start"):
+        corpus._cached(entry, {"test": 1}, missing_python)
+    assert not list((tmp_path / "corpus").glob("*.failed"))
+
+    def failing(out):
+        raise RuntimeError("the exporter's own bug")
+
+    with pytest.raises(corpus.Unavailable, match="own bug"):
+        corpus._cached(entry, {"test": 2}, failing)
+    assert len(list((tmp_path / "corpus").glob("*.failed"))) == 1
