@@ -5,9 +5,10 @@ Every model that uses the op carries this FunctionProto (same domain and name), 
 native kernel instead. The body is the format's executable specification (see sparse_quant_format.py):
 
 1. codes: two 256-entry Gather tables turn each packed byte into its low and high code minus 8 (int8); the
-   halves are concatenated -> q [nnz, block]; Cast, Sub and Mul give (u - 8 - z') * scale. With `scale_code` = 1 the scales are uint8 codes c = s·128 + e·8 + m, decoded first
-   as (-1)^s 2^(scale_exponent + e) (1 + m/8) (a Where on the attribute picks the decoded or the given scales:
-   a function body has one set of nodes for every input type);
+   halves are concatenated -> q [nnz, block]; Cast, Sub and Mul give (u - 8 - z') * scale. With `scale_code` = 1
+   the scales are uint8 codes c = s·128 + e·8 + m, decoded first as (-1)^s 2^(scale_exponent + e) (1 + m/8) (a
+   Where on the attribute picks the decoded or the given scales: a function body has one set of nodes for every
+   input type);
 2. scatter: the tile of every kept tile-group comes from group_ptr (ScatterElements-add of ones at the tile
    starts, then CumSum), the column of slot j*T + c is tile*T + c; the groups are ScatterND'ed into a zero
    [N' * n_blocks, block] matrix (N' = N rounded up to whole tiles) -> W^T [N, K];

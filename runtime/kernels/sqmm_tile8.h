@@ -90,11 +90,11 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
           sw = _mm256_permutevar8x32_ps(load_scales8<ScaleT>(p, j * T + c0), lane_columns());
           swz = _mm256_mul_ps(sw, _mm256_permutevar8x32_ps(zero_points8(p.zero_points, j * T + c0), lane_columns()));
         };
-        // Row m's contribution of tile-group j to its 8 columns: sw * (sa * dot(u, q) - z * acorr).
-        auto contribution = [&](int64_t m, int64_t b, const __m256i v[8], __m256 sw, __m256 swz) {
+        // acc plus row m's contribution of tile-group j (block b) to its 8 columns: sw * (sa * dot(u, q) - z * acorr).
+        auto accumulate = [&](__m256 acc8, int64_t m, int64_t b, const __m256i v[8], __m256 sw, __m256 swz) {
           const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32)));
-          return _mm256_fmsub_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])),
-                                 _mm256_mul_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b])));
+          acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), acc8);
+          return _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
         };
         if (rows == 1) {  // one row: two register accumulators, no store-to-load chain through acc
           __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -103,13 +103,13 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
           int64_t j = j0;
           for (; j + 2 <= j1; j += 2) {
             group(j, v, sw, swz);
-            acc0 = _mm256_add_ps(acc0, contribution(m0, idx[j], v, sw, swz));
+            acc0 = accumulate(acc0, m0, idx[j], v, sw, swz);
             group(j + 1, v, sw, swz);
-            acc1 = _mm256_add_ps(acc1, contribution(m0, idx[j + 1], v, sw, swz));
+            acc1 = accumulate(acc1, m0, idx[j + 1], v, sw, swz);
           }
           if (j < j1) {
             group(j, v, sw, swz);
-            acc0 = _mm256_add_ps(acc0, contribution(m0, idx[j], v, sw, swz));
+            acc0 = accumulate(acc0, m0, idx[j], v, sw, swz);
           }
           _mm256_store_ps(acc, _mm256_add_ps(acc0, acc1));
         } else {
@@ -118,14 +118,8 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
             __m256i v[8];
             __m256 sw, swz;
             group(j, v, sw, swz);
-            const int64_t b = idx[j];
-            for (int64_t r = 0; r < rows; ++r) {  // as contribution, accumulated in two FMAs
-              const int64_t m = m0 + r;
-              const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32)));
-              __m256 acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), _mm256_load_ps(acc + r * 8));
-              acc8 = _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
-              _mm256_store_ps(acc + r * 8, acc8);
-            }
+            for (int64_t r = 0; r < rows; ++r)
+              _mm256_store_ps(acc + r * 8, accumulate(_mm256_load_ps(acc + r * 8), m0 + r, idx[j], v, sw, swz));
           }
         }
         for (int64_t r = 0; r < rows; ++r) {  // back to column order
