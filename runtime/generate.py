@@ -8,6 +8,12 @@ Optimum does). The first step feeds an empty cache (past length 0). Cache sizes 
 `kv_cache_dim`) are read from the model's folder: `genai_config.json` (head_size, num_key_value_heads) or
 `config.json` (head_dim, else hidden_size / num_attention_heads; num_key_value_heads), as Optimum reads them.
 
+- `Decoder.step(ids, cache)`: one step with the cache as numpy arrays, in and out;
+- `Decoder.new_cache(batch, max_length)` and `Decoder.step_kv(ids, kv)`: the same step as a generation runtime
+  runs it. Where every cache input feeds only GroupQueryAttention (GenAI's graphs, `fuse`'s output), past and
+  present share one buffer of `max_length` positions held by ONNX Runtime (GenAI's `past_present_share_buffer`):
+  the step writes its new positions in place, where `step` has the kernel copy the whole cache into a new present
+  tensor (at 1024 tokens SmolLM2's cache is 47 MB, copied every token). Other graphs fall back to `step`;
 - `greedy(decoder, prompt, n)`: the n argmax tokens after `prompt` [batch, P], one decode step each;
 - `cached_nll(decoder, ids, prefill)`: next-token negative log-likelihood of windows [batch, T] computed the way
   generation computes logits: the first `prefill` tokens in one step, then the rest one token per step.
@@ -117,6 +123,92 @@ class Decoder:
                 raise UserError(f"{label}: the KV cache '{p.name}' has symbolic heads or head size {p.shape} and no "
                                 "genai_config.json or config.json beside the model says them")
             self.cache_dims.append((int(heads), int(size)))
+        # CPU only: the buffers are host memory, which another provider would copy to its device and back
+        self.shares_buffer = self.session.get_providers() == ["CPUExecutionProvider"] and self._shareable(model)
+
+    def _shareable(self, model: Any) -> bool:
+        """Whether past and present can share one buffer: every cache input is read by one GroupQueryAttention, as
+        its past key or value, whose present output of the same kind is the paired present (ORT's kernel then
+        writes the new positions in place), and otherwise only by Shape nodes whose values end in nothing but
+        GroupQueryAttention's rotary tables (torch's dynamo export sizes cos/sin by the past length: with a
+        max-length buffer the tables get longer, which changes no position the kernel reads). Any other reader would
+        see a max-length tensor."""
+        import onnx
+
+        if isinstance(model, onnx.ModelProto):
+            graph = model.graph
+        elif isinstance(model, (str, pathlib.Path)):
+            try:
+                graph = onnx.load(str(model), load_external_data=False).graph
+            except Exception:
+                return False
+        else:
+            return False
+        readers: dict[str, list[tuple[Any, int]]] = {}
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                readers.setdefault(name, []).append((node, k))
+        outputs = {o.name for o in graph.output}
+
+        def only_rotary_tables(start: str) -> bool:
+            """Every value computed from `start` ends in GroupQueryAttention's cos_cache or sin_cache (inputs 7, 8)."""
+            todo, seen = [start], {start}
+            while todo:
+                name = todo.pop()
+                if name in outputs:
+                    return False
+                for node, k in readers.get(name, []):
+                    if node.op_type == "GroupQueryAttention":
+                        if k not in (7, 8):
+                            return False
+                        continue
+                    todo += [o for o in node.output if o and o not in seen]
+                    seen.update(node.output)
+            return True
+
+        for p, present in zip(self.past, self.present):
+            uses = readers.get(p.name, [])
+            attention = [(n, k) for n, k in uses if n.op_type == "GroupQueryAttention"]
+            if len(attention) != 1:
+                return False
+            node, k = attention[0]
+            if k not in (3, 4) or len(node.output) <= k - 2 or node.output[k - 2] != present:
+                return False
+            if not all(n.op_type == "Shape" and only_rotary_tables(n.output[0]) for n, _ in uses
+                       if n is not node):
+                return False
+        return True
+
+    def new_cache(self, batch: int, max_length: int) -> "KVCache":
+        """An empty cache for `step_kv` with room for `max_length` positions (prompt plus generated tokens)."""
+        return KVCache(self, batch, max_length)
+
+    def step_kv(self, ids: np.ndarray, kv: "KVCache") -> np.ndarray:
+        """Logits [batch, new, vocab] for `ids` [batch, new] after the cache `kv`, which is updated in place."""
+        if kv.buffers is None:
+            logits, kv.arrays = self.step(ids, kv.arrays)
+            kv.length += ids.shape[1]
+            return logits
+        batch, new = ids.shape
+        past, total = kv.length, kv.length + new
+        if total > kv.max_length:
+            raise UserError(f"{self.label}: the cache holds {kv.max_length} positions and this step needs {total}; "
+                            "make it with a larger max_length")
+        binding = kv.binding
+        binding.bind_cpu_input(self.ids, np.ascontiguousarray(ids, self.types[self.ids]))
+        if self.mask:
+            binding.bind_cpu_input(self.mask, np.ones((batch, total), self.types[self.mask]))
+        if self.positions:
+            binding.bind_cpu_input(self.positions, np.ascontiguousarray(
+                np.broadcast_to(np.arange(past, total), (batch, new)), self.types[self.positions]))
+        binding.bind_output(self.logits, "cpu")  # else ORT would reuse the last step's logits, of another length
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise UserError(f"{self.label}: ONNX Runtime failed on a decode step with {past} cached tokens "
+                            f"({str(exc).strip().splitlines()[0][:200]})") from None
+        kv.length = total
+        return binding.get_outputs()[0].numpy()
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, d), self.types[p.name]) for p, (h, d) in zip(self.past, self.cache_dims)]
@@ -139,12 +231,36 @@ class Decoder:
         return out[0], list(out[1:])
 
 
+class KVCache:
+    """One generation's cache for `Decoder.step_kv`. Where the decoder `shares_buffer`, one zeroed buffer
+    [batch, kv_heads, max_length, head_size] per cache tensor is bound as both the past input and the present output
+    and stays with ONNX Runtime; otherwise the cache is the numpy arrays `Decoder.step` passes along."""
+
+    def __init__(self, decoder: Decoder, batch: int, max_length: int):
+        import onnxruntime as ort
+
+        self.length = 0
+        self.max_length = max_length
+        self.buffers = self.binding = None
+        self.arrays = decoder.empty_cache(batch)
+        if decoder.shares_buffer:
+            self.binding = decoder.session.io_binding()
+            self.binding.bind_output(decoder.logits, "cpu")  # outputs come back in the order first bound
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, max_length, d), decoder.types[p.name]))
+                            for p, (h, d) in zip(decoder.past, decoder.cache_dims)]
+            for p, name, buf in zip(decoder.past, decoder.present, self.buffers):
+                self.binding.bind_ortvalue_input(p.name, buf)
+                self.binding.bind_ortvalue_output(name, buf)
+
+
 def greedy(decoder: Decoder, prompt: np.ndarray, n: int) -> np.ndarray:
     """The n greedy tokens after `prompt` [batch, P]: one prefill step, then n - 1 decode steps. [batch, n]."""
-    logits, cache = decoder.step(np.asarray(prompt), decoder.empty_cache(len(prompt)))
+    prompt = np.asarray(prompt)
+    kv = decoder.new_cache(len(prompt), prompt.shape[1] + n)
+    logits = decoder.step_kv(prompt, kv)
     tokens = [logits[:, -1].argmax(-1)]
     for _ in range(n - 1):
-        logits, cache = decoder.step(tokens[-1][:, None], cache)
+        logits = decoder.step_kv(tokens[-1][:, None], kv)
         tokens.append(logits[:, -1].argmax(-1))
     return np.stack(tokens, axis=1)
 
@@ -170,10 +286,11 @@ def cached_nll(decoder: Decoder, ids: np.ndarray, prefill: int) -> tuple[np.ndar
     tokens [0, prefill) in one step, the rest one per step with the cache."""
     ids = np.asarray(ids)
     prefill = max(1, min(prefill, ids.shape[1] - 1))
-    logits, cache = decoder.step(ids[:, :prefill], decoder.empty_cache(len(ids)))
+    kv = decoder.new_cache(len(ids), ids.shape[1])
+    logits = decoder.step_kv(ids[:, :prefill], kv)
     parts = [_score(logits, ids[:, 1:prefill + 1])]
     for t in range(prefill, ids.shape[1] - 1):
-        logits, cache = decoder.step(ids[:, t:t + 1], cache)
+        logits = decoder.step_kv(ids[:, t:t + 1], kv)
         parts.append(_score(logits, ids[:, t + 1:t + 2]))
     return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
 
