@@ -14,7 +14,8 @@ Rows:
 - ours: `modelsurgeon.compile(SOURCE, PASSES, fuse=FUSE)` for the rows in OURS, SOURCE being torch's dynamo export
   with a KV cache (`real.smollm2_kv_onnx`) or Optimum's folder; calibration: 32 windows of 128 tokens from the plays
   other than Macbeth and Hamlet (`calibration.from_token_ids`), 64 for rows that heal;
-- llama.cpp (`llama-cpp-python`, if installed) on the packaged Q4_1 GGUF: the same prompt evaluated, N greedy tokens.
+- llama.cpp (`llama-cpp-python`, if installed) on the packaged Q4_1 GGUF, and on that file requantized by llama.cpp's
+  own quantizer to Q4_K_M and Q8_0: the same prompt evaluated, N greedy tokens.
 
 Perplexity of every row: next-token NLL over the same Macbeth windows of 128 tokens, one full-window forward each with
 an empty cache (llama.cpp: its logits with `logits_all=True`).
@@ -49,6 +50,7 @@ Q = "quant4"  # defaults: the head at 8 bits, the tied table read from its codes
 HEAL = "heal(steps=200,lr=0.001,mode=e2e,train=all,batch=8,holdout=0.125,rank=8,threads=2,seconds=1800)"
 G = "quant4(algo=gptq,lm_head=true,embeddings=true)"  # what quant4(algo=gptq) defaults to: the head at 4 bits, shared
 GS = G[:-1] + ",symmetric=true)"  # GenAI's default int4 layout: no zero points
+GS8 = GS.replace("lm_head=true", "lm_head=8")  # the same with the head (and the tied table read from it) at 8 bits
 # (source export, passes, fuse): compile() appends `fuse` by default; fuse=False rows show what it is worth.
 # "dynamo": torch's dynamo exporter with a KV cache (`real.smollm2_kv_onnx`, the form `fuse` knows: GroupQueryAttention);
 # "optimum": Optimum's TorchScript export (attention stays decomposed; fuse fuses norms and packs projections only).
@@ -61,7 +63,9 @@ OURS = [("dynamo", "cleanup", False), ("dynamo", "cleanup", True), ("dynamo", Q,
         ("dynamo", f"slice(sparsity=0.25,bases=model),{GS}", True),
         ("dynamo", f"slice(sparsity=0.25,bases=model),{HEAL},{GS}", True),
         ("dynamo", f"drop-blocks(n=10),{HEAL},{GS}", True),
-        ("dynamo", f"drop-blocks(n=10),{HEAL},spquant(sparsity=0,min_saving=0,scale_bits=8),{G}", True)]
+        ("dynamo", f"drop-blocks(n=10),{HEAL},spquant(sparsity=0,min_saving=0,scale_bits=8),{G}", True),
+        ("dynamo", f"drop-blocks(n=10),{HEAL},{GS8}", True),
+        ("dynamo", f"drop-blocks(n=10),{HEAL},spquant(sparsity=0,min_saving=0,scale_bits=8),{GS8}", True)]
 # --set pareto (issue 19, benchmarks/pareto.py): bytes against quality and decode speed, the head and the tied table at
 # 4 bits in every row so that the rows differ only in how the projections are stored
 H = "lm_head=true,embeddings=true"
@@ -254,6 +258,35 @@ def genai_decode(folder: pathlib.Path, prompt: np.ndarray, new: int) -> dict:
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
 
 
+LLAMA_CPP = [("llama.cpp Q4_1 (packaged GGUF)", None),  # (row, llama.cpp's quantization type applied to the GGUF)
+             ("llama.cpp Q4_K_M (requantized from the packaged Q4_1)", "Q4_K_M"),
+             ("llama.cpp Q8_0 (requantized from the packaged Q4_1)", "Q8_0")]
+
+
+def requantized_gguf(src: pathlib.Path, kind: str, work: pathlib.Path) -> pathlib.Path:
+    """The GGUF `src` through llama.cpp's own quantizer (`llama_model_quantize`, what `llama-quantize
+    --allow-requantize` runs) to `kind` ("Q4_K_M", "Q8_0"), cached in `work`. The packaged file's weights are the Q4_1
+    grid, and so is every ONNX row's starting point (the fp32 model is that GGUF dequantized): these rows start from
+    the same weights as ours."""
+    import ctypes
+
+    import llama_cpp
+
+    out = work / f"smollm2-{kind}.gguf"
+    if out.exists():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    params.allow_requantize = True
+    params.nthread = THREADS
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize to {kind} failed")
+    tmp.rename(out)
+    return out
+
+
 class LlamaCpp:
     """llama.cpp through llama-cpp-python on a GGUF file, with the two calls the rounds make (2 threads)."""
 
@@ -424,9 +457,16 @@ def main() -> int:
     try:
         import llama_cpp  # noqa: F401
 
-        gguf = real.smollm2_gguf()
-        rows.append({"name": "llama.cpp Q4_1 (packaged GGUF)", "by": "llama.cpp", "size_MiB": gguf.stat().st_size / 2**20,
-                     "llama_cpp": LlamaCpp(gguf)})
+        for name, kind in LLAMA_CPP:
+            if args.only is not None and not re.search(args.only, name):
+                continue
+            try:
+                gguf = real.smollm2_gguf() if kind is None else requantized_gguf(real.smollm2_gguf(), kind, work)
+            except Exception as exc:  # the quantizer failing is a result to record
+                rows.append({"name": name, "by": "llama.cpp", "refused": str(exc)[:300]})
+                continue
+            rows.append({"name": name, "by": "llama.cpp", "size_MiB": gguf.stat().st_size / 2**20,
+                         "llama_cpp": LlamaCpp(gguf)})
     except ImportError:
         extra["llama_cpp"] = "llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)"
     live = [r for r in rows if "refused" not in r and (args.only is None or re.search(args.only, r["name"]))]

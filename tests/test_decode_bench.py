@@ -84,3 +84,14 @@ def test_profile_splits_matmulnbits_by_weight_shape(bench, corpus_model):
     parts = [v for k, v in profile.items() if k != "total" and not k.endswith(" calls")]
     assert profile["total"] == pytest.approx(sum(parts))
     assert "MatMulNBits" not in profile  # no node left unattributed to its shape
+
+
+def test_rows_after_heal_compile_from_the_healed_model(bench):
+    """The passes through the last heal are one stage (shared by rows with the same prefix), the rest a second."""
+    heal = "heal(steps=2,lr=0.001,mode=e2e)"
+    assert bench.split_after_heal(f"drop-blocks(n=2),{heal},quant4(algo=gptq,block=32)") == \
+        (f"drop-blocks(n=2),{heal}", "quant4(algo=gptq,block=32)")
+    assert bench.split_after_heal(f"{heal},prune(ffn=0.3),{heal},spquant(sparsity=0),quant4") == \
+        (f"{heal},prune(ffn=0.3),{heal}", "spquant(sparsity=0),quant4")
+    assert bench.split_after_heal(f"drop-blocks(n=2),{heal}") is None  # nothing after it: one stage
+    assert bench.split_after_heal("quant4(algo=gptq,lm_head=true)") is None
