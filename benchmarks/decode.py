@@ -130,20 +130,13 @@ def row_name(source: str, passes: str, fuse: bool) -> str:
 
 def split_after_heal(passes: str) -> tuple[str, str] | None:
     """(the passes through the last `heal`, the passes after it), or None when no pass follows a heal."""
-    depth, cut, last_heal = 0, [], None
-    for i, ch in enumerate(passes):
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            cut.append(i)
-    starts = [0] + [i + 1 for i in cut]
-    ends = cut + [len(passes)]
-    for k, (a, b) in enumerate(zip(starts, ends)):
-        if passes[a:b].strip().startswith("heal"):
-            last_heal = k
-    if last_heal is None or last_heal == len(starts) - 1:
+    from modelsurgeon.pipeline import split_top_level
+
+    parts = split_top_level(passes)
+    heals = [k for k, part in enumerate(parts) if part.strip().startswith("heal")]
+    if not heals or heals[-1] == len(parts) - 1:
         return None
-    return passes[:ends[last_heal]], passes[starts[last_heal + 1]:]
+    return ",".join(parts[:heals[-1] + 1]), ",".join(parts[heals[-1] + 1:])
 
 
 def compile_ours(src: pathlib.Path, source: str, passes: str, fuse: bool, work: pathlib.Path, calib_ids: np.ndarray,
@@ -170,11 +163,12 @@ def compile_ours(src: pathlib.Path, source: str, passes: str, fuse: bool, work: 
         first = compile_ours(src, source, prefix, False, work, calib_ids, recompile)
         if "refused" in first:
             return {**first, "passes": passes}
-        healed = work / slug(row_name(source, prefix, False)) / "model.onnx"
-        info = compile_ours(healed, source, rest, fuse, work / "after", calib_ids, recompile)
+        healed = work / slug(row_name(source, prefix, False))
+        # the rest's own work folder lies under the healed model's: rows healed otherwise may share the rest
+        info = compile_ours(healed / "model.onnx", source, rest, fuse, healed / "then", calib_ids, recompile)
         if "refused" not in info:
             shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(work / "after" / slug(row_name(source, rest, fuse)), out)
+            shutil.move(healed / "then" / slug(row_name(source, rest, fuse)), out)
             info = {**info, "passes": passes, "compile_s": first["compile_s"] + info["compile_s"],
                     "stages": [prefix, rest], "notes": {**first.get("notes", {}), **info.get("notes", {})}}
             (out / "bench.json").write_text(json.dumps(info, default=str))

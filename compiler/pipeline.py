@@ -43,7 +43,7 @@ def parse_passes(text: str) -> list[tuple[str, dict[str, str]]]:
             if close < 0:
                 raise fail(f"unclosed '(' after {name}")
             body = text[i + 1:close]
-            for item in _split_top(body):
+            for item in split_top_level(body):
                 if not item.strip():
                     continue
                 if "=" not in item:
@@ -78,8 +78,9 @@ def _matching_paren(text: str, start: int) -> int:
     return -1
 
 
-def _split_top(body: str) -> list[str]:
-    """Split on commas outside nested parentheses (so `correct=lowrank(8)` stays one value)."""
+def split_top_level(body: str) -> list[str]:
+    """Split on commas outside nested parentheses (so `correct=lowrank(8)` stays one value, and a `--passes` string
+    splits into its passes)."""
     parts, depth, cur = [], 0, []
     for ch in body:
         if ch == "," and depth == 0:

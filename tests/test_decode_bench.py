@@ -95,3 +95,21 @@ def test_rows_after_heal_compile_from_the_healed_model(bench):
         (f"{heal},prune(ffn=0.3),{heal}", "spquant(sparsity=0),quant4")
     assert bench.split_after_heal(f"drop-blocks(n=2),{heal}") is None  # nothing after it: one stage
     assert bench.split_after_heal("quant4(algo=gptq,lm_head=true)") is None
+
+
+def test_rows_healed_otherwise_do_not_share_their_rest(bench, corpus_model, tmp_path):
+    """Two pipelines that differ before heal and agree after it: each row is compiled from its own healed model (the
+    rest's work folder once lay beside every prefix's, and the second row reused the first's model)."""
+    import onnx
+
+    src = corpus_model("llama/dynamo18-kv")
+    ids = np.random.default_rng(0).integers(3, 200, (8, 16))
+    rest = "quant4(algo=gptq,lm_head=true,embeddings=true)"
+    layers = {}
+    for prefix in ("drop-blocks(n=1),heal(steps=1,mode=e2e)", "heal(steps=1,mode=e2e)"):
+        info = bench.compile_ours(src, "dynamo", f"{prefix},{rest}", True, tmp_path, ids, False)
+        assert info["stages"] == [prefix, rest]
+        model = onnx.load(str(tmp_path / bench.slug(bench.row_name("dynamo", f"{prefix},{rest}", True)) / "model.onnx"),
+                          load_external_data=False)
+        layers[prefix] = len([i for i in model.graph.input if "past" in i.name]) // 2
+    assert layers == {"drop-blocks(n=1),heal(steps=1,mode=e2e)": 1, "heal(steps=1,mode=e2e)": 2}
