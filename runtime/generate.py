@@ -189,24 +189,18 @@ class Decoder:
             logits, kv.arrays = self.step(ids, kv.arrays)
             kv.length += ids.shape[1]
             return logits
-        batch, new = ids.shape
-        past, total = kv.length, kv.length + new
+        past, total = kv.length, kv.length + ids.shape[1]
         if total > kv.max_length:
             raise UserError(f"{self.label}: the cache holds {kv.max_length} positions and this step needs {total}; "
                             "make it with a larger max_length")
         binding = kv.binding
-        binding.bind_cpu_input(self.ids, np.ascontiguousarray(ids, self.types[self.ids]))
-        if self.mask:
-            binding.bind_cpu_input(self.mask, np.ones((batch, total), self.types[self.mask]))
-        if self.positions:
-            binding.bind_cpu_input(self.positions, np.ascontiguousarray(
-                np.broadcast_to(np.arange(past, total), (batch, new)), self.types[self.positions]))
+        for name, value in self._token_feeds(ids, past).items():
+            binding.bind_cpu_input(name, value)  # ORT reads the array in place; the binding holds it alive
         binding.bind_output(self.logits, "cpu")  # else ORT would reuse the last step's logits, of another length
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
-            raise UserError(f"{self.label}: ONNX Runtime failed on a decode step with {past} cached tokens "
-                            f"({str(exc).strip().splitlines()[0][:200]})") from None
+            raise self._step_error(past, exc) from None
         kv.length = total
         return binding.get_outputs()[0].numpy()
 
@@ -215,20 +209,29 @@ class Decoder:
 
     def step(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits [batch, new, vocab] for `ids` [batch, new] after `cache`, and the cache including them."""
-        batch, new = ids.shape
         past = cache[0].shape[2]
-        feeds = {self.ids: ids.astype(self.types[self.ids])}
-        if self.mask:
-            feeds[self.mask] = np.ones((batch, past + new), self.types[self.mask])
-        if self.positions:
-            feeds[self.positions] = np.broadcast_to(np.arange(past, past + new), (batch, new)).astype(self.types[self.positions])
+        feeds = self._token_feeds(ids, past)
         feeds.update({p.name: c for p, c in zip(self.past, cache)})
         try:
             out = self.session.run(self.outputs, feeds)
         except Exception as exc:
-            raise UserError(f"{self.label}: ONNX Runtime failed on a decode step with {past} cached tokens "
-                            f"({str(exc).strip().splitlines()[0][:200]})") from None
+            raise self._step_error(past, exc) from None
         return out[0], list(out[1:])
+
+    def _token_feeds(self, ids: np.ndarray, past: int) -> dict[str, np.ndarray]:
+        """The inputs besides the cache for `ids` [batch, new] after `past` cached tokens: token ids, and the
+        attention mask [batch, past + new] and position ids where the graph has them."""
+        batch, new = ids.shape
+        feeds = {self.ids: np.ascontiguousarray(ids, self.types[self.ids])}
+        if self.mask:
+            feeds[self.mask] = np.ones((batch, past + new), self.types[self.mask])
+        if self.positions:
+            feeds[self.positions] = np.broadcast_to(np.arange(past, past + new), (batch, new)).astype(self.types[self.positions])
+        return feeds
+
+    def _step_error(self, past: int, exc: Exception) -> UserError:
+        return UserError(f"{self.label}: ONNX Runtime failed on a decode step with {past} cached tokens "
+                         f"({str(exc).strip().splitlines()[0][:200]})")
 
 
 class KVCache:
