@@ -2,11 +2,13 @@
 
 `TorchGraph(nodes, outputs, params)` interprets `onnx_ir` nodes one by one with torch operations, so gradients flow
 from the outputs to the initializers given as `torch.nn.Parameter`s (by initializer name); every other initializer
-is a constant. Inputs are fed by value name, so the same interpreter runs a whole graph (feeds: the graph inputs) or
-one transformer block (feeds: its residual stream input and the side values it reads, such as masks and rotary
-tables). This is our own interpreter, not a converter: onnx2torch is not installed here, and what `heal` needs is
-narrower (the graph stays the graph, only initializer values change) and covers the ops our exporters' decoders,
-encoders and CNNs use after our passes (`OPS`). An op outside `OPS` raises a one-line `UserError` naming it.
+is a constant. One given as a `LowRankSum` (a frozen matrix plus trainable factors: heal's LoRA) stays factored
+where the op reading it allows. Inputs are fed by value name, so the same interpreter runs a whole graph (feeds:
+the graph inputs) or one transformer block (feeds: its residual stream input and the side values it reads, such as
+masks and rotary tables). This is our own interpreter, not a converter: onnx2torch is not installed here, and what
+`heal` needs is narrower (the graph stays the graph, only initializer values change) and covers the ops our
+exporters' decoders, encoders and CNNs use after our passes (`OPS`). An op outside `OPS` raises a one-line
+`UserError` naming it.
 
 What it cannot do: control flow (If, Loop, Scan) and model-local functions; com.microsoft contrib ops other than
 SkipSimplifiedLayerNormalization (GroupQueryAttention, MatMulNBits, quantized ops); opset-23 Attention and
@@ -605,6 +607,71 @@ def _pad(node, xs, g):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class LowRankSum:
+    """A matrix kept as a frozen base plus a trainable low-rank delta, `base + a @ b` ([m, n] + [m, r] @ [r, n]),
+    that the interpreter never forms where it need not: a MatMul or Gemm reading it as its right operand computes
+    `x @ base + (x @ a) @ b`, a 2-D Transpose swaps the factors, a Gather of rows gathers the factors' rows. So the
+    backward pass computes no [m, n] gradient of the base (only the input's and the factors'), which for LoRA
+    (heal's `rank=R`) is a third of a training step's matrix products. Any other op reads `dense()`."""
+
+    def __init__(self, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        self.base, self.a, self.b = base, a, b
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.base.shape
+
+    def dense(self) -> torch.Tensor:
+        return self.base + self.a @ self.b
+
+    def t(self) -> "LowRankSum":
+        return LowRankSum(self.base.t(), self.b.t(), self.a.t())
+
+    def right_of(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (base + a @ b)."""
+        return x @ self.base + (x @ self.a) @ self.b
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.base.index_select(0, idx) + self.a.index_select(0, idx) @ self.b
+
+
+def _low_rank_matmul(node, xs, g):
+    if isinstance(xs[0], LowRankSum) or xs[0].dim() < 1:
+        return None
+    return [xs[1].right_of(xs[0])]
+
+
+def _low_rank_transpose(node, xs, g):
+    perm = _attr(node, "perm")
+    return [xs[0].t()] if perm is None or list(perm) == [1, 0] else None
+
+
+def _low_rank_gather(node, xs, g):
+    x, idx = xs
+    if isinstance(idx, LowRankSum) or _attr(node, "axis", 0) % 2 != 0:
+        return None
+    rows = x.rows(_normalize_index(idx, x.shape[0]).reshape(-1))
+    return [rows.reshape(tuple(idx.shape) + tuple(x.shape[1:]))]
+
+
+def _low_rank_gemm(node, xs, g):
+    if isinstance(xs[0], LowRankSum) or _attr(node, "transA", 0) or \
+            any(isinstance(x, LowRankSum) for x in xs[2:]):
+        return None
+    b = xs[1].t() if _attr(node, "transB", 0) else xs[1]
+    y = _attr(node, "alpha", 1.0) * b.right_of(xs[0])
+    if len(xs) > 2 and xs[2] is not None:
+        y = y + _attr(node, "beta", 1.0) * xs[2]
+    return [y]
+
+
+# ops that take a LowRankSum as it is (at input 1 for MatMul and Gemm, input 0 for Transpose and Gather); each
+# returns None where it cannot, and the op then reads the dense matrix
+LOW_RANK_OPS: dict[str, OpFn] = {"MatMul": _low_rank_matmul, "Gemm": _low_rank_gemm,
+                                  "Transpose": _low_rank_transpose, "Gather": _low_rank_gather}
+_LOW_RANK_INPUT = {"MatMul": 1, "Gemm": 1, "Transpose": 0, "Gather": 0}
+
+
 def op_key(node: ir.Node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
@@ -682,7 +749,7 @@ class TorchGraph:
                     raise UserError(f"the torch interpreter was given no value for '{v.name}' (read by {node.op_type} "
                                     f"{node.name!r})")
             try:
-                outs = OPS[op_key(node)](node, xs, self)
+                outs = self._run(node, xs)
             except UserError:
                 raise
             except Exception as exc:
@@ -695,7 +762,20 @@ class TorchGraph:
         missing = [o for o in self.outputs if o not in env]
         if missing:
             raise UserError(f"the torch interpreter computed no value '{missing[0]}' from the given nodes")
-        return {o: env[o] for o in self.outputs}
+        return {o: env[o].dense() if isinstance(env[o], LowRankSum) else env[o] for o in self.outputs}
+
+    def _run(self, node: ir.Node, xs: list) -> list:
+        """One node's outputs; a factored (LowRankSum) input stays factored where the op allows it, else is formed."""
+        key = op_key(node)
+        if any(isinstance(x, LowRankSum) for x in xs):
+            slot = _LOW_RANK_INPUT.get(key)
+            if slot is not None and isinstance(xs[slot], LowRankSum) and \
+                    all(not isinstance(x, LowRankSum) for i, x in enumerate(xs) if i != slot):
+                outs = LOW_RANK_OPS[key](node, xs, self)
+                if outs is not None:
+                    return outs
+            xs = [x.dense() if isinstance(x, LowRankSum) else x for x in xs]
+        return OPS[key](node, xs, self)
 
 
 def graph_function(model: ir.Model, params: dict[str, torch.Tensor] | None = None, upcast: bool = True,

@@ -70,6 +70,51 @@ def test_interpreter_gradients_reach_the_chosen_initializers(reference_onnx):
     assert p.grad is not None and float(p.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("name", ["llama/torchscript", "gpt2/dynamo18", "phi3/dynamo18", "bert/optimum"])
+def test_interpreter_keeps_low_rank_weights_factored_with_the_same_values_and_gradients(corpus_model, name):
+    # every matrix as base + a @ b: the interpreter computes with the factors where an op allows it (MatMul and Gemm
+    # reading it on the right, 2-D Transpose, row Gather) and forms it only elsewhere; outputs and the factors'
+    # gradients equal those of the formed matrices
+    model = ir.load(str(corpus_model(name)))
+    gen = torch.Generator().manual_seed(0)
+    factors = {}
+    for n, v in model.graph.initializers.items():
+        if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and len(v.const_value.shape) == 2:
+            rows, cols = v.const_value.shape
+            if min(rows, cols) > 4:
+                base = torch.from_numpy(v.const_value.numpy().copy())
+                a, b = torch.randn(rows, 2, generator=gen) * 0.1, torch.randn(2, cols, generator=gen) * 0.1
+                factors[n] = (base, a, b)
+    assert len(factors) >= 8
+    feeds = onnx_torch.feeds_to_torch(cal.synthesize(model, num_samples=2, seq_len=8, seed=0).arrays)
+    out_name = model.graph.outputs[0].name
+    formed, results = [0], []
+    dense = onnx_torch.LowRankSum.dense
+
+    def counting(self):
+        formed[0] += 1
+        return dense(self)
+    for factored in (False, True):
+        ab = {n: (a.clone().requires_grad_(), b.clone().requires_grad_()) for n, (_, a, b) in factors.items()}
+        params = {n: onnx_torch.LowRankSum(factors[n][0], *ab[n]) for n in factors}
+        if not factored:
+            params = {n: lr.dense() for n, lr in params.items()}
+        else:
+            onnx_torch.LowRankSum.dense = counting
+        try:
+            out = onnx_torch.graph_function(model, params, outputs=[out_name])(feeds)[out_name]
+        finally:
+            onnx_torch.LowRankSum.dense = dense
+        out.square().mean().backward()
+        results.append((out.detach(), {n: (a.grad, b.grad) for n, (a, b) in ab.items()}))
+    (out0, g0), (out1, g1) = results
+    assert torch.allclose(out0, out1, rtol=1e-4, atol=1e-4 * float(out0.abs().max()))
+    for n in factors:
+        for x, y in zip(g0[n], g1[n]):
+            assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * float(x.abs().max()) + 1e-12), n
+    assert formed[0] == 0, "every weight of these graphs is read by an op that keeps it factored"
+
+
 # ---------------------------------------------------------------------------------------------------------- heal
 
 
@@ -235,6 +280,34 @@ def test_heal_keeps_the_weights_best_on_held_out_batches():
     assert end.kept and float(q) > 0.6  # well past the held-out optimum
 
 
+def test_heal_learning_rate_decays_by_the_time_budget_where_it_binds(monkeypatch):
+    """A clock that moves 1 s per reading (one per step) and a 10 s budget for 1000 steps: the cosine decay follows
+    the time spent, so the last step before the deadline runs at a small rate, not at the nearly full one of step 9
+    of 1000."""
+    from modelsurgeon.passes import heal
+
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 1.0
+        return clock[0]
+    monkeypatch.setattr(heal.time, "monotonic", tick)
+    p = torch.nn.Parameter(torch.zeros(()))
+    rates = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    fit = heal._fit({"p": p}, lambda b: (p - 1.0) ** 2, [0], [], steps=1000, lr=0.1, deadline=10.0)
+    assert fit.steps == 9 and rates[0] == pytest.approx(0.1, rel=0.05)
+    assert rates[-1] < 0.02 and all(a >= b for a, b in zip(rates, rates[1:]))
+    rates.clear()  # without a deadline the decay runs over the steps alone
+    heal._fit({"p": p}, lambda b: (p - 1.0) ** 2, [0], [], steps=4, lr=0.1, deadline=float("inf"))
+    assert rates == pytest.approx([0.1, 0.1 * (1 + np.cos(np.pi / 4)) / 2, 0.05, 0.1 * (1 + np.cos(3 * np.pi / 4)) / 2])
+
+
 def test_heal_with_held_out_samples_on_a_padded_encoder(reference_onnx):
     """BERT with right-padded calibration: heal trains on 7 of every 8 samples, keeps what lowers the error on the
     rest, and every [batch, seq] feed is cut to the batch's longest sentence."""
@@ -282,3 +355,25 @@ def test_heal_with_lora_deltas_changes_each_matrix_by_at_most_their_rank(corpus_
         delta = changed[n].astype(np.float64) - before[n]
         s = np.linalg.svd(delta, compute_uv=False)
         assert s[2] <= 1e-4 * s[0], (n, s[:4])
+
+
+def test_e2e_targets_are_kept_in_float16_within_their_budget():
+    from modelsurgeon.passes.heal import _TargetCache
+
+    class Original:
+        calls = 0
+
+        def run(self, feeds):
+            Original.calls += 1
+            return {"logits": feeds["x"] * np.float32(1 / 3), "ids": feeds["x"].astype(np.int64)}
+
+    batches = [{"x": np.full((2, 4, 8), i + 1, np.float32)} for i in range(3)]
+    one = 2 * 4 * 8 * (2 + 8)  # a batch's outputs: float16 logits and int64 ids
+    cache = _TargetCache(Original(), batches, budget=one)
+    for b in (0, 0, 1, 1, 0):
+        got = cache.get(b)
+        assert got["logits"].dtype == torch.float32 and got["ids"].dtype == torch.int64
+    assert Original.calls == 3  # batch 0 once and kept; batch 1 past the budget, computed each time
+    expected = np.float32(np.float16(np.float32(1 / 3)))  # kept logits are the float16-rounded values
+    assert float(cache.get(0)["logits"][0, 0, 0]) == expected
+    assert float(cache.get(1)["logits"][0, 0, 0]) == pytest.approx(2 / 3, rel=1e-7)
