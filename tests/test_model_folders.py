@@ -99,6 +99,11 @@ def test_genai_cleanup_generates_the_same_tokens(cli, genai_folder, tmp_path):
     ("prune(ffn=0.5)", {}),  # the MLP width: genai_config.json has no field for it
     ("share(groups=2)", {}),
     ("lowrank(ratio=0.3)", {}),
+    # each structural pass followed by quant4, as a folder ships
+    ("slice(sparsity=0.25),quant4", {"hidden_size": 48}),
+    ("prune(ffn=0.5),quant4", {}),
+    ("share(groups=2),quant4", {}),
+    ("lowrank(ratio=0.3),quant4", {}),
 ])
 def test_compiled_genai_folders_load_and_generate(cli, genai_folder, tmp_path, passes, config):
     code, _, err = cli("-q", "compile", genai_folder, "--passes", passes, "-o", tmp_path / "out")

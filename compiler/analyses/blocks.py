@@ -874,7 +874,7 @@ class _Finder:
         """The first Add that adds to the stream something computed from it.
 
         Returns (add, stream value, branch input, shortcut): the Add may read the stream through a shortcut,
-        a MatMul by a constant square matrix (what `slice` puts on residual connections).
+        a MatMul (or a 4-bit MatMulNBits) by a constant square matrix (what `slice` puts on residual connections).
         """
         self.width_change = None
         ids = {id(v) for v in stream}
@@ -883,7 +883,7 @@ class _Finder:
         for v in stream:
             for node, i in v.uses():
                 shortcut, via = None, v
-                if node.op_type == "MatMul" and i == 0:
+                if node.op_type in ("MatMul", "MatMulNBits") and i == 0:  # quant4 quantizes the shortcuts too
                     lin = match_linear(node)
                     if lin is None or lin.bias is not None or lin.transpose_node is not None:
                         continue
