@@ -47,7 +47,7 @@ COMMAND = "python benchmarks/decode.py"
 THREADS = 2
 Q = "quant4"  # defaults: the head at 8 bits, the tied table read from its codes (benchmarks/quant4_head.py)
 # end-to-end recovery with LoRA deltas of rank 8 (docs/heal.md), within the 30-minute compile budget of issue 18
-HEAL = "heal(steps=200,lr=0.001,mode=e2e,train=all,batch=8,holdout=0.125,rank=8,threads=2,seconds=1800)"
+HEAL = "heal(steps=400,lr=0.001,mode=e2e,train=all,batch=8,holdout=0.125,rank=8,threads=2,seconds=1800)"
 G = "quant4(algo=gptq,lm_head=true,embeddings=true)"  # what quant4(algo=gptq) defaults to: the head at 4 bits, shared
 GS = G[:-1] + ",symmetric=true)"  # GenAI's default int4 layout: no zero points
 GS8 = GS.replace("lm_head=true", "lm_head=8")  # the same with the head (and the tied table read from it) at 8 bits
@@ -64,6 +64,7 @@ OURS = [("dynamo", "cleanup", False), ("dynamo", "cleanup", True), ("dynamo", Q,
         ("dynamo", f"slice(sparsity=0.25,bases=model),{HEAL},{GS}", True),
         ("dynamo", f"drop-blocks(n=10),{HEAL},{GS}", True),
         ("dynamo", f"drop-blocks(n=10),{HEAL},spquant(sparsity=0,min_saving=0,scale_bits=8),{G}", True),
+        ("dynamo", f"drop-blocks(n=10),{HEAL},spquant(sparsity=0,min_saving=0,scale_bits=8,symmetric=false),{G}", True),
         ("dynamo", f"drop-blocks(n=10),{HEAL},{GS8}", True),
         ("dynamo", f"drop-blocks(n=10),{HEAL},spquant(sparsity=0,min_saving=0,scale_bits=8),{GS8}", True)]
 # --set pareto (issue 19, benchmarks/pareto.py): bytes against quality and decode speed, the head and the tied table at
