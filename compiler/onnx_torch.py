@@ -635,8 +635,13 @@ class LowRankSum:
         return self.base.index_select(0, idx) + self.a.index_select(0, idx) @ self.b
 
 
+def formed(x):
+    """`x` as the graph's ops read it: a LowRankSum formed into its matrix, any other value as it is."""
+    return x.dense() if isinstance(x, LowRankSum) else x
+
+
 def _low_rank_matmul(node, xs, g):
-    if isinstance(xs[0], LowRankSum) or xs[0].dim() < 1:
+    if xs[0].dim() < 1:
         return None
     return [xs[1].right_of(xs[0])]
 
@@ -648,15 +653,14 @@ def _low_rank_transpose(node, xs, g):
 
 def _low_rank_gather(node, xs, g):
     x, idx = xs
-    if isinstance(idx, LowRankSum) or _attr(node, "axis", 0) % 2 != 0:
+    if _attr(node, "axis", 0) % 2 != 0:
         return None
     rows = x.rows(_normalize_index(idx, x.shape[0]).reshape(-1))
     return [rows.reshape(tuple(idx.shape) + tuple(x.shape[1:]))]
 
 
 def _low_rank_gemm(node, xs, g):
-    if isinstance(xs[0], LowRankSum) or _attr(node, "transA", 0) or \
-            any(isinstance(x, LowRankSum) for x in xs[2:]):
+    if _attr(node, "transA", 0):
         return None
     b = xs[1].t() if _attr(node, "transB", 0) else xs[1]
     y = _attr(node, "alpha", 1.0) * b.right_of(xs[0])
@@ -665,8 +669,9 @@ def _low_rank_gemm(node, xs, g):
     return [y]
 
 
-# ops that take a LowRankSum as it is (at input 1 for MatMul and Gemm, input 0 for Transpose and Gather); each
-# returns None where it cannot, and the op then reads the dense matrix
+# ops that take a LowRankSum as it is (at input 1 for MatMul and Gemm, input 0 for Transpose and Gather; `_run`
+# calls them only when no other input is one); each returns None where it cannot, and the op then reads the
+# formed matrix
 LOW_RANK_OPS: dict[str, OpFn] = {"MatMul": _low_rank_matmul, "Gemm": _low_rank_gemm,
                                   "Transpose": _low_rank_transpose, "Gather": _low_rank_gather}
 _LOW_RANK_INPUT = {"MatMul": 1, "Gemm": 1, "Transpose": 0, "Gather": 0}
@@ -762,7 +767,7 @@ class TorchGraph:
         missing = [o for o in self.outputs if o not in env]
         if missing:
             raise UserError(f"the torch interpreter computed no value '{missing[0]}' from the given nodes")
-        return {o: env[o].dense() if isinstance(env[o], LowRankSum) else env[o] for o in self.outputs}
+        return {o: formed(env[o]) for o in self.outputs}
 
     def _run(self, node: ir.Node, xs: list) -> list:
         """One node's outputs; a factored (LowRankSum) input stays factored where the op allows it, else is formed."""
@@ -774,7 +779,7 @@ class TorchGraph:
                 outs = LOW_RANK_OPS[key](node, xs, self)
                 if outs is not None:
                     return outs
-            xs = [x.dense() if isinstance(x, LowRankSum) else x for x in xs]
+            xs = [formed(x) for x in xs]
         return OPS[key](node, xs, self)
 
 

@@ -220,10 +220,10 @@ class TunedWeights:
         """Write the trained values into the initializers (their own dtype; the original tensors are left alone)."""
         import torch
 
-        from modelsurgeon.onnx_torch import LowRankSum
+        from modelsurgeon.onnx_torch import formed
 
         with torch.no_grad():
-            values = {n: v.dense() if isinstance(v, LowRankSum) else v for n, v in self.values().items()}
+            values = {n: formed(v) for n, v in self.values().items()}
         for name in self.names:
             value = model.graph.initializers[name]
             dtype = value.const_value.dtype.numpy()
@@ -384,8 +384,8 @@ class _TargetCache:
     """The original model's outputs per calibration batch, for the e2e objective. ONNX Runtime computes a batch's
     the first time it is asked for; float outputs are then kept in float16 while the kept bytes stay within
     `budget` (a later batch is recomputed each time). Float16 keeps logits to about 3 significant digits, far
-    below what the KL between the two models measures, and halves what a step would otherwise recompute: the
-    original's forward pass was a fifth of an e2e step on SmolLM2 (1.9 of 9.6 s)."""
+    below what the KL between the two models measures, and halves their bytes, so SmolLM2's 64 windows fit
+    (805 MB). Recomputing them was a fifth of an e2e step there (1.9 of 9.6 s)."""
 
     def __init__(self, original, batches: list[dict[str, np.ndarray]], budget: int):
         self.original, self.batches, self.left = original, batches, budget
@@ -631,7 +631,7 @@ class HealPass(Pass):
     def _heal_e2e(self, model: ir.Model, ctx, names: set[str], batches, split, deadline: float) -> dict:
         import torch
 
-        from modelsurgeon.onnx_torch import feeds_to_torch, graph_function, to_torch
+        from modelsurgeon.onnx_torch import feeds_to_torch, graph_function
 
         outputs = [o.name for o in model.graph.outputs]
         ref = _capture_batches(ctx.original, outputs, batches[:1], ctx.providers)[0]
@@ -646,13 +646,12 @@ class HealPass(Pass):
         params = TunedWeights(model, names, self.config["rank"])
         g = graph_function(model, params.values(), outputs=matched)
         torch_feeds = [feeds_to_torch(f) for f in batches]
-        target = targets.get
 
         masks = _masks(batches)
 
         def loss_of(b):
             g.params = params.values()
-            out, tgt = g(torch_feeds[b]), target(b)
+            out, tgt = g(torch_feeds[b]), targets.get(b)
             return sum((_kl if n in logits else _nmse)(out[n], tgt[n], masks[b]) for n in matched) / len(matched)
 
         steps = self.config["steps"]
