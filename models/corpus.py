@@ -122,16 +122,19 @@ EXPORTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genai-fp32": ("genai", ("decoder",)),
     "genai-int4": ("genai", ("decoder",)),
 }
-# The slow test's subset (tests/test_corpus.py): every architecture and every exporter at least once, the exports
-# whose cells verify today first, the two smallest light-zoo graphs and two torchvision graphs (depthwise and
-# squeeze-excite convolutions; channel shuffles and splits) (the whole corpus takes about 11 minutes).
+# The slow test's subset (tests/test_corpus.py): every architecture and every exporter at least once (Llama through
+# all of them), the two smallest light-zoo graphs and two torchvision graphs (depthwise and squeeze-excite
+# convolutions; channel shuffles and splits) (the whole corpus takes about 20 minutes). The tied Llama from Optimum,
+# Qwen2 from TorchScript, Phi-3 from Optimum and GPT-2 in fp16 left it to keep the suite within 30 minutes on 2 cores
+# (about 2 minutes of cells; TorchScript graphs cost twice a dynamo one's per cell): their exporters stay covered by
+# other architectures here, and those exports by their own tests (block finder, slice, input dims).
 TEST_MODELS = (
     "llama/dynamo18", "llama/dynamo18-kv", "llama/dynamo23", "llama/torchscript", "llama/fp16", "llama/optimum",
     "llama/optimum-past", "llama/genai-fp32", "llama/genai-int4",
-    "llama-tied/dynamo18-mask", "llama-tied/optimum",
-    "qwen2/dynamo18-mask", "qwen2/torchscript",
-    "phi3/dynamo18", "phi3/optimum",
-    "gpt2/dynamo18", "gpt2/dynamo23-mask", "gpt2/fp16", "gpt2/optimum",
+    "llama-tied/dynamo18-mask",
+    "qwen2/dynamo18-mask",
+    "phi3/dynamo18",
+    "gpt2/dynamo18", "gpt2/dynamo23-mask", "gpt2/optimum",
     "gemma/dynamo18-mask", "gemma/dynamo23-kv", "gemma/genai-int4",
     "bert/dynamo18-mask", "bert/dynamo23", "bert/torchscript", "bert/optimum",
     "vit/dynamo18", "vit/optimum",
@@ -726,7 +729,8 @@ def build_helper(target: pathlib.Path, vocab: int = 256, hidden: int = 64, heads
 # ------------------------------------------------------------------------------------------------ the pass matrix
 
 # Options for passes that need some (the rest run with their defaults).
-PASS_OPTIONS = {"drop-blocks": "n=1", "prune": "ratio=0.25"}
+# heal's 10 steps (default 100) still train, verify and save; what heal reaches is benchmarks/heal.py's question.
+PASS_OPTIONS = {"drop-blocks": "n=1", "prune": "ratio=0.25", "heal": "steps=10"}
 
 
 def pass_spec(name: str) -> str:

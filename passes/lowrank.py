@@ -713,8 +713,9 @@ def apply_eora(model: ir.Model, ctx, snapshot: list[LinearSnapshot], rank: int, 
         err1 = float(np.einsum("kn,kn->", d2, cov @ d2))
         add_lowrank_branch(graph, node, a, b, dtype=snap.dtype, bits=bits, label=label, namer=namer)
         corrected.append(label)
-        before.append((err0 / total) ** 0.5 if total > 0 else 0.0)
-        after.append((err1 / total) ** 0.5 if total > 0 else 0.0)
+        # max(0, .): an error that is zero up to rounding can come out slightly negative (a power of it is complex)
+        before.append(max(err0 / total, 0.0) ** 0.5 if total > 0 else 0.0)
+        after.append(max(err1 / total, 0.0) ** 0.5 if total > 0 else 0.0)
         added += r * sum(wq.shape)
     for snap in snapshot:
         if snap.name not in used and not any(s.startswith(f"{snap.name}:") for s in skipped) and \
