@@ -297,9 +297,10 @@ def main(argv=None) -> int:
                     row["heal_notes" + key[4:]] = {k: h.get(k) for k in ("mode", "units", "steps", "objective_before",
                                                                          "objective_after", "trained_parameters",
                                                                          "heldout_batches")}
-                key = (name, c, heal, args.mix)
-                doc["rows"] = [r for r in doc["rows"]
-                               if (r["model"], r["config"], r.get("heal"), r.get("calib_mix", 0.0)) != key] + [row]
+                # a rerun replaces its row; another calibration size is another row
+                key = (name, c, heal, args.mix, args.calib_samples)
+                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r.get("heal"), r.get("calib_mix", 0.0),
+                                                          r.get("calib_samples")) != key] + [row]
                 doc["machine"] = machine_info()
                 doc["command"] = "python benchmarks/heal.py --configs " + ",".join(
                     dict.fromkeys(r["config"] for r in doc["rows"]))

@@ -27,7 +27,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--shapes", help="KxN,KxN,... instead of the default list")
     ap.add_argument("--out", type=pathlib.Path, help="JSON of the medians")
+    ap.add_argument("--baseline-library", type=pathlib.Path,
+                    help="another build of our library (e.g. the previous commit's), timed as a third session in the "
+                         "same interleaved rounds")
     args = ap.parse_args(argv)
     spec = importlib.util.spec_from_file_location("spquant_bench", ROOT / "benchmarks" / "spquant.py")
     sb = importlib.util.module_from_spec(spec)
@@ -35,12 +39,15 @@ def main(argv=None) -> int:
     from modelsurgeon.runtime.custom_ops import kernel_info
 
     rows = []
-    for K, N in SHAPES:
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    for K, N in shapes:
         rng = np.random.default_rng(0)
         nbits, _ = sb.matmulnbits_model(rng, K, N, 1)
         ours, _, _ = sb.sparse_model(rng, K, N, 1, tile=8, dense8=True)
         sessions = {"MatMulNBits": sb.session(nbits, False, threads=args.threads),
                     "ours": sb.session(ours, True, threads=args.threads)}
+        if args.baseline_library:
+            sessions["baseline"] = baseline_session(ours, args.baseline_library, args.threads)
         for M in (1, 128):
             A = np.random.default_rng(1).normal(size=(M, K)).astype(np.float32)
             times = {name: [] for name in sessions}
@@ -53,13 +60,27 @@ def main(argv=None) -> int:
                     times[name].append((time.perf_counter() - start) / calls * 1e6)
             med = {name: float(np.median(t)) for name, t in times.items()}
             rows.append({"K": K, "N": N, "M": M, "us": med, "ours_faster": med["MatMulNBits"] / med["ours"]})
-            print(f"{K}x{N} M={M} threads={args.threads}: MatMulNBits {med['MatMulNBits']:.1f} us, ours "
-                  f"{med['ours']:.1f} us, ours faster {rows[-1]['ours_faster']:.2f}x", flush=True)
+            line = (f"{K}x{N} M={M} threads={args.threads}: MatMulNBits {med['MatMulNBits']:.1f} us, ours "
+                    f"{med['ours']:.1f} us, ours faster {rows[-1]['ours_faster']:.2f}x")
+            if "baseline" in med:
+                rows[-1]["baseline_faster"] = med["MatMulNBits"] / med["baseline"]
+                line += f"; baseline library {med['baseline']:.1f} us ({rows[-1]['baseline_faster']:.2f}x)"
+            print(line, flush=True)
     if args.out:
         args.out.write_text(json.dumps({"command": "python benchmarks/spquant_pair.py " + " ".join(sys.argv[1:]),
                                         "kernel": kernel_info(), "threads": args.threads, "rounds": args.rounds,
                                         "rows": rows}, indent=1))
     return 0
+
+
+def baseline_session(model_bytes: bytes, library: pathlib.Path, threads: int):
+    import onnxruntime as ort
+
+    from modelsurgeon.runtime.session import session_options
+
+    so = session_options(threads=threads)
+    so.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
 if __name__ == "__main__":

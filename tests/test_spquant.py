@@ -182,6 +182,28 @@ def test_kernel_matches_numpy_on_every_path(isa, shape, monkeypatch):
 
 
 @needs_library
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_kernel_serves_later_calls_from_its_cached_weights(isa, monkeypatch):
+    """The first call checks the weights and keeps them (on AVX2 also the codes transposed for the tile-of-8
+    kernel); later calls of any row count read that copy, one row with its activations broadcast once per call."""
+    import onnxruntime as ort
+
+    monkeypatch.setenv("MODELSURGEON_SQMM_ISA", isa)
+    w = _weight(12, (600, 44, 32), VARIANTS[8])  # tiles of 8 (a partial last one), 8-bit scale codes
+    so = session_options()
+    so.register_custom_ops_library(LIBRARY)
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(ir.serde.serialize_model(single_op_model(w)).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(12)
+    for m in (1, 65, 1, 3, 1):  # 65 x 600 x 44 multiply-adds is past the inline threshold: the pool splits it
+        A = rng.normal(size=(m, 600)).astype(np.float32)
+        ref = reference(A, w, accuracy_level=4)
+        y = sess.run(None, {"A": A})[0]
+        assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-5, m
+
+
+@needs_library
 def test_int8_activations_stay_close_to_exact_math():
     w = _weight(4, (1000, 21, 32), VARIANTS[1])
     A = np.random.default_rng(4).normal(size=(8, 1000)).astype(np.float32)

@@ -65,7 +65,20 @@ const char* isa_name(Isa isa) {
 struct WeightCache {
   const void* data[kNumInputs] = {};  // data pointer of every input but A (null: absent)
   Problem weights;                    // the fields filled from them (A, M and Y are per call)
+  std::vector<uint8_t> codes8;        // weights.codes8's bytes, where the ISA's kernel reads them (uses_codes8)
 };
+
+// One 32-byte vector of int32 lanes (Activations::abcast's element); C++17's allocator honours the alignment.
+struct alignas(32) Lanes8 {
+  int32_t v[8];
+};
+
+// Whether p's codes are worth transposing once for the tile-of-8 kernel (Problem::codes8): on AVX2, where the
+// one-token path runs it and its in-register transposition was measured at a quarter of its time. AVX-512 keeps
+// its own one-token kernels on the original layout. Costs the codes' bytes a second time in memory.
+bool uses_codes8(Isa isa, const Problem& p) {
+  return isa == Isa::kAvx2 && p.accuracy_level == 4 && p.block == 32 && p.tile % 8 == 0;
+}
 
 struct Kernel {
   int64_t K = 0, N = 0, bits = 4, block = 0, accuracy_level = 4, outliers = 0, tile = 1, scale_code = 0, scale_exponent = 0;
@@ -253,8 +266,15 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
       auto* fresh = new WeightCache();
       std::copy(data, data + kNumInputs, fresh->data);
       fresh->weights = p;
+      if (uses_codes8(k->isa, p)) {
+        const int64_t slots = p.group_ptr[(p.N + p.tile - 1) / p.tile] * p.tile;
+        fresh->codes8.resize(static_cast<size_t>(slots * 16));
+        transpose_codes8(p.packed, slots, fresh->codes8.data());
+        fresh->weights.codes8 = fresh->codes8.data();
+      }
       const WeightCache* expected = nullptr;
-      if (!k->cache.compare_exchange_strong(expected, fresh, std::memory_order_acq_rel)) delete fresh;
+      if (k->cache.compare_exchange_strong(expected, fresh, std::memory_order_acq_rel)) p = fresh->weights;
+      else delete fresh;
     }
   }
   p.M = p.K ? A.numel / p.K : 0;
@@ -316,6 +336,14 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
     t.act.atile = a64;
     t.act.stile = s64;
     t.act.ctile = c64;
+  }
+  // One row through the tile-of-8 kernel with relaid codes: its activations broadcast once per call, not per tile-group.
+  std::vector<Lanes8> abcast;
+  if (p.M == 1 && p.codes8) {
+    abcast.resize(static_cast<size_t>(p.n_blocks * 8));
+    const int32_t* x = reinterpret_cast<const int32_t*>(aq.data());
+    for (size_t i = 0; i < abcast.size(); ++i) std::fill(abcast[i].v, abcast[i].v + 8, x[i]);
+    t.act.abcast = abcast[0].v;
   }
   std::vector<int32_t> alanes;
   // Few rows, column tiles on AVX-512: minus the activations summed per vpdpbusd lane (see sqmm.h).

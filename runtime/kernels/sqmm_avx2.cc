@@ -58,14 +58,18 @@ void int8_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   }
 }
 
-// Column c's dot products over a group for 8 columns: madd(maddubs) per 4 rows, the int16 sums of 8 maddubs stay
-// under 8 * 2 * 15 * 127 = 30480.
+// Column c's dot products over a group for 8 columns: madd(maddubs) per 4 rows (x[q]: rows 4q..4q+3's activations
+// in every lane), the int16 sums of 8 maddubs stay under 8 * 2 * 15 * 127 = 30480. As steps (sqmm_tile8.h's one-row
+// path): int16 sums, made int32 by finish.
 struct DotMaddubs {
-  static __m256i dot(const __m256i v[8], const int32_t* x) {
-    auto part = [&](int q) { return _mm256_maddubs_epi16(v[q], _mm256_set1_epi32(x[q])); };
+  static __m256i zero() { return _mm256_setzero_si256(); }
+  static __m256i step(__m256i s, __m256i u, __m256i x) { return _mm256_add_epi16(s, _mm256_maddubs_epi16(u, x)); }
+  static __m256i finish(__m256i s) { return _mm256_madd_epi16(s, _mm256_set1_epi16(1)); }
+  static __m256i dot(const __m256i v[8], const __m256i x[8]) {
+    auto part = [&](int q) { return _mm256_maddubs_epi16(v[q], x[q]); };
     const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(part(0), part(1)), _mm256_add_epi16(part(2), part(3))),
                                          _mm256_add_epi16(_mm256_add_epi16(part(4), part(5)), _mm256_add_epi16(part(6), part(7))));
-    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+    return finish(s16);
   }
 };
 

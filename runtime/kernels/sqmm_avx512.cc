@@ -378,12 +378,15 @@ void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_
 
 // The 8 columns' dot products over a group for sqmm_tile8.h: vpdpbusd per 4 rows, in two chains.
 struct DotVnni {
-  static __m256i dot(const __m256i v[8], const int32_t* x) {
-    __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], _mm256_set1_epi32(x[0]));
-    __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[1], _mm256_set1_epi32(x[1]));
+  static __m256i zero() { return _mm256_setzero_si256(); }
+  static __m256i step(__m256i s, __m256i u, __m256i x) { return _mm256_dpbusd_epi32(s, u, x); }
+  static __m256i finish(__m256i s) { return s; }
+  static __m256i dot(const __m256i v[8], const __m256i x[8]) {
+    __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], x[0]);
+    __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[1], x[1]);
     for (int q = 2; q < 8; q += 2) {
-      d0 = _mm256_dpbusd_epi32(d0, v[q], _mm256_set1_epi32(x[q]));
-      d1 = _mm256_dpbusd_epi32(d1, v[q + 1], _mm256_set1_epi32(x[q + 1]));
+      d0 = _mm256_dpbusd_epi32(d0, v[q], x[q]);
+      d1 = _mm256_dpbusd_epi32(d1, v[q + 1], x[q + 1]);
     }
     return _mm256_add_epi32(d0, d1);
   }

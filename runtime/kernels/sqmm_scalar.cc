@@ -144,4 +144,10 @@ void epilogue(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+void transpose_codes8(const uint8_t* packed, int64_t slots, uint8_t* out) {
+  for (int64_t g = 0; g < slots / 8; ++g)
+    for (int c = 0; c < 8; ++c)
+      for (int q = 0; q < 4; ++q) std::memcpy(out + g * 128 + q * 32 + c * 4, packed + (g * 8 + c) * 16 + q * 4, 4);
+}
+
 }  // namespace msops

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "sqmm.h"
 
@@ -55,6 +56,16 @@ inline void tile_codes8(const uint8_t* w, __m256i v[8]) {
     v[q + 4] = _mm256_and_si256(_mm256_srli_epi16(d[q], 4), nib);
   }
 }
+// The same vectors from Problem::codes8, where the transposition was done once: lane l holds column l.
+inline void relaid_codes8(const uint8_t* w, __m256i v[8]) {
+  const __m256i nib = _mm256_set1_epi8(0x0f);
+  for (int q = 0; q < 4; ++q) {
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
+    v[q] = _mm256_and_si256(d, nib);
+    v[q + 4] = _mm256_and_si256(_mm256_srli_epi16(d, 4), nib);
+  }
+}
+
 // Lane l of tile_codes8's vectors holds column lane_columns()[l]; column c sits in lane column_lanes()[c]. (Functions,
 // not namespace constants: a static initializer with AVX2 instructions would run on CPUs without AVX2.)
 inline __m256i lane_columns() { return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); }
@@ -65,16 +76,20 @@ constexpr int64_t kPrefetchBytes = 4096;
 
 // int8 activations, block 32, column tiles of a multiple of 8 columns, 8 columns at a time. A tile-group's codes
 // are unpacked once and serve every row (kRows at a time), transposed so that each lane of v[q] holds one column's
-// codes of rows 4q..4q+3 (tile_codes8): against the broadcast activations of those rows, maddubs leaves each
-// column's partial dot products in its own lane (Dot::dot: maddubs on AVX2, vpdpbusd with AVX-512 VNNI), so one
-// vector holds the 8 columns' dot products with no horizontal sums, and a row's 8 columns accumulate in one float
-// vector.
-template <class ScaleT, class IndexT, class Dot>
-void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+// codes of rows 4q..4q+3 (tile_codes8, or relaid_codes8 when Problem::codes8 holds them transposed already, kRelaid):
+// against the broadcast activations of those rows, maddubs leaves each column's partial dot products in its own lane
+// (Dot::dot: maddubs on AVX2, vpdpbusd with AVX-512 VNNI), so one vector holds the 8 columns' dot products with no
+// horizontal sums, and a row's 8 columns accumulate in one float vector. Lanes are in lane_columns() order, or in
+// column order with kRelaid. One row reads its broadcast activations from Activations::abcast when it is given.
+template <class ScaleT, class IndexT, class Dot, bool kRelaid>
+void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
   const int64_t T = p.tile, nb = p.n_blocks;
   constexpr int64_t kRows = 64;
   alignas(32) float acc[kRows * 8];
+  // Lane order of the codes' columns, and back to column order.
+  auto to_lanes = [](__m256 x) { return kRelaid ? x : _mm256_permutevar8x32_ps(x, lane_columns()); };
+  auto to_columns = [](__m256 x) { return kRelaid ? x : _mm256_permutevar8x32_ps(x, column_lanes()); };
   for (int64_t t0 = n0; t0 < n1; t0 += T) {
     const int64_t j0 = p.group_ptr[t0 / T], j1 = p.group_ptr[t0 / T + 1];
     for (int64_t c0 = 0; c0 < T && t0 + c0 < n1; c0 += 8) {
@@ -83,48 +98,90 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
         const int64_t rows = std::min<int64_t>(kRows, p.M - m0);
         // Tile-group j's codes and its scales in lane order: sw and sw * z.
         auto group = [&](int64_t j, __m256i v[8], __m256& sw, __m256& swz) {
-          const uint8_t* w = p.packed + (j * T + c0) * 16;
+          const uint8_t* w = (kRelaid ? p.codes8 : p.packed) + (j * T + c0) * 16;
           _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);  // the two lines of a
           _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);  // later tile-group
-          tile_codes8(w, v);
-          sw = _mm256_permutevar8x32_ps(load_scales8<ScaleT>(p, j * T + c0), lane_columns());
-          swz = _mm256_mul_ps(sw, _mm256_permutevar8x32_ps(zero_points8(p.zero_points, j * T + c0), lane_columns()));
+          if constexpr (kRelaid) relaid_codes8(w, v);
+          else tile_codes8(w, v);
+          sw = to_lanes(load_scales8<ScaleT>(p, j * T + c0));
+          swz = _mm256_mul_ps(sw, to_lanes(zero_points8(p.zero_points, j * T + c0)));
         };
-        // acc plus row m's contribution of tile-group j (block b) to its 8 columns: sw * (sa * dot(u, q) - z * acorr).
-        auto accumulate = [&](__m256 acc8, int64_t m, int64_t b, const __m256i v[8], __m256 sw, __m256 swz) {
-          const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32)));
+        // acc plus row m's contribution of tile-group j (block b) to its 8 columns: sw * (sa * dot(u, q) - z * acorr),
+        // x[q] holding the row's activations 4q..4q+3 of the block in every lane.
+        auto accumulate = [&](__m256 acc8, int64_t m, int64_t b, const __m256i v[8], const __m256i x[8], __m256 sw,
+                              __m256 swz) {
+          const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, x));
           acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), acc8);
           return _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
         };
-        if (rows == 1) {  // one row: two register accumulators, no store-to-load chain through acc
+        auto broadcast = [&](int64_t m, int64_t b, __m256i x[8]) {
+          const int32_t* x4 = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32);
+          for (int q = 0; q < 8; ++q) x[q] = _mm256_set1_epi32(x4[q]);
+        };
+        // One row: two register accumulators, no store-to-load chain through acc. With relaid codes and a.abcast,
+        // each 32-byte load of codes is split into its two nibble vectors and multiplied against the loaded
+        // activations at once (few live registers: 8 code and 8 activation vectors would not fit AVX2's 16).
+        auto one_row = [&](auto streamed) {
+          constexpr bool kStreamed = decltype(streamed)::value;
+          auto contribution = [&](int64_t j, __m256 acc8) {
+            const int64_t b = idx[j];
+            if constexpr (kStreamed) {
+              const uint8_t* w = p.codes8 + (j * T + c0) * 16;
+              _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);
+              const __m256i* xb = reinterpret_cast<const __m256i*>(a.abcast) + (m0 * nb + b) * 8;
+              const __m256i nib = _mm256_set1_epi8(0x0f);
+              __m256i s = Dot::zero();
+              for (int q = 0; q < 4; ++q) {
+                const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
+                s = Dot::step(s, _mm256_and_si256(d, nib), _mm256_load_si256(xb + q));
+                s = Dot::step(s, _mm256_and_si256(_mm256_srli_epi16(d, 4), nib), _mm256_load_si256(xb + q + 4));
+              }
+              const __m256 sw = load_scales8<ScaleT>(p, j * T + c0);
+              // sw * (sa * dot - z * acorr)
+              const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(Dot::finish(s)), _mm256_set1_ps(a.ascale[m0 * nb + b]),
+                                               _mm256_mul_ps(zero_points8(p.zero_points, j * T + c0), _mm256_set1_ps(a.acorr[m0 * nb + b])));
+              return _mm256_fmadd_ps(sw, t, acc8);
+            } else {
+              __m256i v[8], x[8];
+              __m256 sw, swz;
+              group(j, v, sw, swz);
+              broadcast(m0, b, x);
+              return accumulate(acc8, m0, b, v, x, sw, swz);
+            }
+          };
           __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-          __m256i v[8];
-          __m256 sw, swz;
           int64_t j = j0;
           for (; j + 2 <= j1; j += 2) {
-            group(j, v, sw, swz);
-            acc0 = accumulate(acc0, m0, idx[j], v, sw, swz);
-            group(j + 1, v, sw, swz);
-            acc1 = accumulate(acc1, m0, idx[j + 1], v, sw, swz);
+            acc0 = contribution(j, acc0);
+            acc1 = contribution(j + 1, acc1);
           }
-          if (j < j1) {
-            group(j, v, sw, swz);
-            acc0 = accumulate(acc0, m0, idx[j], v, sw, swz);
-          }
+          if (j < j1) acc0 = contribution(j, acc0);
           _mm256_store_ps(acc, _mm256_add_ps(acc0, acc1));
+        };
+        if (rows == 1) {
+          if constexpr (kRelaid) {
+            if (a.abcast) one_row(std::true_type{});
+            else one_row(std::false_type{});
+          } else {
+            one_row(std::false_type{});
+          }
         } else {
           for (int64_t r = 0; r < rows; ++r) _mm256_store_ps(acc + r * 8, _mm256_setzero_ps());
           for (int64_t j = j0; j < j1; ++j) {
             __m256i v[8];
             __m256 sw, swz;
             group(j, v, sw, swz);
-            for (int64_t r = 0; r < rows; ++r)
-              _mm256_store_ps(acc + r * 8, accumulate(_mm256_load_ps(acc + r * 8), m0 + r, idx[j], v, sw, swz));
+            for (int64_t r = 0; r < rows; ++r) {
+              __m256i x[8];
+              broadcast(m0 + r, idx[j], x);
+              _mm256_store_ps(acc + r * 8, accumulate(_mm256_load_ps(acc + r * 8), m0 + r, idx[j], v, x, sw, swz));
+            }
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {  // back to column order
+        for (int64_t r = 0; r < rows; ++r) {  // in column order
           float* y = p.Y + (m0 + r) * p.N + t0 + c0;
-          const __m256 out = _mm256_permutevar8x32_ps(_mm256_load_ps(acc + r * 8), column_lanes());
+          const __m256 out = to_columns(_mm256_load_ps(acc + r * 8));
           if (cols == 8) {
             _mm256_storeu_ps(y, out);
           } else {
@@ -136,6 +193,12 @@ void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int6
       }
     }
   }
+}
+
+template <class ScaleT, class IndexT, class Dot>
+void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
+  if (p.codes8) int8_block32_tile8_impl<ScaleT, IndexT, Dot, true>(p, a, n0, n1);
+  else int8_block32_tile8_impl<ScaleT, IndexT, Dot, false>(p, a, n0, n1);
 }
 
 }  // namespace
