@@ -78,7 +78,9 @@ PARETO = [("dynamo", f"quant4(block={b},{H})", True) for b in (32, 64, 128)] + \
           # the same, with the head (and its tied table) stored as in the gptq block-128 row it is compared with
           ("dynamo", f"spquant(sparsity=0,min_saving=0,scale_bits=8),quant4(algo=gptq,block=128,{H})", True),
           # the head in the 4.25-bit format too (quant4 then stores only the tied table, for the Gather)
-          ("dynamo", f"spquant(sparsity=0,min_saving=0,scale_bits=8,lm_head=true),{G}", True)]
+          ("dynamo", f"spquant(sparsity=0,min_saving=0,scale_bits=8,lm_head=true),{G}", True)] + \
+         [("dynamo", f"spquant({o},min_saving=0,scale_bits=8),quant4(algo=gptq,block={b},{H})", True)  # fewer bytes
+          for o, b in (("sparsity=0,block=64", 128), ("sparsity=0.1", 128), ("sparsity=0,block=64", 64))]
 ROW_SETS = {"decode": OURS, "pareto": PARETO}
 HELD_OUT = ("Macbeth", "Hamlet")
 HEAL_WINDOWS = 64  # rows that heal calibrate on 64 windows (docs/heal.md's SmolLM2 runs), 8 of them held back by heal

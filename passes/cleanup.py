@@ -17,6 +17,9 @@ import onnx_ir.passes.common as common
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 
 _NEVER_FOLD = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
+# Node metadata: a pass's view of a stored tensor (a Reshape of a weight another node also reads) stays a node, so
+# that folding does not write the tensor into the file a second time; ORT folds it in memory at session creation.
+KEEP_UNFOLDED = "modelsurgeon.keep_unfolded"
 
 
 def _run_ir_passes(model: ir.Model, passes) -> bool:
@@ -29,7 +32,7 @@ def _run_ir_passes(model: ir.Model, passes) -> bool:
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx"):
+    if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx") or KEEP_UNFOLDED in node.metadata_props:
         return False
     return None
 

@@ -598,7 +598,7 @@ def test_quant4_after_lowrank_quantizes_both_factors(llama):
 def test_tied_table_is_stored_once_in_the_heads_bits(symmetric, head, block):
     """A quantized head tied to the table (lm_head=true or 4: 4 bits; auto under rtn, or 8: 8 bits; embeddings=auto
     by default): the lookup reads the head's packed codes (no float table, no second copy), and what it returns is
-    exactly those codes dequantized."""
+    exactly those codes dequantized. Its scales are the head's, reshaped by a node (not a second copy in the file)."""
     from modelsurgeon.models import reference
 
     path = reference.export("llama", 18, tie=True)
@@ -617,7 +617,10 @@ def test_tied_table_is_stored_once_in_the_heads_bits(symmetric, head, block):
     v, nb, width = b.shape
     codes = (np.stack([b & 0x0F, b >> 4], axis=-1) if bits == 4 else b).reshape(v, nb, -1).astype(np.float32)
     zp = 2.0 ** (bits - 1) if symmetric else lookup.inputs[3].const_value.numpy().astype(np.float32)
-    table = ((codes - zp) * lookup.inputs[2].const_value.numpy()).reshape(v, -1)[:, :64]
+    reshape = lookup.inputs[2].producer()
+    assert reshape.op_type == "Reshape" and reshape.inputs[0] is head_node.inputs[2]
+    scales = head_node.inputs[2].const_value.numpy().reshape(v, nb, 1)
+    table = ((codes - zp) * scales).reshape(v, -1)[:, :64]
     merged = lookup.outputs[0].uses()[0].node.outputs[0]
     if block > 64:
         merged = merged.uses()[0].node.outputs[0]
