@@ -67,7 +67,8 @@ def main(argv=None) -> int:
                 line += f"; baseline library {med['baseline']:.1f} us ({rows[-1]['baseline_faster']:.2f}x)"
             print(line, flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"command": "python benchmarks/spquant_pair.py " + " ".join(sys.argv[1:]),
+        args.out.write_text(json.dumps({"benchmark": "spquant_pair",
+                                        "command": "python benchmarks/spquant_pair.py " + " ".join(sys.argv[1:]),
                                         "kernel": kernel_info(), "threads": args.threads, "rounds": args.rounds,
                                         "rows": rows}, indent=1))
     return 0
