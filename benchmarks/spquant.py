@@ -115,7 +115,8 @@ def sparse_model(rng, K, N, copies, tile: int = 1, dense8: bool = False):
     return (_model(nodes, inits, K, outs, {"": 18, DOMAIN: 1}, [function_proto(18)]), weights[0].nbytes(), weights[0])
 
 
-def session(model_bytes: bytes, library: bool, isa: str | None = None, threads: int | None = None):
+def session(model_bytes: bytes, library: bool | str, isa: str | None = None, threads: int | None = None):
+    """An ORT session of model_bytes; library: True registers our built library, a path another build of it."""
     import onnxruntime as ort
 
     from modelsurgeon.runtime.custom_ops import library_path
@@ -123,7 +124,7 @@ def session(model_bytes: bytes, library: bool, isa: str | None = None, threads: 
 
     so = session_options(threads=threads)
     if library:
-        so.register_custom_ops_library(library_path())
+        so.register_custom_ops_library(library if isinstance(library, str) else library_path())
     old = os.environ.get("MODELSURGEON_SQMM_ISA")
     if isa:
         os.environ["MODELSURGEON_SQMM_ISA"] = isa  # read when ORT creates the kernels (session creation)

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         sessions = {"MatMulNBits": sb.session(nbits, False, threads=args.threads),
                     "ours": sb.session(ours, True, threads=args.threads)}
         if args.baseline_library:
-            sessions["baseline"] = baseline_session(ours, args.baseline_library, args.threads)
+            sessions["baseline"] = sb.session(ours, str(args.baseline_library), threads=args.threads)
         for M in (1, 128):
             A = np.random.default_rng(1).normal(size=(M, K)).astype(np.float32)
             times = {name: [] for name in sessions}
@@ -72,16 +72,6 @@ def main(argv=None) -> int:
                                         "kernel": kernel_info(), "threads": args.threads, "rounds": args.rounds,
                                         "rows": rows}, indent=1))
     return 0
-
-
-def baseline_session(model_bytes: bytes, library: pathlib.Path, threads: int):
-    import onnxruntime as ort
-
-    from modelsurgeon.runtime.session import session_options
-
-    so = session_options(threads=threads)
-    so.register_custom_ops_library(str(library))
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
 if __name__ == "__main__":

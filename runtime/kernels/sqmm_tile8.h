@@ -80,7 +80,8 @@ constexpr int64_t kPrefetchBytes = 4096;
 // against the broadcast activations of those rows, maddubs leaves each column's partial dot products in its own lane
 // (Dot::dot: maddubs on AVX2, vpdpbusd with AVX-512 VNNI), so one vector holds the 8 columns' dot products with no
 // horizontal sums, and a row's 8 columns accumulate in one float vector. Lanes are in lane_columns() order, or in
-// column order with kRelaid. One row reads its broadcast activations from Activations::abcast when it is given.
+// column order with kRelaid. With kRelaid, one row reads its broadcast activations from Activations::abcast when it is
+// given.
 template <class ScaleT, class IndexT, class Dot, bool kRelaid>
 void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
@@ -96,11 +97,16 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
       const int64_t cols = std::min<int64_t>(8, n1 - (t0 + c0));
       for (int64_t m0 = 0; m0 < p.M; m0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, p.M - m0);
+        // Tile-group j's 128 bytes of codes, the two lines of a later tile-group prefetched.
+        auto codes = [&](int64_t j) {
+          const uint8_t* w = (kRelaid ? p.codes8 : p.packed) + (j * T + c0) * 16;
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);
+          return w;
+        };
         // Tile-group j's codes and its scales in lane order: sw and sw * z.
         auto group = [&](int64_t j, __m256i v[8], __m256& sw, __m256& swz) {
-          const uint8_t* w = (kRelaid ? p.codes8 : p.packed) + (j * T + c0) * 16;
-          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);  // the two lines of a
-          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);  // later tile-group
+          const uint8_t* w = codes(j);
           if constexpr (kRelaid) relaid_codes8(w, v);
           else tile_codes8(w, v);
           sw = to_lanes(load_scales8<ScaleT>(p, j * T + c0));
@@ -126,9 +132,7 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
           auto contribution = [&](int64_t j, __m256 acc8) {
             const int64_t b = idx[j];
             if constexpr (kStreamed) {
-              const uint8_t* w = p.codes8 + (j * T + c0) * 16;
-              _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);
+              const uint8_t* w = codes(j);
               const __m256i* xb = reinterpret_cast<const __m256i*>(a.abcast) + (m0 * nb + b) * 8;
               const __m256i nib = _mm256_set1_epi8(0x0f);
               __m256i s = Dot::zero();
