@@ -80,7 +80,9 @@ PARETO = [("dynamo", f"quant4(block={b},{H})", True) for b in (32, 64, 128)] + \
           # the head in the 4.25-bit format too (quant4 then stores only the tied table, for the Gather)
           ("dynamo", f"spquant(sparsity=0,min_saving=0,scale_bits=8,lm_head=true),{G}", True)] + \
          [("dynamo", f"spquant({o},min_saving=0,scale_bits=8),quant4(algo=gptq,block={b},{H})", True)  # fewer bytes
-          for o, b in (("sparsity=0,block=64", 128), ("sparsity=0.1", 128), ("sparsity=0,block=64", 64))]
+          for o, b in (("sparsity=0,block=64", 128), ("sparsity=0.1", 128), ("sparsity=0,block=64", 64))] + \
+         [("dynamo", f"spquant(sparsity=0,block=64,{o}min_saving=0,scale_bits=8,lm_head=true)", True)  # the lookup
+          for o in ("", "max_block=256,")]                                                     # reads the head's codes
 ROW_SETS = {"decode": OURS, "pareto": PARETO}
 HELD_OUT = ("Macbeth", "Hamlet")
 HEAL_WINDOWS = 64  # rows that heal calibrate on 64 windows (docs/heal.md's SmolLM2 runs), 8 of them held back by heal

@@ -74,19 +74,19 @@ def fp32_model(rng, K, N, copies):
     return _model(nodes, inits, K, outs, {"": 18}), K * N * 4
 
 
-def matmulnbits_model(rng, K, N, copies):
-    nb = -(-K // BLOCK)
+def matmulnbits_model(rng, K, N, copies, block: int = BLOCK):
+    nb = -(-K // block)
     nodes, inits, outs = [], [], []
     for c in range(copies):
-        inits.append(numpy_helper.from_array(rng.integers(0, 256, size=(N, nb, BLOCK // 2), dtype=np.uint8), f"b{c}"))
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, size=(N, nb, block // 2), dtype=np.uint8), f"b{c}"))
         inits.append(numpy_helper.from_array((rng.random(N * nb, dtype=np.float32) * 0.01 + 0.001), f"s{c}"))
         nodes.append(helper.make_node("MatMulNBits", ["A", f"b{c}", f"s{c}"], [f"y{c}"], domain="com.microsoft",
-                                      K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=4))
+                                      K=K, N=N, bits=4, block_size=block, accuracy_level=4))
         outs.append(f"y{c}")
-    return _model(nodes, inits, K, outs, {"": 18, "com.microsoft": 1}), N * nb * (BLOCK // 2 + 4)
+    return _model(nodes, inits, K, outs, {"": 18, "com.microsoft": 1}), N * nb * (block // 2 + 4)
 
 
-def sparse_model(rng, K, N, copies, tile: int = 1, dense8: bool = False):
+def sparse_model(rng, K, N, copies, tile: int = 1, dense8: bool = False, block: int = BLOCK):
     """`copies` of our op on random weights: KEEP of the groups and outliers with float16 scales, or with `dense8`
     every group, no outliers and 8-bit scale codes (the 4.25-bit dense format)."""
     from modelsurgeon.runtime.sparse_quant_format import random_weight
@@ -95,7 +95,7 @@ def sparse_model(rng, K, N, copies, tile: int = 1, dense8: bool = False):
     r = 0 if dense8 else max(1, round(OUTLIER_FRACTION * K))
     nodes, inits, outs, weights = [], [], [], []
     for c in range(copies):
-        w = random_weight(rng, K, N, BLOCK, keep=1.0 if dense8 else KEEP, outliers=r, tile=tile,
+        w = random_weight(rng, K, N, block, keep=1.0 if dense8 else KEEP, outliers=r, tile=tile,
                           scale_dtype=np.uint8 if dense8 else np.float16)
         names = []
         for key, arr in w.inputs().items():
@@ -106,7 +106,7 @@ def sparse_model(rng, K, N, copies, tile: int = 1, dense8: bool = False):
             names.append(f"{key}{c}")
         while names and not names[-1]:
             names.pop()
-        nodes.append(helper.make_node(OP_NAME, ["A", *names], [f"y{c}"], domain=DOMAIN, K=K, N=N, block=BLOCK,
+        nodes.append(helper.make_node(OP_NAME, ["A", *names], [f"y{c}"], domain=DOMAIN, K=K, N=N, block=block,
                                       bits=4, accuracy_level=4, outliers=r, tile=tile,
                                       **({"scale_code": 1, "scale_exponent": w.scale_exponent} if dense8 else {})))
         outs.append(f"y{c}")

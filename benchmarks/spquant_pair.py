@@ -1,8 +1,8 @@
 """Our op against MatMulNBits on the real layer shapes, one cache-resident weight each: a quick pair check.
 
 `benchmarks/spquant.py` streams many copies of each weight from DRAM and runs every variant; this script times one
-copy of our op (dense, 8-bit scale codes, tiles of 8: the 4.25-bit format) and one MatMulNBits (4 bits, block 32,
-accuracy_level=4), interleaved, at 1 and 128 rows, and prints one line per shape and row count. It is what ran on the
+copy of our op (dense, 8-bit scale codes, tiles of 8: the 4.25-bit format at block 32, 4.125 bits at --block 64) and
+one MatMulNBits (4 bits, block 32 or --nbits-block, accuracy_level=4), interleaved, at 1 and 128 rows, and prints one line per shape and row count. It is what ran on the
 device machine's Xeon (AVX-512 VNNI), where a whole spquant.py run did not fit the time lent:
 
     MODELSURGEON_CUSTOM_OPS_LIB=... taskset -c 2,3 python benchmarks/spquant_pair.py --threads 2 --out r.json
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--shapes", help="KxN,KxN,... instead of the default list")
+    ap.add_argument("--block", type=int, default=32, help="our op's block (rows per group)")
+    ap.add_argument("--nbits-block", type=int, default=32, help="MatMulNBits' block_size")
     ap.add_argument("--out", type=pathlib.Path, help="JSON of the medians")
     ap.add_argument("--baseline-library", type=pathlib.Path,
                     help="another build of our library (e.g. the previous commit's), timed as a third session in the "
@@ -42,8 +44,8 @@ def main(argv=None) -> int:
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     for K, N in shapes:
         rng = np.random.default_rng(0)
-        nbits, _ = sb.matmulnbits_model(rng, K, N, 1)
-        ours, _, _ = sb.sparse_model(rng, K, N, 1, tile=8, dense8=True)
+        nbits, _ = sb.matmulnbits_model(rng, K, N, 1, block=args.nbits_block)
+        ours, _, _ = sb.sparse_model(rng, K, N, 1, tile=8, dense8=True, block=args.block)
         sessions = {"MatMulNBits": sb.session(nbits, False, threads=args.threads),
                     "ours": sb.session(ours, True, threads=args.threads)}
         if args.baseline_library:
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps({"benchmark": "spquant_pair",
                                         "command": "python benchmarks/spquant_pair.py " + " ".join(sys.argv[1:]),
                                         "kernel": kernel_info(), "threads": args.threads, "rounds": args.rounds,
+                                        "block": args.block, "nbits_block": args.nbits_block,
                                         "rows": rows}, indent=1))
     return 0
 

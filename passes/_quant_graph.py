@@ -247,6 +247,16 @@ def layer_input(nodes: list[ir.Node]) -> ir.Value:
     return next(n.inputs[0] for n in nodes if n.op_type in ("MatMul", "Gemm", "MatMulNBits"))
 
 
+def expose_ties(model: ir.Model) -> int:
+    """Write every exporter's tied head the way `tied_table` reads it (torch dynamo's): the head reads
+    Transpose(table) of the table the embedding Gathers. Optimum's TorchScript export stores the head as a copy of
+    the table, GenAI's builder gathers rows of Transpose(head weight) (modelsurgeon.canonical's two tie rewrites).
+    Exact; the number of rewrites."""
+    from modelsurgeon.canonical import tie_copied_heads, untranspose_tied_tables
+
+    return untranspose_tied_tables(model.graph) + tie_copied_heads(model.graph)
+
+
 def tied_table(node: ir.Node) -> ir.Value | None:
     """The embedding table an output head reads through a Transpose (a tied head), if the table also feeds a Gather."""
     if not is_output_head(node) or len(node.inputs) < 2 or node.inputs[1] is None:

@@ -124,6 +124,8 @@ class Quant4Pass(Pass):
             G.ensure_opset(model, "com.microsoft", 1)
         else:
             G.ensure_opset(model, "", 21)  # before collecting layers: converting from below opset 18 rebuilds the graph
+        if head_bits(c["lm_head"], c["algo"]) is not None:
+            G.expose_ties(model)  # a tied head, however exported, can share its codes with the lookup
         protected: list[G.Linear] = []  # with protected_bits=32, find_linears reports them as kept in float
         linears, skipped = G.find_linears(model, fuse_bias=c["format"] == "matmulnbits",
                                           protected=protected if c["protected_bits"] == 8 else None)

@@ -22,12 +22,19 @@ per-layer exponent offset; GPTQ rounds each group's scale to that grid before en
 compensation sees the stored scale): at block 32 that is 4.25 bits per weight, MatMulNBits' bytes at block 128
 with block-32 groups.
 
+With `max_block`, a layer whose K a wider block divides takes the widest one up to max_block (fewer scale bytes;
+`layer_block`). An output head tied to the embedding table (`lm_head=true`; Optimum's copied head and GenAI's
+transposed table are tied back first, exactly) keeps every group and no outliers, and the embedding lookups read
+the table from its codes (`_sparse_quant_lookup.py`: standard ONNX ops), so the table is stored once, in the
+head's bits, unless those codes reconstruct it more than 4x worse than round to nearest would.
+
 Layers where the sparse format does not save at least `min_saving` of MatMulNBits' bytes (e.g. low sparsity)
 fall back to `com.microsoft.MatMulNBits` (plain GPTQ), as do layers with float16 activations. The model also
 gets the op's ONNX function (runtime/sparse_quant_function.py), so it runs on any ONNX Runtime; with our
 library registered ORT runs the native kernel.
 
-Preserves: graph inputs and outputs, every other node. Lossy: the manager measures the output error.
+Preserves: graph inputs and outputs, every other node (but the lookups of a tied table, as above). Lossy: the
+manager measures the output error.
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon import quantize as Q
+from modelsurgeon.errors import UserError
 from modelsurgeon.pass_api import Option, Pass, PassResult, Stage, register_pass
 from modelsurgeon.passes import _quant_graph as G
+from modelsurgeon.passes import _sparse_quant_lookup as L
 from modelsurgeon.runtime import sparse_quant_function as F
 from modelsurgeon.runtime.sparse_quant_format import (SparseQuantWeight, decode_scale_codes, encode_scale_codes,
                                                       index_dtype, pack_codes, scale_code_exponent, slot_columns)
@@ -48,6 +57,16 @@ from modelsurgeon.runtime.sparse_quant_format import (SparseQuantWeight, decode_
 
 def _check_block(b: int) -> str | None:
     return None if 16 <= b <= 256 and b & (b - 1) == 0 else "must be a power of two from 16 to 256"
+
+
+def layer_block(k: int, block: int, max_block: int) -> int:
+    """The block of a layer with K = k: the widest of block, 2*block, ... up to max_block that divides k (0: block).
+    Wider blocks store fewer scales (with 8-bit scales at block 64, 1/8 bit per weight; at 128, 1/16), and one that
+    divides K pads nothing; the kernel runs any multiple of 32."""
+    b = block
+    while max_block and 2 * b <= max_block and k % (2 * b) == 0:
+        b *= 2
+    return b
 
 
 def _fraction(lo: float, hi: float):
@@ -232,6 +251,9 @@ class SparseQuantPass(Pass):
     options = {
         "sparsity": Option(float, 0.5, "fraction of weight groups dropped per layer", check=_fraction(0.0, 1.0)),
         "block": Option(int, 32, "input channels per group (16..256, a power of two)", check=_check_block),
+        "max_block": Option(int, 0, "a wider block where K allows: each layer takes the widest of block, 2*block, ... "
+                            "up to max_block that divides its K (fewer scale bytes; 0: every layer at block)",
+                            check=lambda b: None if b == 0 else _check_block(b)),
         "outliers": Option(float, 0.005, "weights per column kept exactly in fp32, as a fraction of K",
                            check=_fraction(0.0, 0.25)),
         "symmetric": Option(bool, True, "symmetric groups (no zero points); false stores an int8 zero point per group"),
@@ -240,7 +262,8 @@ class SparseQuantPass(Pass):
         "min_saving": Option(float, 0.15, "use MatMulNBits for layers where the sparse format saves less than this "
                              "fraction of MatMulNBits' bytes", check=_fraction(0.0, 1.0)),
         "damp": Option(float, 0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal", check=_fraction(1e-6, 1.0)),
-        "lm_head": Option(bool, False, "also compress the output head (the layer feeding a graph output)"),
+        "lm_head": Option(bool, False, "also compress the output head (the layer feeding a graph output); a tied "
+                          "embedding table is then read from the head's codes"),
         "include": Option(str, "", "regex: only layers whose node or weight name matches (re.search)", check=G.check_regex),
         "exclude": Option(str, "", "regex: leave layers whose node or weight name matches", check=G.check_regex),
         "batch": Option(int, 8, "calibration batch size", check=lambda v: None if v > 0 else "must be > 0"),
@@ -252,10 +275,18 @@ class SparseQuantPass(Pass):
                        "4, 8 and 16 have a fast kernel path)", choices=(1, 4, 8, 16)),
     }
 
+    def validate(self) -> None:
+        c = self.config
+        if c["max_block"] and c["max_block"] < c["block"]:
+            raise UserError(f"spquant: max_block={c['max_block']} is below block={c['block']}; give max_block >= block "
+                            "or leave it out")
+
     def _select(self, model: ir.Model) -> tuple[list[G.Linear], list[G.Linear], list[str]]:
         """(layers to compress, precision-sensitive layers stored at 8 bits, skipped layers with reasons)."""
         c = self.config
         include, exclude = c["include"], c["exclude"]
+        if c["lm_head"]:
+            G.expose_ties(model)  # a tied head, however exported, shares its codes with the lookup
         protected: list[G.Linear] = []  # with protected_bits=32, find_linears reports them as kept in float
         linears, skipped = G.find_linears(model, fuse_bias=True,
                                           protected=protected if c["protected_bits"] == 8 else None)
@@ -291,42 +322,51 @@ class SparseQuantPass(Pass):
 
         runner = LayerwiseRunner(model, ctx.require_calibration(self.name), c["batch"], ctx.providers)
         sparse_layers, nbits_layers, errors, kept, bytes_sparse, bytes_nbits = [], [], [], [], 0, 0
+        tied = {id(lin.node): table for lin in selected if (table := G.tied_table(lin.node)) is not None}
+        lookups = 0
         groups = G.group_by_input(selected)
         for group in ctx.progress_bar(groups, desc="spquant", total=len(groups)):
             G.refresh_inputs(group)
             hessian, _ = _input_statistics(runner, group[0].x.name, group[0].shape[0], self.name)
             # layers reading one input share a scale exponent, so that `fuse` can pack them into one product
-            exponent = (scale_exponent_for(np.concatenate([lin.weight for lin in group], axis=1), c["block"])
+            block = layer_block(group[0].shape[0], c["block"], c["max_block"])  # a group reads one input: one K
+            exponent = (scale_exponent_for(np.concatenate([lin.weight for lin in group], axis=1), block)
                         if c["scale_bits"] == 8 else None)
             for lin in group:
                 k, n = lin.shape
                 reason = self._sparse_blocker(lin)
                 result = None
+                table = tied.get(id(lin.node))
                 if reason is None:
-                    result = compress_layer(lin.weight, hessian, sparsity=c["sparsity"], block=c["block"],
-                                            outliers=c["outliers"], symmetric=c["symmetric"], damp=c["damp"],
+                    # a tied head keeps every group: the embedding lookup reads the table from its codes
+                    whole = table is not None
+                    result = compress_layer(lin.weight, hessian, sparsity=0.0 if whole else c["sparsity"],
+                                            block=block, outliers=0.0 if whole else c["outliers"],
+                                            symmetric=c["symmetric"], damp=c["damp"],
                                             bias=lin.bias, tile=c["tile"], scale_bits=c["scale_bits"],
                                             scale_exponent=exponent)
-                    if result.weight.nbytes() > (1.0 - c["min_saving"]) * matmulnbits_bytes(k, n, c["block"], c["symmetric"]):
+                    if result.weight.nbytes() > (1.0 - c["min_saving"]) * matmulnbits_bytes(k, n, block, c["symmetric"]):
                         reason = (f"sparse format saves less than {c['min_saving']:.0%} of MatMulNBits' bytes "
                                   f"at sparsity={c['sparsity']}")
                 if reason is None:
-                    self._emit_sparse(model, namer, lin, result.weight)
+                    node = self._emit_sparse(model, namer, lin, result.weight)
+                    if table is not None:
+                        lookups += self._share_with_lookups(model, namer, lin, table, node, result, skipped)
                     sparse_layers.append(lin.name)
                     kept.append(result.kept_fraction)
                     bytes_sparse += result.weight.nbytes()
                     deq = result.dense
                 else:
                     skipped.append(f"{lin.name}: MatMulNBits instead of SparseQuantMatMul ({reason})")
-                    bq = Q.gptq(lin.weight, hessian, 4, c["block"], c["symmetric"], c["damp"], True, True)
+                    bq = Q.gptq(lin.weight, hessian, 4, block, c["symmetric"], c["damp"], True, True)
                     self._emit_nbits(model, namer, lin, bq)
                     nbits_layers.append(lin.name)
-                    bytes_nbits += matmulnbits_bytes(k, n, c["block"], c["symmetric"])
+                    bytes_nbits += matmulnbits_bytes(k, n, block, c["symmetric"])
                     deq = bq.dequantize()
                 errors.append(math.sqrt(max(Q.relative_output_error(lin.weight, deq, hessian), 0.0)))
         notes = {
             "layers_sparse": len(sparse_layers), "layers_matmulnbits": len(nbits_layers), "protected_8bit": len(protected),
-            "kept_groups_mean": float(np.mean(kept)) if kept else 0.0,
+            "kept_groups_mean": float(np.mean(kept)) if kept else 0.0, "lookups_from_head": lookups,
             "bytes_sparse": bytes_sparse, "bytes_matmulnbits": bytes_nbits,
             "layer_rel_error_mean": float(np.mean(errors)), "layer_rel_error_max": float(max(errors)),
             "calibration_segments": runner.segments_run,
@@ -341,12 +381,38 @@ class SparseQuantPass(Pass):
             return f"K={lin.shape[0]} is above 65536, the outlier row limit"
         return None
 
-    def _emit_sparse(self, model: ir.Model, namer: G.Namer, lin: G.Linear, weight: SparseQuantWeight) -> None:
+    def _emit_sparse(self, model: ir.Model, namer: G.Namer, lin: G.Linear, weight: SparseQuantWeight) -> ir.Node:
         F.ensure_function(model)
         prefix = namer(f"{lin.weight_name}_SQ4")
         node = F.make_node(lin.x, weight, model.graph, prefix, accuracy_level=self.config["accuracy_level"],
                            output_name=namer(f"{lin.out.name}_SQ4"))
         self._replace(model, namer, lin, node)
+        return node
+
+    def _share_with_lookups(self, model: ir.Model, namer: G.Namer, lin: G.Linear, table: ir.Value, node: ir.Node,
+                            result: SparseQuantResult, skipped: list[str]) -> int:
+        """Let the embedding lookups of the table tied to the head `lin` (now `node`) read the head's codes, so the
+        table is stored once; the number of lookups replaced. Not when the codes reconstruct the table more than 4x
+        worse (squared error) than round to nearest at the same block would: GPTQ piles the head's error where the
+        head's input has little energy, which the lookup does not discount (as quant4's own check)."""
+        c = self.config
+        w = lin.weight
+        err = float(np.sum((result.dense - w) ** 2))
+        rtn = Q.quantize_rtn(w, 4, result.weight.block, c["symmetric"]).dequantize()
+        if err > 4 * float(np.sum((rtn - w) ** 2)):
+            skipped.append(f"{lin.name}: its codes reconstruct the tied table {err / float(np.sum((rtn - w) ** 2)):.1f}x "
+                           "worse (squared error) than round to nearest; the lookup keeps the float table")
+            return 0
+        import onnx_ir.passes.common as common
+
+        common.RemoveUnusedNodesPass()(model)  # the head's Transpose of the table is dead now
+        gathers = [n for n, i in list(table.uses()) if n.op_type == "Gather" and i == 0 and G.attr(n, "axis", 0) == 0]
+        shared = sum(L.replace_lookup(model, namer, g, node, result.weight) for g in gathers)
+        if shared < len(gathers):
+            skipped.append(f"{lin.name}: {len(gathers) - shared} lookup(s) of its tied table kept in float "
+                           "(indices of unknown rank)")
+        common.RemoveUnusedNodesPass()(model)
+        return shared
 
     def _emit_nbits(self, model: ir.Model, namer: G.Namer, lin: G.Linear, bq: Q.BlockQuantized) -> None:
         node = G.matmulnbits_node(model, namer, lin, bq, lin.bias, self.config["accuracy_level"], f"Q{bq.bits}")

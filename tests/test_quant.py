@@ -631,6 +631,24 @@ def test_tied_table_is_stored_once_in_the_heads_bits(symmetric, head, block):
     assert head_node.inputs[1].name == lookup.inputs[0].name and got["logits"].shape == (2, 4, 256)
 
 
+@pytest.mark.parametrize("source", ["llama-tied/optimum", "llama-tied/genai-fp32"])
+def test_tied_heads_of_other_exporters_share_their_codes_with_the_lookup(corpus_model, source):
+    """Optimum's TorchScript export stores a tied head as a copy of the table, GenAI's builder gathers rows of
+    Transpose(head weight): quant4 first writes both ties as dynamo does (exact), so the lookup reads the head's
+    codes and neither the table nor its copy is left in float."""
+    path = corpus_model(source)
+    calib = synthesize(ir.load(path), num_samples=4, seq_len=8, seed=3)
+    result = modelsurgeon.compile(path, passes="quant4(lm_head=true)", calibration=calib, progress=False)
+    model = result.model
+    lookup = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[1] is lookup.inputs[0])
+    vocab, width = lookup.inputs[0].const_value.shape[0], head.attributes["K"].value
+    assert not [v for v in model.graph.initializers.values() if v.const_value is not None
+                and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+                and v.const_value.size >= vocab * width // 2]
+    assert result.report.final.bytes < 0.5 * result.report.rows[0].bytes
+
+
 def test_tied_head_stays_float_under_qdq_by_default():
     """format=qdq has no quantized Gather, so a quantized tied head would store the table twice: lm_head=auto keeps
     it in float there (the model gets smaller, not larger), and lm_head=8 quantizes it when asked."""

@@ -183,13 +183,15 @@ def test_kernel_matches_numpy_on_every_path(isa, shape, monkeypatch):
 
 @needs_library
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_kernel_serves_later_calls_from_its_cached_weights(isa, monkeypatch):
-    """The first call checks the weights and keeps them (on AVX2 also the codes transposed for the tile-of-8
-    kernel); later calls of any row count read that copy, one row with its activations broadcast once per call."""
+@pytest.mark.parametrize("shape", [(600, 44, 32), (600, 44, 64), (1100, 44, 128)])
+def test_kernel_serves_later_calls_from_its_cached_weights(isa, shape, monkeypatch):
+    """The first call checks the weights and keeps them (on AVX2, and for blocks above 32 on AVX-512, also the
+    codes transposed for the tile-of-8 kernel, a block of 32H rows as H sub-blocks); later calls of any row count
+    read that copy, one row with its activations broadcast once per call."""
     import onnxruntime as ort
 
     monkeypatch.setenv("MODELSURGEON_SQMM_ISA", isa)
-    w = _weight(12, (600, 44, 32), VARIANTS[8])  # tiles of 8 (a partial last one), 8-bit scale codes
+    w = _weight(12, shape, VARIANTS[8])  # tiles of 8 (a partial last one), 8-bit scale codes
     so = session_options()
     so.register_custom_ops_library(LIBRARY)
     so.intra_op_num_threads = 2
@@ -197,7 +199,7 @@ def test_kernel_serves_later_calls_from_its_cached_weights(isa, monkeypatch):
                                 providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(12)
     for m in (1, 65, 1, 3, 1):  # 65 x 600 x 44 multiply-adds is past the inline threshold: the pool splits it
-        A = rng.normal(size=(m, 600)).astype(np.float32)
+        A = rng.normal(size=(m, shape[0])).astype(np.float32)
         ref = reference(A, w, accuracy_level=4)
         y = sess.run(None, {"A": A})[0]
         assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-5, m
@@ -406,7 +408,8 @@ def test_pass_falls_back_to_matmulnbits_where_sparsity_does_not_pay(llama_path):
 
 @pytest.mark.parametrize("spec", ["spquant(block=48)", "spquant(sparsity=1.0)", "spquant(outliers=-0.1)",
                                   "spquant(accuracy_level=2)", "spquant(bogus=1)", "spquant(tile=3)",
-                                  "spquant(protected_bits=4)", "spquant(scale_bits=4)"])
+                                  "spquant(protected_bits=4)", "spquant(scale_bits=4)", "spquant(max_block=96)",
+                                  "spquant(block=64,max_block=32)"])
 def test_bad_options(spec):
     from modelsurgeon.pipeline import build_pipeline, parse_passes
 
@@ -431,3 +434,75 @@ def test_slices_shortcuts_become_8_bit_blocks_not_sparse_groups(llama_path):
     assert bits.count(8) == len(shortcuts) == eight.report.rows[-2].notes["protected_8bit"]
     assert not [n for n in eight.model.graph if n.op_type == "MatMul" and n.name.endswith("/shortcut")]
     assert eight.report.rows[-1].rel_l2 < 1.0
+
+
+def _weight_of(node: ir.Node) -> SparseQuantWeight:
+    """The SparseQuantWeight a SparseQuantMatMul node stores (its initializers and attributes)."""
+    arrays = [None if v is None or v.const_value is None else v.const_value.numpy() for v in node.inputs[1:8]]
+    packed, scales, zero_points, group_ptr, group_index = arrays[:5]
+    attrs = {name: a.value for name, a in node.attributes.items()}
+    return SparseQuantWeight(K=attrs["K"], N=attrs["N"], block=attrs["block"], packed=packed, scales=scales,
+                             group_ptr=group_ptr, group_index=group_index, zero_points=zero_points,
+                             tile=attrs.get("tile", 1), scale_exponent=attrs.get("scale_exponent", 0))
+
+
+@pytest.mark.parametrize("source, options", [("llama-tied/optimum", "sparsity=0.5"),
+                                             ("llama-tied/genai-fp32", "sparsity=0,block=64,scale_bits=8,symmetric=false")])
+def test_tied_head_codes_serve_the_embedding_lookup(corpus_model, source, options):
+    """spquant(lm_head=true) on a head tied to the embedding table (Optimum's TorchScript export stores the head as a
+    copy, which canonicalize ties back; GenAI's builder gathers through a Transpose): the head keeps every group
+    whatever the sparsity, the table is stored once, in the head's codes (no float table is left), the lookup
+    returns exactly the head's decoded columns, and the kernel and the ONNX function agree on the logits."""
+    import modelsurgeon
+    from modelsurgeon.calibration import synthesize
+
+    path = corpus_model(source)
+    calib = synthesize(ir.load(path), num_samples=8, seq_len=16, seed=3)
+    res = modelsurgeon.compile(str(path), f"spquant(lm_head=true,min_saving=0,{options})", calibration=calib,
+                               progress=False)
+    row = next(r for r in res.report.rows if r.name.startswith("spquant"))
+    assert row.notes["lookups_from_head"] == 1
+    model = res.model
+    head = max((n for n in model.graph.all_nodes() if n.op_type == OP_NAME), key=lambda n: n.attributes["N"].value)
+    weight = _weight_of(head)
+    vocab, width = weight.N, weight.K
+    assert weight.nnz == weight.n_blocks * weight.n_tiles  # every group kept, at sparsity=0.5 too
+    assert not [v for v in model.graph.initializers.values() if v.const_value is not None
+                and v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= vocab * width // 2]
+    assert not [n for n in model.graph.all_nodes() if n.op_type in ("Gather", "GatherBlockQuantized")
+                and n.inputs[0].const_value is not None and n.inputs[0].const_value.size >= vocab * width // 2
+                and n.inputs[0] is not head.inputs[1]]
+    lookup = next(n for n in model.graph.all_nodes() if n.name.endswith(("_SQ_rows", "_SQ_unpadded"))
+                  and not n.outputs[0].uses()[0].node.name.endswith("_SQ_unpadded"))
+    model.graph.outputs.append(lookup.outputs[0])
+    feeds = synthesize(model, num_samples=2, seq_len=5, seed=1).arrays
+    fallback = make_session(model, custom_ops=False).run(None, feeds)
+    names = [v.name for v in model.graph.outputs]
+    np.testing.assert_array_equal(fallback[names.index(lookup.outputs[0].name)],
+                                  weight.dense().T[feeds["input_ids"]])
+    if LIBRARY:
+        kernel = make_session(model).run(None, feeds)
+        assert _rel(kernel[0], fallback[0]) < 0.05  # int8 activations against the exact fp32 fallback
+
+
+def test_layers_take_the_widest_block_their_width_allows():
+    """max_block: a layer whose K a wider block divides stores fewer scales (K=1536 at 128 or 256 under block=64); one
+    that it does not divide (576) keeps block, so nothing is padded."""
+    from modelsurgeon.passes.spquant import layer_block
+
+    assert [layer_block(k, 64, 256) for k in (576, 1536, 640, 4096)] == [64, 256, 128, 256]
+    assert [layer_block(k, 64, 128) for k in (576, 1536)] == [64, 128]
+    assert layer_block(1536, 64, 0) == 64 and layer_block(100, 32, 256) == 32
+
+
+def test_pass_gives_each_layer_its_block(llama_path):
+    """The reference llama's K=64 projections and K=128 down projections under block=32,max_block=128: 64 and 128,
+    and the compiled model still matches its float outputs closely."""
+    import modelsurgeon
+
+    res = modelsurgeon.compile(str(llama_path), "spquant(sparsity=0,min_saving=0,scale_bits=8,max_block=128)",
+                               progress=False, fuse=False)
+    blocks = {n.attributes["K"].value: n.attributes["block"].value for n in res.model.graph.all_nodes()
+              if n.op_type == OP_NAME}
+    assert blocks == {64: 64, 128: 128}, blocks
+    assert res.report.rows[-1].rel_l2 < 0.5

@@ -74,10 +74,13 @@ struct alignas(32) Lanes8 {
 };
 
 // Whether p's codes are worth transposing once for the tile-of-8 kernel (Problem::codes8): on AVX2, where the
-// one-token path runs it and its in-register transposition was measured at a quarter of its time. AVX-512 keeps
-// its own one-token kernels on the original layout. Costs the codes' bytes a second time in memory.
+// one-token path runs it and its in-register transposition was measured at a quarter of its time, and for blocks
+// above 32, whose one-token path it is on AVX2 and AVX-512 (at block 64 on a Xeon: 1.3-1.7x MatMulNBits on
+// SmolLM2's shapes, from 0.6-1.1x). At block 32 AVX-512's own one-token kernel stays: this path measured 0.7-1.5x
+// MatMulNBits there against its 1.1-1.8x. Costs the codes' bytes a second time in memory.
 bool uses_codes8(Isa isa, const Problem& p) {
-  return isa == Isa::kAvx2 && p.accuracy_level == 4 && p.block == 32 && p.tile % 8 == 0;
+  if (p.accuracy_level != 4 || p.block % 32 != 0 || p.tile % 8 != 0) return false;
+  return isa == Isa::kAvx2 || (isa == Isa::kAvx512 && p.block > 32);
 }
 
 struct Kernel {
@@ -268,8 +271,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
       fresh->weights = p;
       if (uses_codes8(k->isa, p)) {
         const int64_t slots = p.group_ptr[(p.N + p.tile - 1) / p.tile] * p.tile;
-        fresh->codes8.resize(static_cast<size_t>(slots * 16));
-        transpose_codes8(p.packed, slots, fresh->codes8.data());
+        fresh->codes8.resize(static_cast<size_t>(slots * (p.block / 2)));
+        transpose_codes8(p.packed, slots, p.block, fresh->codes8.data());
         fresh->weights.codes8 = fresh->codes8.data();
       }
       const WeightCache* expected = nullptr;
@@ -340,7 +343,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   // One row through the tile-of-8 kernel with relaid codes: its activations broadcast once per call, not per tile-group.
   std::vector<Lanes8> abcast;
   if (p.M == 1 && p.codes8) {
-    abcast.resize(static_cast<size_t>(p.n_blocks * 8));
+    abcast.resize(static_cast<size_t>(p.Kp / 4));
     const int32_t* x = reinterpret_cast<const int32_t*>(aq.data());
     for (size_t i = 0; i < abcast.size(); ++i) std::fill(abcast[i].v, abcast[i].v + 8, x[i]);
     t.act.abcast = abcast[0].v;

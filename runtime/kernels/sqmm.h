@@ -46,15 +46,16 @@ struct Problem {
   const float* outlier_values = nullptr;    // [N, R]
   const float* bias = nullptr;  // [N] or null
   float* Y = nullptr;           // [M, N]
-  // Block 32, tiles of a multiple of 8 columns: the codes again, each run of 8 slots (one tile-group's 8 columns,
-  // 128 bytes) stored as [dword q of a slot's 16 bytes][column][4 bytes] (transpose_codes8), which is the order the
-  // tile-of-8 kernel computes with. Null: it transposes every tile-group in registers on every call.
+  // Block a multiple of 32, tiles of a multiple of 8 columns: the codes again, each run of 8 slots (one tile-group's
+  // 8 columns) stored per 32-row sub-block h as 128 bytes [dword q][column][4 bytes] of the sub-block's block-32
+  // packing (byte i = u[32h + i] | u[32h + 16 + i] << 4; transpose_codes8), which is the order the tile-of-8 kernel
+  // computes with. Null: it transposes every tile-group in registers on every call (block 32 only).
   const uint8_t* codes8 = nullptr;
 };
 
-// Problem::codes8 from packed, `slots` slots (a multiple of 8) of 16 bytes: out[g*128 + q*32 + c*4 + i] =
-// packed[(g*8 + c)*16 + q*4 + i].
-void transpose_codes8(const uint8_t* packed, int64_t slots, uint8_t* out);
+// Problem::codes8 from packed, `slots` slots (a multiple of 8) of block/2 bytes, block = 32H: out[(g*H + h)*128 +
+// q*32 + c*4 + i] = byte q*4 + i of sub-block h of slot g*8 + c (at block 32: packed[(g*8 + c)*16 + q*4 + i]).
+void transpose_codes8(const uint8_t* packed, int64_t slots, int64_t block, uint8_t* out);
 
 // Per-call prepared activations. For accuracy_level 4: aq (int8, zero padded to Kp), ascale and
 // acorr = ascale * (sum of the block's int8 codes). For level 0: af (fp32 padded to Kp) and
@@ -65,9 +66,10 @@ struct Activations {
   const float* ascale = nullptr;  // [M, n_blocks]
   const float* acorr = nullptr;   // [M, n_blocks]
   const float* apair = nullptr;   // [M, n_blocks, 2]: (ascale, acorr) interleaved, level 4 only
-  // Level 4, block 32, one row (AVX2 tile-of-8 kernel): every 4 bytes of aq repeated 8 times, one 32-byte vector
-  // per 4 activations, so that its dot products load them instead of broadcasting them per tile-group.
-  const int32_t* abcast = nullptr;  // [n_blocks * 8, 8]
+  // Level 4, one row, Problem::codes8 given (the tile-of-8 kernel's one-row path): every 4 bytes of aq repeated 8
+  // times, one 32-byte vector per 4 activations, so that its dot products load them instead of broadcasting them
+  // per tile-group.
+  const int32_t* abcast = nullptr;  // [Kp / 4, 8]
   // Level 4, block 32: minus the sums of the int8 activations that land in each int32 lane of a vpdpbusd
   // over [rows 0..15 | rows 16..31] of a block: lane i gets rows 4i..4i+3 and 16+4i..16+4i+3.
   const int32_t* alanes = nullptr;  // [M, n_blocks, 4]

@@ -395,7 +395,7 @@ struct DotVnni {
 template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.accuracy_level == 4) {
-    if (uses_tile8_rows(p)) return int8_block32_tile8<ScaleT, IndexT, DotVnni>(p, a, n0, n1);
+    if (uses_tile8_rows(p) || a.abcast) return int8_block32_tile8<ScaleT, IndexT, DotVnni>(p, a, n0, n1);
     if (a.alanes) {  // set exactly when has_tile_kernels(p)
       if (p.tile == 4) return int8_block32_tiles<ScaleT, IndexT, 1>(p, a, n0, n1);
       if (p.tile == 8) return int8_block32_tiles<ScaleT, IndexT, 2>(p, a, n0, n1);

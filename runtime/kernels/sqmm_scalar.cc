@@ -1,6 +1,7 @@
 // Portable reference implementation of SparseQuantMatMul (any CPU, any block size >= 2).
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "sqmm.h"
 
@@ -144,10 +145,22 @@ void epilogue(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-void transpose_codes8(const uint8_t* packed, int64_t slots, uint8_t* out) {
-  for (int64_t g = 0; g < slots / 8; ++g)
-    for (int c = 0; c < 8; ++c)
-      for (int q = 0; q < 4; ++q) std::memcpy(out + g * 128 + q * 32 + c * 4, packed + (g * 8 + c) * 16 + q * 4, 4);
+void transpose_codes8(const uint8_t* packed, int64_t slots, int64_t block, uint8_t* out) {
+  const int64_t H = block / 32, half = block / 2;
+  std::vector<uint8_t> u(static_cast<size_t>(block));
+  uint8_t sub[16];
+  for (int64_t s = 0; s < slots; ++s) {
+    const uint8_t* w = packed + s * half;  // byte i = u[i] | u[half + i] << 4
+    for (int64_t i = 0; i < half; ++i) {
+      u[i] = w[i] & 15;
+      u[half + i] = w[i] >> 4;
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      for (int i = 0; i < 16; ++i) sub[i] = static_cast<uint8_t>(u[32 * h + i] | u[32 * h + 16 + i] << 4);
+      uint8_t* o = out + ((s / 8) * H + h) * 128 + (s % 8) * 4;
+      for (int q = 0; q < 4; ++q) std::memcpy(o + q * 32, sub + q * 4, 4);
+    }
+  }
 }
 
 }  // namespace msops

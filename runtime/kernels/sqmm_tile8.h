@@ -97,11 +97,12 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
       const int64_t cols = std::min<int64_t>(8, n1 - (t0 + c0));
       for (int64_t m0 = 0; m0 < p.M; m0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, p.M - m0);
-        // Tile-group j's 128 bytes of codes, the two lines of a later tile-group prefetched.
+        // Tile-group j's codes (128 bytes, two lines, per 32-row sub-block), every line of a later tile-group
+        // prefetched.
         auto codes = [&](int64_t j) {
-          const uint8_t* w = (kRelaid ? p.codes8 : p.packed) + (j * T + c0) * 16;
-          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);
+          const uint8_t* w = (kRelaid ? p.codes8 : p.packed) + (j * T + c0) * (p.block / 2);
+          for (int64_t line = 0; line < p.block / 16; ++line)
+            _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64 * line), _MM_HINT_T0);
           return w;
         };
         // Tile-group j's codes and its scales in lane order: sw and sw * z.
@@ -124,26 +125,34 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
           const int32_t* x4 = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32);
           for (int q = 0; q < 8; ++q) x[q] = _mm256_set1_epi32(x4[q]);
         };
-        // One row: two register accumulators, no store-to-load chain through acc. With relaid codes and a.abcast,
-        // each 32-byte load of codes is split into its two nibble vectors and multiplied against the loaded
-        // activations at once (few live registers: 8 code and 8 activation vectors would not fit AVX2's 16).
+        // One row: two register accumulators, no store-to-load chain through acc. With relaid codes and a.abcast
+        // (the only one-row path for blocks above 32), each 32-byte load of codes is split into its two nibble
+        // vectors and multiplied against the loaded activations at once (few live registers: 8 code and 8
+        // activation vectors would not fit AVX2's 16); a block of 32H rows is H such sub-blocks, each summed to
+        // int32 before the next (Dot's 16-bit sums hold one sub-block).
         auto one_row = [&](auto streamed) {
           constexpr bool kStreamed = decltype(streamed)::value;
           auto contribution = [&](int64_t j, __m256 acc8) {
             const int64_t b = idx[j];
             if constexpr (kStreamed) {
               const uint8_t* w = codes(j);
-              const __m256i* xb = reinterpret_cast<const __m256i*>(a.abcast) + (m0 * nb + b) * 8;
+              const int64_t H = p.block / 32;
+              const __m256i* xb = reinterpret_cast<const __m256i*>(a.abcast) + b * H * 8;  // one row: m0 = 0
               const __m256i nib = _mm256_set1_epi8(0x0f);
-              __m256i s = Dot::zero();
-              for (int q = 0; q < 4; ++q) {
-                const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
-                s = Dot::step(s, _mm256_and_si256(d, nib), _mm256_load_si256(xb + q));
-                s = Dot::step(s, _mm256_and_si256(_mm256_srli_epi16(d, 4), nib), _mm256_load_si256(xb + q + 4));
-              }
+              auto sub_block = [&](int64_t h) {
+                __m256i s = Dot::zero();
+                for (int q = 0; q < 4; ++q) {
+                  const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 * h + 32 * q));
+                  s = Dot::step(s, _mm256_and_si256(d, nib), _mm256_load_si256(xb + 8 * h + q));
+                  s = Dot::step(s, _mm256_and_si256(_mm256_srli_epi16(d, 4), nib), _mm256_load_si256(xb + 8 * h + q + 4));
+                }
+                return Dot::finish(s);
+              };
+              __m256i dot = sub_block(0);
+              for (int64_t h = 1; h < H; ++h) dot = _mm256_add_epi32(dot, sub_block(h));
               const __m256 sw = load_scales8<ScaleT>(p, j * T + c0);
               // sw * (sa * dot - z * acorr)
-              const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(Dot::finish(s)), _mm256_set1_ps(a.ascale[m0 * nb + b]),
+              const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.ascale[m0 * nb + b]),
                                                _mm256_mul_ps(zero_points8(p.zero_points, j * T + c0), _mm256_set1_ps(a.acorr[m0 * nb + b])));
               return _mm256_fmadd_ps(sw, t, acc8);
             } else {
@@ -199,6 +208,7 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
   }
 }
 
+// Block 32 (any rows), or one row with relaid codes and a.abcast at any block of 32H rows.
 template <class ScaleT, class IndexT, class Dot>
 void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.codes8) int8_block32_tile8_impl<ScaleT, IndexT, Dot, true>(p, a, n0, n1);
