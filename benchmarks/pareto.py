@@ -47,6 +47,8 @@ MINILM_ROWS = {  # label: passes ("" = the fp32 model itself)
     **{f"spquant {int(s * 100)}% groups": f"spquant(sparsity={s}{',min_saving=0' if s == 0 else ''})"
        for s in (0, 0.1, 0.25, 0.5)},
     "spquant 0% groups, 8-bit scales": "spquant(sparsity=0,min_saving=0,scale_bits=8)",
+    "spquant 0% groups, 8-bit scales, block 64 (up to 256)": "spquant(sparsity=0,block=64,max_block=256,min_saving=0,"
+                                                             "scale_bits=8)",
 }
 
 
