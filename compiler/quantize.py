@@ -250,6 +250,24 @@ def quantized_relative_error(w: np.ndarray, bq: BlockQuantized, hessian: np.ndar
     return err / ref if ref > 0 else 0.0
 
 
+LOOKUP_MAX_ERROR_OVER_RTN = 4.0
+"""How much worse (squared error on the weight) than round to nearest a tied head's codes may reconstruct the table
+and still serve its embedding lookup: GPTQ puts the head's error where the head's input has little energy, which a
+lookup does not discount (quant4's `_fit_for_lookup` has the measurements)."""
+
+
+def error_over_rtn(w: np.ndarray, codes: BlockQuantized | np.ndarray, bits: int, block_size: int,
+                   symmetric: bool) -> float:
+    """Squared error of `codes` (or a dequantized weight) on `w` over that of round to nearest at the same bits and
+    block: how much worse than RTN they reconstruct the weight itself, whatever the layer's input."""
+    own = (quantized_relative_error(w, codes, None) if isinstance(codes, BlockQuantized)
+           else relative_output_error(w, codes, None))
+    rtn = quantized_relative_error(w, quantize_rtn(w, bits, block_size, symmetric), None)
+    if rtn > 0:
+        return own / rtn
+    return 1.0 if own == 0 else float("inf")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPTQ
 

@@ -20,7 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from modelsurgeon.passes import _quant_graph as G
-from modelsurgeon.runtime.sparse_quant_format import SparseQuantWeight, decode_scale_codes
+from modelsurgeon.runtime.sparse_quant_format import (SparseQuantWeight, centered_code_tables,
+                                                          decode_scale_codes)
 
 
 def stores_every_column_whole(weight: SparseQuantWeight) -> bool:
@@ -29,11 +30,6 @@ def stores_every_column_whole(weight: SparseQuantWeight) -> bool:
     return (weight.outlier_rows is None and weight.nnz == nb * tiles
             and np.array_equal(weight.group_ptr, np.arange(tiles + 1) * nb)
             and np.array_equal(weight.group_index, np.tile(np.arange(nb), tiles)))
-
-
-def _code_table(high: bool) -> np.ndarray:
-    byte = np.arange(256)
-    return (((byte >> 4) if high else (byte & 15)) - 8).astype(np.float32)
 
 
 def replace_lookup(model: ir.Model, namer: G.Namer, gather: ir.Node, head: ir.Node, weight: SparseQuantWeight) -> bool:
@@ -65,8 +61,9 @@ def replace_lookup(model: ir.Model, namer: G.Namer, gather: ir.Node, head: ir.No
     slots = op("Add", [op("Unsqueeze", [first, const("last_axis", np.array([-1], np.int64))], "first_slot_1"),
                        const("group_offsets", np.arange(nb, dtype=np.int64) * T)], "slots")  # [..., nb]
     byte = op("Cast", [op("Gather", [packed, slots], "bytes")], "byte_index", to=ir.DataType.INT32)  # [..., nb, block/2]
-    codes = op("Concat", [op("Gather", [const("low_codes", _code_table(False)), byte], "low"),
-                          op("Gather", [const("high_codes", _code_table(True)), byte], "high")], "codes", axis=-1)
+    low, high = (table.astype(np.float32) for table in centered_code_tables())
+    codes = op("Concat", [op("Gather", [const("low_codes", low), byte], "low"),
+                          op("Gather", [const("high_codes", high), byte], "high")], "codes", axis=-1)
     if zero_points is not None:
         zp = op("Cast", [op("Gather", [zero_points, slots], "zero_points")], "zero_points_float", to=ir.DataType.FLOAT)
         codes = op("Sub", [codes, op("Unsqueeze", [zp, const("zp_axis", np.array([-1], np.int64))], "zp_1")], "centered")

@@ -336,7 +336,7 @@ class Quant4Pass(Pass):
 
     def _fit_for_lookup(self, layer: _Layer, skipped: list[str]) -> bool:
         """Whether a tied head's codes may serve the embedding lookup: their squared error on the table is at most
-        4x a round to nearest's at the same bits (2x in norm).
+        `LOOKUP_MAX_ERROR_OVER_RTN` (4) times a round to nearest's at the same bits (2x in norm).
 
         GPTQ puts the head's rounding error where the head's input has little energy. After `slice` that is the
         trailing principal components, which the lookup writes into the residual stream like any other. Measured on
@@ -346,12 +346,10 @@ class Quant4Pass(Pass):
         if layer.codes is None or self.config["algo"] == "rtn" or layer.bits == 8:
             return True
         c = self.config
-        w = layer.lin.weight
-        shared = Q.quantized_relative_error(w, layer.codes, None)
-        rtn = Q.quantized_relative_error(w, Q.quantize_rtn(w, layer.bits, c["block"], c["symmetric"]), None)
-        if shared <= 4 * rtn:
+        worse = Q.error_over_rtn(layer.lin.weight, layer.codes, layer.bits, c["block"], c["symmetric"])
+        if worse <= Q.LOOKUP_MAX_ERROR_OVER_RTN:
             return True
-        skipped.append(f"{layer.lin.name}: its {c['algo']} codes reconstruct the tied table {shared / rtn:.1f}x worse "
+        skipped.append(f"{layer.lin.name}: its {c['algo']} codes reconstruct the tied table {worse:.1f}x worse "
                        "(squared error) than round to nearest, so the lookup gets its own 4-bit table")
         return False
 

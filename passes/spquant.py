@@ -395,13 +395,10 @@ class SparseQuantPass(Pass):
         table is stored once; the number of lookups replaced. Not when the codes reconstruct the table more than 4x
         worse (squared error) than round to nearest at the same block would: GPTQ piles the head's error where the
         head's input has little energy, which the lookup does not discount (as quant4's own check)."""
-        c = self.config
-        w = lin.weight
-        err = float(np.sum((result.dense - w) ** 2))
-        rtn = Q.quantize_rtn(w, 4, result.weight.block, c["symmetric"]).dequantize()
-        if err > 4 * float(np.sum((rtn - w) ** 2)):
-            skipped.append(f"{lin.name}: its codes reconstruct the tied table {err / float(np.sum((rtn - w) ** 2)):.1f}x "
-                           "worse (squared error) than round to nearest; the lookup keeps the float table")
+        worse = Q.error_over_rtn(lin.weight, result.dense, 4, result.weight.block, self.config["symmetric"])
+        if worse > Q.LOOKUP_MAX_ERROR_OVER_RTN:
+            skipped.append(f"{lin.name}: its codes reconstruct the tied table {worse:.1f}x worse (squared error) than "
+                           "round to nearest; the lookup keeps the float table")
             return 0
         import onnx_ir.passes.common as common
 

@@ -169,6 +169,13 @@ def unpack_codes(packed: np.ndarray) -> np.ndarray:
     return np.concatenate([packed & 15, packed >> 4], axis=1)
 
 
+def centered_code_tables() -> tuple[np.ndarray, np.ndarray]:
+    """For every packed byte value 0..255, its low and high nibble's code minus 8 (int8 [256] each): what a
+    table lookup (the op's ONNX function, an embedding lookup of a tied head) turns a packed byte into."""
+    byte = np.arange(256, dtype=np.int16)
+    return (byte & 15).astype(np.int8) - np.int8(8), (byte >> 4).astype(np.int8) - np.int8(8)
+
+
 def index_dtype(limit: int) -> type:
     """uint16 when every index fits (< 65536), else int32."""
     return np.uint16 if limit <= 65536 else np.int32

@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from modelsurgeon.runtime.sparse_quant_format import INPUT_NAMES, SparseQuantWeight
+from modelsurgeon.runtime.sparse_quant_format import INPUT_NAMES, SparseQuantWeight, centered_code_tables
 
 DOMAIN = "ai.modelsurgeon"
 OP_NAME = "SparseQuantMatMul"
@@ -40,11 +40,6 @@ DOMAIN_VERSION = 1
 MIN_OPSET = 16  # ScatterElements / ScatterND with reduction="add"
 ATTRIBUTES = ("K", "N", "block", "bits", "accuracy_level")
 DEFAULTS = {"outliers": 0, "tile": 1, "scale_code": 0, "scale_exponent": 0}  # attributes a node may leave out
-
-
-def _code_tables() -> tuple[np.ndarray, np.ndarray]:
-    byte = np.arange(256, dtype=np.int16)
-    return (byte & 15).astype(np.int8) - np.int8(8), (byte >> 4).astype(np.int8) - np.int8(8)
 
 
 def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
@@ -65,7 +60,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     """The function for a model whose default-domain opset is `opset` (>= 16)."""
     if opset < MIN_OPSET:
         raise ValueError(f"SparseQuantMatMul's ONNX function needs opset >= {MIN_OPSET}, got {opset}")
-    lo, hi = _code_tables()
+    lo, hi = centered_code_tables()
     n = helper.make_node
     F, I64 = TensorProto.FLOAT, TensorProto.INT64
     nodes = [
