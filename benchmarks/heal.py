@@ -42,6 +42,7 @@ CONFIGS = {
     "slice30": ("smollm2", "slice(sparsity=0.3)"),
     "prune30": ("smollm2", "prune(ffn=0.3)"),
     "prune30-act": ("smollm2", "prune(ffn=0.3,importance=activation)"),
+    "prune30-act-rec": ("smollm2", "prune(ffn=0.3,importance=activation,reconstruct=true)"),
     "minilm-lowrank20": ("minilm", "lowrank(ratio=0.2)"),
     "minilm-prune": ("minilm", "prune(heads=0.25,ffn=0.3)"),
     "minilm-drop2": ("minilm", "drop-blocks(n=2)"),

@@ -84,11 +84,15 @@ struct Activations {
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTiledMinRows = 8;  // from this many rows the many-row paths run
 
-// Whether AVX-512 runs p's many rows through the tile-of-8 kernel of sqmm_tile8.h (int8 activations, block 32,
-// tiles of a multiple of 8 columns), which reads the activations as prepared: no row tiles, no lane sums.
-inline bool uses_tile8_rows(const Problem& p) {
-  return p.accuracy_level == 4 && p.block == 32 && p.tile % 8 == 0 && p.M >= kTiledMinRows;
+// Whether the tile-of-8 kernel of sqmm_tile8.h can compute p: int8 activations, tiles of a multiple of 8 columns,
+// block 32, or any block of 32H rows whose codes were relaid (Problem::codes8).
+inline bool tile8_computes(const Problem& p) {
+  return p.accuracy_level == 4 && p.tile % 8 == 0 && (p.block == 32 || (p.block % 32 == 0 && p.codes8));
 }
+
+// Whether AVX-512 runs p's many rows through the tile-of-8 kernel, which reads the activations as prepared: no row
+// tiles, no lane sums.
+inline bool uses_tile8_rows(const Problem& p) { return tile8_computes(p) && p.M >= kTiledMinRows; }
 
 // Fill the row-tiled copies from aq/ascale/acorr (rows past M are zero).
 void tile_rows(const Problem& p, const int8_t* aq, const float* ascale, const float* acorr, int8_t* atile, float* stile,

@@ -110,7 +110,7 @@ template <class ScaleT, class IndexT>
 void columns_typed(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.block % 32 != 0) return columns_scalar(p, a, n0, n1);
   if (p.accuracy_level == 4) {
-    if ((p.block == 32 && p.tile % 8 == 0) || a.abcast) return int8_block32_tile8<ScaleT, IndexT, DotMaddubs>(p, a, n0, n1);
+    if (tile8_computes(p)) return int8_block32_tile8<ScaleT, IndexT, DotMaddubs>(p, a, n0, n1);
     return int8_cols<ScaleT, IndexT>(p, a, n0, n1);
   }
   fp32_cols<ScaleT, IndexT>(p, a, n0, n1);

@@ -74,8 +74,9 @@ inline __m256i column_lanes() { return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)
 // Software prefetch distance in bytes of the packed codes stream (as sqmm_avx512.cc's, 256 groups of 16 bytes).
 constexpr int64_t kPrefetchBytes = 4096;
 
-// int8 activations, block 32, column tiles of a multiple of 8 columns, 8 columns at a time. A tile-group's codes
-// are unpacked once and serve every row (kRows at a time), transposed so that each lane of v[q] holds one column's
+// int8 activations, block 32 (or 32H with relaid codes: below), column tiles of a multiple of 8 columns, 8 columns at
+// a time. A tile-group's codes are unpacked once and serve every row (kRows at a time), transposed so that each lane
+// of v[q] holds one column's
 // codes of rows 4q..4q+3 (tile_codes8, or relaid_codes8 when Problem::codes8 holds them transposed already, kRelaid):
 // against the broadcast activations of those rows, maddubs leaves each column's partial dot products in its own lane
 // (Dot::dot: maddubs on AVX2, vpdpbusd with AVX-512 VNNI), so one vector holds the 8 columns' dot products with no
@@ -113,16 +114,18 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
           sw = to_lanes(load_scales8<ScaleT>(p, j * T + c0));
           swz = _mm256_mul_ps(sw, to_lanes(zero_points8(p.zero_points, j * T + c0)));
         };
-        // acc plus row m's contribution of tile-group j (block b) to its 8 columns: sw * (sa * dot(u, q) - z * acorr),
-        // x[q] holding the row's activations 4q..4q+3 of the block in every lane.
-        auto accumulate = [&](__m256 acc8, int64_t m, int64_t b, const __m256i v[8], const __m256i x[8], __m256 sw,
-                              __m256 swz) {
-          const __m256 d = _mm256_cvtepi32_ps(Dot::dot(v, x));
-          acc8 = _mm256_fmadd_ps(d, _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), acc8);
+        // acc plus row m's contribution of tile-group j (block b) to its 8 columns: sw * (sa * dot - z * acorr), dot
+        // the int32 dot products of the 8 columns' codes with the row's activations over the block.
+        auto scaled = [&](__m256 acc8, int64_t m, int64_t b, __m256i dot, __m256 sw, __m256 swz) {
+          acc8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_set1_ps(a.ascale[m * nb + b])), acc8);
           return _mm256_fnmadd_ps(swz, _mm256_set1_ps(a.acorr[m * nb + b]), acc8);
         };
-        auto broadcast = [&](int64_t m, int64_t b, __m256i x[8]) {
-          const int32_t* x4 = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * 32);
+        // The same for a 32-row block, x[q] holding the row's activations 4q..4q+3 of the block in every lane.
+        auto accumulate = [&](__m256 acc8, int64_t m, int64_t b, const __m256i v[8], const __m256i x[8], __m256 sw,
+                              __m256 swz) { return scaled(acc8, m, b, Dot::dot(v, x), sw, swz); };
+        // Row m's activations of 32-row sub-block h of block b, each 4 in every lane.
+        auto broadcast = [&](int64_t m, int64_t b, __m256i x[8], int64_t h = 0) {
+          const int32_t* x4 = reinterpret_cast<const int32_t*>(a.aq + m * p.Kp + b * p.block + 32 * h);
           for (int q = 0; q < 8; ++q) x[q] = _mm256_set1_epi32(x4[q]);
         };
         // One row: two register accumulators, no store-to-load chain through acc. With relaid codes and a.abcast
@@ -172,14 +175,14 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
           if (j < j1) acc0 = contribution(j, acc0);
           _mm256_store_ps(acc, _mm256_add_ps(acc0, acc1));
         };
-        if (rows == 1) {
+        if (rows == 1 && (p.block == 32 || a.abcast)) {
           if constexpr (kRelaid) {
             if (a.abcast) one_row(std::true_type{});
             else one_row(std::false_type{});
           } else {
             one_row(std::false_type{});
           }
-        } else {
+        } else if (p.block == 32) {
           for (int64_t r = 0; r < rows; ++r) _mm256_store_ps(acc + r * 8, _mm256_setzero_ps());
           for (int64_t j = j0; j < j1; ++j) {
             __m256i v[8];
@@ -190,6 +193,32 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
               broadcast(m0 + r, idx[j], x);
               _mm256_store_ps(acc + r * 8, accumulate(_mm256_load_ps(acc + r * 8), m0 + r, idx[j], v, x, sw, swz));
             }
+          }
+        } else if constexpr (kRelaid) {  // (tile8_computes: blocks above 32 only with relaid codes)
+          // A block of 32H rows: each sub-block's codes serve every row (Dot's sums hold one sub-block), the rows'
+          // int32 dot products summed in dots over the H sub-blocks before the group's scales apply.
+          const int64_t H = p.block / 32;
+          alignas(32) int32_t dots[kRows * 8];
+          for (int64_t r = 0; r < rows; ++r) _mm256_store_ps(acc + r * 8, _mm256_setzero_ps());
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t b = idx[j];
+            const uint8_t* w = codes(j);
+            for (int64_t h = 0; h < H; ++h) {
+              __m256i v[8];
+              relaid_codes8(w + 128 * h, v);
+              for (int64_t r = 0; r < rows; ++r) {
+                __m256i x[8];
+                broadcast(m0 + r, b, x, h);
+                __m256i* d = reinterpret_cast<__m256i*>(dots + r * 8);
+                const __m256i dot = Dot::dot(v, x);
+                _mm256_store_si256(d, h ? _mm256_add_epi32(_mm256_load_si256(d), dot) : dot);
+              }
+            }
+            const __m256 sw = load_scales8<ScaleT>(p, j * T + c0);
+            const __m256 swz = _mm256_mul_ps(sw, zero_points8(p.zero_points, j * T + c0));
+            for (int64_t r = 0; r < rows; ++r)
+              _mm256_store_ps(acc + r * 8, scaled(_mm256_load_ps(acc + r * 8), m0 + r, b,
+                                                  _mm256_load_si256(reinterpret_cast<const __m256i*>(dots + r * 8)), sw, swz));
           }
         }
         for (int64_t r = 0; r < rows; ++r) {  // in column order
@@ -208,7 +237,7 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
   }
 }
 
-// Block 32 (any rows), or one row with relaid codes and a.abcast at any block of 32H rows.
+// Block 32, or any block of 32H rows with relaid codes (tile8_computes).
 template <class ScaleT, class IndexT, class Dot>
 void int8_block32_tile8(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   if (p.codes8) int8_block32_tile8_impl<ScaleT, IndexT, Dot, true>(p, a, n0, n1);
