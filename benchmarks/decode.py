@@ -1,6 +1,6 @@
 """decode benchmark: SmolLM2-135M generating with its KV cache, ours against ONNX Runtime GenAI's int4 and llama.cpp.
 
-Each row is a KV-cache decoder run by `modelsurgeon.runtime.generate.Decoder` (ONNX Runtime, 2 intra-op threads,
+Each row is a KV-cache decoder run by `modelsurgeon.runtime.generate.Decoder` (ONNX Runtime, 2 intra-op threads or `--threads`,
 spinning off): a prompt of CONTEXT tokens of held-out Shakespeare (Hamlet) in one prefill step, then N greedy decode
 steps, one token each with the cache. Contexts 128 and 1024, batch 1. Rounds are interleaved (each model once per
 round, both contexts), and the table gives medians over rounds of prefill tokens/s (CONTEXT / prefill seconds) and
@@ -397,6 +397,7 @@ def measure(decoder):
 
 
 def main() -> int:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=32)
@@ -414,7 +415,9 @@ def main() -> int:
                     "or pareto (issue 19's bytes/quality/speed rows; benchmarks/pareto.py reads the result)")
     ap.add_argument("--only", default=None, help="compile and measure only the rows whose name matches this regular "
                     "expression (re.search); the table in docs/decode.md is left alone")
+    ap.add_argument("--threads", type=int, default=THREADS, help="intra-op threads of every runtime (default 2)")
     args = ap.parse_args()
+    THREADS = args.threads
 
     from modelsurgeon.errors import UserError
     from modelsurgeon.models import real

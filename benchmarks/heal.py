@@ -11,9 +11,9 @@ heal's notes. Rows are merged into the JSON by (model, config), so configuration
     python benchmarks/heal.py --configs drop6,lowrank20 [--steps 100] [--lr 1e-4] [--mode blocks] [--seconds S]
                               [--calib-samples 64] [--eval-samples 16] [--out docs/results/heal.json] [--no-table]
 
-Configurations: drop6, lowrank20, share2, share2-corr32, slice30, prune30 (SmolLM2); minilm-lowrank20, minilm-prune,
-minilm-drop2 (MiniLM); effnet-prune30 (EfficientNet-Lite0: calibration on random crops of 14 photos, top-1
-agreement with the dense model on 4 others).
+Configurations: drop6, lowrank20, share2, share2-corr32, slice30, prune30, prune30-act, prune30-act-rec (SmolLM2);
+minilm-lowrank20, minilm-prune, minilm-prune-rec, minilm-drop2 (MiniLM); effnet-prune30 (EfficientNet-Lite0: calibration on random
+crops of 14 photos, top-1 agreement with the dense model on 4 others).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ CONFIGS = {
     "prune30-act-rec": ("smollm2", "prune(ffn=0.3,importance=activation,reconstruct=true)"),
     "minilm-lowrank20": ("minilm", "lowrank(ratio=0.2)"),
     "minilm-prune": ("minilm", "prune(heads=0.25,ffn=0.3)"),
+    "minilm-prune-rec": ("minilm", "prune(heads=0.25,ffn=0.3,importance=activation,reconstruct=true)"),
     "minilm-drop2": ("minilm", "drop-blocks(n=2)"),
     "effnet-prune30": ("effnet", "prune(ratio=0.3)"),
     "effnet-prune30-rec": ("effnet", "prune(ratio=0.3,reconstruct=true)"),

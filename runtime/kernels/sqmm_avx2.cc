@@ -62,6 +62,7 @@ void int8_cols(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
 // in every lane), the int16 sums of 8 maddubs stay under 8 * 2 * 15 * 127 = 30480. As steps (sqmm_tile8.h's one-row
 // path): int16 sums, made int32 by finish.
 struct DotMaddubs {
+  static constexpr bool kRelaidRow = false;  // one row: sqmm_tile8.h's steps, a sub-block at a time
   static __m256i zero() { return _mm256_setzero_si256(); }
   static __m256i step(__m256i s, __m256i u, __m256i x) { return _mm256_add_epi16(s, _mm256_maddubs_epi16(u, x)); }
   static __m256i finish(__m256i s) { return _mm256_madd_epi16(s, _mm256_set1_epi16(1)); }

@@ -378,6 +378,23 @@ void int8_tiled_tiles(const Problem& p, const Activations& a, int64_t n0, int64_
 
 // The 8 columns' dot products over a group for sqmm_tile8.h: vpdpbusd per 4 rows, in two chains.
 struct DotVnni {
+  // One row's dot products of 8 columns over a group of H relaid 32-row sub-blocks (codes at w, Problem::codes8;
+  // activations at x, Activations::abcast): two dwords of codes per 64-byte vector against two 32-byte activation
+  // vectors, half the instructions of 32-byte steps; int32 sums need no per-sub-block widening.
+  static constexpr bool kRelaidRow = true;
+  static __m256i relaid_row(const uint8_t* w, const __m256i* x, int64_t H) {
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    for (int64_t h = 0; h < H; ++h) {
+      for (int q = 0; q < 4; q += 2) {
+        const __m512i d = _mm512_loadu_si512(w + 128 * h + 32 * q);  // dwords q and q + 1 of the 8 columns
+        lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(d, nib), _mm512_loadu_si512(x + 8 * h + q));
+        hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(d, 4), nib), _mm512_loadu_si512(x + 8 * h + q + 4));
+      }
+    }
+    const __m512i s = _mm512_add_epi32(lo, hi);
+    return _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+  }
   static __m256i zero() { return _mm256_setzero_si256(); }
   static __m256i step(__m256i s, __m256i u, __m256i x) { return _mm256_dpbusd_epi32(s, u, x); }
   static __m256i finish(__m256i s) { return s; }

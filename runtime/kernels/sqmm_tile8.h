@@ -151,8 +151,13 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
                 }
                 return Dot::finish(s);
               };
-              __m256i dot = sub_block(0);
-              for (int64_t h = 1; h < H; ++h) dot = _mm256_add_epi32(dot, sub_block(h));
+              __m256i dot;
+              if constexpr (Dot::kRelaidRow) {
+                dot = Dot::relaid_row(w, xb, H);
+              } else {
+                dot = sub_block(0);
+                for (int64_t h = 1; h < H; ++h) dot = _mm256_add_epi32(dot, sub_block(h));
+              }
               const __m256 sw = load_scales8<ScaleT>(p, j * T + c0);
               // sw * (sa * dot - z * acorr)
               const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.ascale[m0 * nb + b]),
