@@ -75,9 +75,10 @@ struct alignas(32) Lanes8 {
 
 // Whether p's codes are worth transposing once for the tile-of-8 kernel (Problem::codes8): on AVX2, where the
 // one-token path runs it and its in-register transposition was measured at a quarter of its time, and for blocks
-// above 32, whose one-token path it is on AVX2 and AVX-512 (at block 64 on a Xeon: 1.3-1.7x MatMulNBits on
-// SmolLM2's shapes, from 0.6-1.1x). At block 32 AVX-512's own one-token kernel stays: this path measured 0.7-1.5x
-// MatMulNBits there against its 1.1-1.8x. Costs the codes' bytes a second time in memory.
+// above 32, whose one-token and many-row path it is on AVX2 and AVX-512 (at block 64 on a Xeon, one token: 1.4-1.6x
+// MatMulNBits on SmolLM2's shapes, from 0.6-1.1x; 128 rows: 1.5-2.5x, from 0.9-1.4x). At block 32 AVX-512's own
+// one-token kernel stays: this path measured 0.7-1.5x MatMulNBits there against its 1.1-1.8x. Costs the codes' bytes
+// a second time in memory.
 bool uses_codes8(Isa isa, const Problem& p) {
   if (p.accuracy_level != 4 || p.block % 32 != 0 || p.tile % 8 != 0) return false;
   return isa == Isa::kAvx2 || (isa == Isa::kAvx512 && p.block > 32);

@@ -76,13 +76,12 @@ constexpr int64_t kPrefetchBytes = 4096;
 
 // int8 activations, block 32 (or 32H with relaid codes: below), column tiles of a multiple of 8 columns, 8 columns at
 // a time. A tile-group's codes are unpacked once and serve every row (kRows at a time), transposed so that each lane
-// of v[q] holds one column's
-// codes of rows 4q..4q+3 (tile_codes8, or relaid_codes8 when Problem::codes8 holds them transposed already, kRelaid):
-// against the broadcast activations of those rows, maddubs leaves each column's partial dot products in its own lane
-// (Dot::dot: maddubs on AVX2, vpdpbusd with AVX-512 VNNI), so one vector holds the 8 columns' dot products with no
-// horizontal sums, and a row's 8 columns accumulate in one float vector. Lanes are in lane_columns() order, or in
-// column order with kRelaid. With kRelaid, one row reads its broadcast activations from Activations::abcast when it is
-// given.
+// of v[q] holds one column's codes of rows 4q..4q+3 (tile_codes8, or relaid_codes8 when Problem::codes8 holds them
+// transposed already, kRelaid): against the broadcast activations of those rows, maddubs leaves each column's partial
+// dot products in its own lane (Dot::dot: maddubs on AVX2, vpdpbusd with AVX-512 VNNI), so one vector holds the 8
+// columns' dot products with no horizontal sums, and a row's 8 columns accumulate in one float vector. Lanes are in
+// lane_columns() order, or in column order with kRelaid. With kRelaid, one row reads its broadcast activations from
+// Activations::abcast when it is given (Dot::relaid_row, where the ISA has one, takes the whole group at once).
 template <class ScaleT, class IndexT, class Dot, bool kRelaid>
 void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   const IndexT* idx = static_cast<const IndexT*>(p.group_index);
