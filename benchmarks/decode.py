@@ -1,10 +1,10 @@
 """decode benchmark: SmolLM2-135M generating with its KV cache, ours against ONNX Runtime GenAI's int4 and llama.cpp.
 
-Each row is a KV-cache decoder run by `modelsurgeon.runtime.generate.Decoder` (ONNX Runtime, 2 intra-op threads or `--threads`,
-spinning off): a prompt of CONTEXT tokens of held-out Shakespeare (Hamlet) in one prefill step, then N greedy decode
-steps, one token each with the cache. Contexts 128 and 1024, batch 1. Rounds are interleaved (each model once per
-round, both contexts), and the table gives medians over rounds of prefill tokens/s (CONTEXT / prefill seconds) and
-decode tokens/s (N / seconds of the N steps).
+Each row is a KV-cache decoder run by `modelsurgeon.runtime.generate.Decoder` (ONNX Runtime, 2 intra-op threads or
+`--threads`, spinning off): a prompt of CONTEXT tokens of held-out Shakespeare (Hamlet) in one prefill step, then N
+greedy decode steps, one token each with the cache. Contexts 128 and 1024, batch 1. Rounds are interleaved (each
+model once per round, both contexts), and the table gives medians over rounds of prefill tokens/s (CONTEXT / prefill
+seconds) and decode tokens/s (N / seconds of the N steps).
 
 Rows:
 - fp32: Optimum's KV-cache export (`real.smollm2_optimum_onnx("text-generation-with-past")`);

@@ -12,8 +12,8 @@ heal's notes. Rows are merged into the JSON by (model, config), so configuration
                               [--calib-samples 64] [--eval-samples 16] [--out docs/results/heal.json] [--no-table]
 
 Configurations: drop6, lowrank20, share2, share2-corr32, slice30, prune30, prune30-act, prune30-act-rec (SmolLM2);
-minilm-lowrank20, minilm-prune, minilm-prune-rec, minilm-drop2 (MiniLM); effnet-prune30 (EfficientNet-Lite0: calibration on random
-crops of 14 photos, top-1 agreement with the dense model on 4 others).
+minilm-lowrank20, minilm-prune, minilm-prune-rec, minilm-drop2 (MiniLM); effnet-prune30 (EfficientNet-Lite0:
+calibration on random crops of 14 photos, top-1 agreement with the dense model on 4 others).
 """
 
 from __future__ import annotations

@@ -105,13 +105,17 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
             _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64 * line), _MM_HINT_T0);
           return w;
         };
-        // Tile-group j's codes and its scales in lane order: sw and sw * z.
+        // Tile-group j's scales in lane order: sw and sw * z.
+        auto scales = [&](int64_t j, __m256& sw, __m256& swz) {
+          sw = to_lanes(load_scales8<ScaleT>(p, j * T + c0));
+          swz = _mm256_mul_ps(sw, to_lanes(zero_points8(p.zero_points, j * T + c0)));
+        };
+        // Tile-group j's codes (its first 32-row sub-block) and its scales.
         auto group = [&](int64_t j, __m256i v[8], __m256& sw, __m256& swz) {
           const uint8_t* w = codes(j);
           if constexpr (kRelaid) relaid_codes8(w, v);
           else tile_codes8(w, v);
-          sw = to_lanes(load_scales8<ScaleT>(p, j * T + c0));
-          swz = _mm256_mul_ps(sw, to_lanes(zero_points8(p.zero_points, j * T + c0)));
+          scales(j, sw, swz);
         };
         // acc plus row m's contribution of tile-group j (block b) to its 8 columns: sw * (sa * dot - z * acorr), dot
         // the int32 dot products of the 8 columns' codes with the row's activations over the block.
@@ -218,8 +222,8 @@ void int8_block32_tile8_impl(const Problem& p, const Activations& a, int64_t n0,
                 _mm256_store_si256(d, h ? _mm256_add_epi32(_mm256_load_si256(d), dot) : dot);
               }
             }
-            const __m256 sw = load_scales8<ScaleT>(p, j * T + c0);
-            const __m256 swz = _mm256_mul_ps(sw, zero_points8(p.zero_points, j * T + c0));
+            __m256 sw, swz;
+            scales(j, sw, swz);
             for (int64_t r = 0; r < rows; ++r)
               _mm256_store_ps(acc + r * 8, scaled(_mm256_load_ps(acc + r * 8), m0 + r, b,
                                                   _mm256_load_si256(reinterpret_cast<const __m256i*>(dots + r * 8)), sw, swz));
