@@ -1,7 +1,8 @@
 """Pipelines: parse `--passes` strings and JSON pipeline files, add prerequisites, check the order.
 
 Syntax: passes separated by commas, each `name` or `name(key=value,...)`, e.g.
-`slice(sparsity=0.25),quant4(block=32,algo=gptq)`. A JSON pipeline file holds a list whose items are
+`slice(sparsity=0.25),quant4(block=32,algo=gptq)`; whitespace and line breaks between passes are ignored (a long
+pipeline can be written over several lines in a shell script). A JSON pipeline file holds a list whose items are
 either such strings or objects `{"name": ..., "options": {...}}` (or `{"passes": [...]}` around it).
 """
 
@@ -24,10 +25,11 @@ def parse_passes(text: str) -> list[tuple[str, dict[str, str]]]:
     i, n = 0, len(text)
 
     def fail(why: str) -> UserError:
-        return UserError(f"--passes '{text}': {why} (expected e.g. 'slice(sparsity=0.25),quant4(block=32)')")
+        shown = " ".join(text.split())  # one line, whatever line breaks the pipeline was written with
+        return UserError(f"--passes '{shown}': {why} (expected e.g. 'slice(sparsity=0.25),quant4(block=32)')")
 
     while i < n:
-        while i < n and text[i] in " ,":
+        while i < n and (text[i] == "," or text[i].isspace()):
             i += 1
         if i >= n:
             break
@@ -36,7 +38,7 @@ def parse_passes(text: str) -> list[tuple[str, dict[str, str]]]:
             raise fail(f"expected a pass name at position {i + 1}")
         name, i = m.group(0), m.end()
         opts: dict[str, str] = {}
-        while i < n and text[i] == " ":
+        while i < n and text[i].isspace():
             i += 1
         if i < n and text[i] == "(":
             close = _matching_paren(text, i)
@@ -56,7 +58,7 @@ def parse_passes(text: str) -> list[tuple[str, dict[str, str]]]:
                     raise fail(f"option '{key}' given twice for {name}")
                 opts[key] = value.strip()
             i = close + 1
-        while i < n and text[i] == " ":
+        while i < n and text[i].isspace():
             i += 1
         if i < n and text[i] != ",":
             raise fail(f"unexpected '{text[i]}' at position {i + 1}")

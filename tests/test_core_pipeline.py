@@ -118,9 +118,13 @@ def test_parse_passes_names_and_options():
         ("slice", {"sparsity": "0.25"}), ("quant4", {"block": "32", "algo": "gptq"})]
     assert parse_passes(" cleanup , dce ") == [("cleanup", {}), ("dce", {})]
     assert parse_passes("share(correct=lowrank(8),groups=2)") == [("share", {"correct": "lowrank(8)", "groups": "2"})]
+    # a pipeline written over several lines (a shell script): line breaks and indentation between passes
+    assert parse_passes("prune(ffn=0.3),\n    heal(mode=e2e,\n  rank=8)\t,\nquant4") == [
+        ("prune", {"ffn": "0.3"}), ("heal", {"mode": "e2e", "rank": "8"}), ("quant4", {})]
 
 
-@pytest.mark.parametrize("bad", ["", "slice(", "slice(sparsity)", "slice(a=1,a=2)", "3d", "slice) x", "a(b=1)c"])
+@pytest.mark.parametrize("bad", ["", "slice(", "slice(sparsity)", "slice(a=1,a=2)", "3d", "slice) x", "a(b=1)c",
+                                 "slice,\n  3d"])
 def test_parse_passes_rejects_malformed(bad):
     with pytest.raises(UserError) as e:
         parse_passes(bad)
