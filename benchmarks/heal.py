@@ -65,12 +65,13 @@ def setup(name: str, args, work: pathlib.Path):
         texts = real.shakespeare_texts()
         calib_texts = [t for title, t in texts.items() if title != EVAL_PLAY]
         tokenizer = cal.load_tokenizer(tok)
-        ids = cal.tokenize_texts(calib_texts, tokenizer, num_samples=args.calib_samples, seq_len=SEQ, warn=False)
+        ids = cal.tokenize_texts(calib_texts, tokenizer, num_samples=args.calib_samples, seq_len=args.seq_len,
+                                 warn=False)
         calibration = cal.from_token_ids(modelsurgeon.load(dense), ids, source="shakespeare")
         eval_file = work / "eval.txt"
         eval_file.write_text(texts[EVAL_PLAY])
-        note = (f"SmolLM2: calibration {len(ids)} x {SEQ} tokens spread over {len(calib_texts)} Shakespeare texts, "
-                f"perplexity on {args.eval_samples} x {SEQ} tokens of {EVAL_PLAY} (never calibrated on)")
+        note = (f"SmolLM2: calibration {len(ids)} x {args.seq_len} tokens spread over {len(calib_texts)} Shakespeare "
+                f"texts, perplexity on {args.eval_samples} x {SEQ} tokens of {EVAL_PLAY} (never calibrated on)")
 
         def quality(model):
             m = evaluate(model, None, task="lm", data=str(eval_file), tokenizer=str(tok),
@@ -195,19 +196,25 @@ def run_pipeline(model, ctx, passes: str):
     return model, notes
 
 
+def _number(v: float, spec: str) -> str:
+    """`v` formatted with `spec`, or in 3 significant digits once it is past 10^5 (share's one-shot 1.4e8)."""
+    return f"{v:.3g}" if abs(v) >= 1e5 else format(v, spec)
+
+
 def table(doc: dict) -> str:
     """The results as a markdown table (docs/heal.md)."""
     lines = ["| model | passes | heal | calibration | one-shot | healed | pass s | heal s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if "one_shot_ratio" in r:
-            q0 = f"{r['one_shot']['perplexity']:.1f} ({r['one_shot_ratio']:.2f}x)"
-            q1 = f"{r['healed']['perplexity']:.1f} ({r['healed_ratio']:.2f}x)"
+            q0, q1 = (f"{_number(r[k]['perplexity'], '.1f')} ({_number(r[k + '_ratio'], '.2f')}x)"
+                      for k in ("one_shot", "healed"))
         elif "top1_agreement" in r["one_shot"]:
             q0, q1 = (f"top-1 {q['top1_agreement']:.2f}, cosine {q['cosine_mean']:.3f}" for q in (r["one_shot"], r["healed"]))
         else:
             q0, q1 = f"cosine {r['one_shot']['cosine_mean']:.3f}", f"cosine {r['healed']['cosine_mean']:.3f}"
         mixed = f", {r['calib_mix']:.0%} mixed" if r.get("calib_mix") else ""
+        mixed += f" x {r['calib_seq_len']} tokens" if r.get("calib_seq_len") else ""
         lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {r.get('calib_samples', '-')}{mixed} | {q0} | {q1} | "
                      f"{r['pass_s']:.0f} | "
                      f"{r['heal_s']:.0f} |")
@@ -239,6 +246,8 @@ def main(argv=None) -> int:
                          "holdout; all weights train)")
     ap.add_argument("--e2e-lr", type=float, default=None, help="learning rate of that second heal (default: --lr)")
     ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=SEQ,
+                    help="tokens per SmolLM2 calibration window (perplexity is always measured on windows of %d)" % SEQ)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--mix", type=float, default=0.0,
                     help="EfficientNet: the fraction of calibration crops mixed with another (mixup/CutMix)")
@@ -288,6 +297,7 @@ def main(argv=None) -> int:
                 row = {"model": name, "config": c, "passes": passes, "heal": heal, "dense": base,
                        "one_shot": q0, "healed": q1, "pass_s": round(t1 - t0, 1), "heal_s": round(t3 - t2, 1),
                        "calib_samples": args.calib_samples,
+                       **({"calib_seq_len": args.seq_len} if args.seq_len != SEQ and name == "smollm2" else {}),
                        "command": "python benchmarks/heal.py " + " ".join(sys.argv[1:] if argv is None else argv)}
                 if args.mix:
                     row["calib_mix"] = args.mix
@@ -300,9 +310,10 @@ def main(argv=None) -> int:
                                                                          "objective_after", "trained_parameters",
                                                                          "heldout_batches")}
                 # a rerun replaces its row; another calibration size is another row
-                key = (name, c, heal, args.mix, args.calib_samples)
+                key = (name, c, heal, args.mix, args.calib_samples, row.get("calib_seq_len", SEQ))
                 doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r.get("heal"), r.get("calib_mix", 0.0),
-                                                          r.get("calib_samples")) != key] + [row]
+                                                          r.get("calib_samples"), r.get("calib_seq_len", SEQ)) != key]
+                doc["rows"].append(row)
                 doc["machine"] = machine_info()
                 doc["command"] = "python benchmarks/heal.py --configs " + ",".join(
                     dict.fromkeys(r["config"] for r in doc["rows"]))

@@ -13,7 +13,8 @@ The graph, or one transformer block of it, becomes a differentiable torch functi
   activations per batch. Models whose blocks share no output with the original (`slice` rotates and narrows the
   stream; CNNs have no blocks) are healed end to end instead, and the notes say so.
 - `mode=e2e`: the whole graph, KL divergence of the logits (outputs named `*logit*`) or normalized MSE of the other
-  float outputs against the original's, which ONNX Runtime computes batch by batch.
+  float outputs against the original's, which ONNX Runtime computes batch by batch (kept between steps: past a
+  memory budget, the original's logits as their 256 likeliest entries per token, `_TargetCache`).
 
 Which weights train (`train`): `touched` (default) are the float initializers the earlier passes created, changed,
 or made a rewired node read (share's borrowed weights), plus every weight of a block whose input the passes rewired
@@ -253,14 +254,54 @@ def _logits_like(name: str, arr: np.ndarray) -> bool:
 
 
 def _kl(out, target, mask=None):
+    """KL(original || model) per real token, averaged. `target` is the original's logits, or their `TopLogits`: then
+    the divergence between the two distributions coarsened to the original's K likeliest entries and one bucket for
+    the rest (a lower bound of the full KL; its gradient pulls those K entries to the original's probabilities and
+    scales the rest together to the original's remaining mass)."""
     import torch
 
     logp = torch.log_softmax(out.float(), -1)
-    logq = torch.log_softmax(target.float(), -1)
-    per_token = torch.sum(torch.exp(logq) * (logq - logp), -1)
+    if isinstance(target, TopLogits):
+        lp_top = torch.gather(logp, -1, target.index)
+        lp_rest = torch.clamp(torch.logsumexp(logp.scatter(-1, target.index, -math.inf), -1), min=_LOG_REST_MIN)
+        per_token = (torch.sum(torch.exp(target.logq) * (target.logq - lp_top), -1)
+                     + torch.exp(target.log_rest) * (target.log_rest - lp_rest))
+    else:
+        logq = torch.log_softmax(target.float(), -1)
+        per_token = torch.sum(torch.exp(logq) * (logq - logp), -1)
     if mask is None or tuple(per_token.shape) != tuple(mask.shape):
         return per_token.mean()
     return torch.sum(per_token * mask) / torch.clamp(torch.sum(mask), min=1.0)
+
+
+_LOG_REST_MIN = -30.0  # log of the rest's mass when the K entries hold all of it (e^-30: nothing, but finite)
+
+
+@dataclasses.dataclass
+class TopLogits:
+    """A distribution over a vocabulary as its K likeliest entries (`index`, `logq`: log-probabilities) and the log
+    of the mass of all the others (`log_rest`): how the e2e objective keeps the original's logits past its budget."""
+    index: Any  # int64 [..., K]
+    logq: Any  # float32 [..., K]
+    log_rest: Any  # float32 [...]
+
+    @staticmethod
+    def of(logits: np.ndarray, k: int) -> "TopLogits":
+        import torch
+
+        logq = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, np.float32)), -1)
+        top, index = torch.topk(logq, min(k, logq.shape[-1]), dim=-1)
+        rest = torch.clamp(torch.logsumexp(logq.scatter(-1, index, -math.inf), -1), min=_LOG_REST_MIN)
+        return TopLogits(index.to(torch.int32), top, rest)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.index, self.logq, self.log_rest))
+
+    def for_loss(self) -> "TopLogits":
+        import torch
+
+        return TopLogits(self.index.to(torch.int64), self.logq, self.log_rest)
 
 
 def _padding_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -383,12 +424,17 @@ def _fit(params: dict[str, Any], loss_of, train: list[int], held: list[int], ste
 class _TargetCache:
     """The original model's outputs per calibration batch, for the e2e objective. ONNX Runtime computes a batch's
     the first time it is asked for; float outputs are then kept in float16 while the kept bytes stay within
-    `budget` (a later batch is recomputed each time). Float16 keeps logits to about 3 significant digits, far
-    below what the KL between the two models measures, and halves their bytes, so SmolLM2's 64 windows fit
-    (805 MB). Recomputing them was a fifth of an e2e step there (1.9 of 9.6 s)."""
+    `budget`. Float16 keeps logits to about 3 significant digits, far below what the KL between the two models
+    measures, and halves their bytes, so SmolLM2's 64 windows of 128 tokens fit (805 MB). Past the budget, the
+    outputs named in `top` (logits) are kept as their `TopLogits` (`top_k` entries per token: 2 KB at K=256 against
+    98 KB for SmolLM2's 49152 logits in float16) while those fit, and a batch that fits neither way is recomputed
+    each time it is asked for (that was a fifth of an e2e step on 128 windows of 128 tokens, a third on 512-token
+    windows). The batches asked for first (heal's held-out ones) keep their full logits."""
 
-    def __init__(self, original, batches: list[dict[str, np.ndarray]], budget: int):
+    def __init__(self, original, batches: list[dict[str, np.ndarray]], budget: int, top: tuple[str, ...] = (),
+                 top_k: int = 256):
         self.original, self.batches, self.left = original, batches, budget
+        self.top, self.top_k = set(top), top_k
         self.kept: dict[int, dict] = {}
 
     def get(self, b: int) -> dict:
@@ -398,13 +444,17 @@ class _TargetCache:
 
         if b not in self.kept:
             out = self.original.run(self.batches[b])
-            small = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in out.items()}
+            small = {k: np.ascontiguousarray(v.astype(np.float16)) if v.dtype == np.float32 else v
+                     for k, v in out.items()}
+            if sum(v.nbytes for v in small.values()) > self.left and self.top & set(out):
+                small = {k: TopLogits.of(out[k], self.top_k) if k in self.top else v for k, v in small.items()}
             size = sum(v.nbytes for v in small.values())
             if size > self.left:
                 return {k: to_torch(v) for k, v in out.items()}
             self.left -= size
-            self.kept[b] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in small.items()}
-        return {k: v.float() if v.dtype == torch.float16 else v for k, v in self.kept[b].items()}
+            self.kept[b] = {k: v if isinstance(v, TopLogits) else torch.from_numpy(v) for k, v in small.items()}
+        return {k: v.for_loss() if isinstance(v, TopLogits) else v.float() if v.dtype == torch.float16 else v
+                for k, v in self.kept[b].items()}
 
 
 def _masks(batches: list[dict[str, np.ndarray]]) -> list:
@@ -642,7 +692,7 @@ class HealPass(Pass):
         from modelsurgeon.capture import ActivationCapture
 
         original = ActivationCapture(ctx.original, matched, providers=ctx.providers)
-        targets = _TargetCache(original, batches, TARGET_CACHE_BUDGET)
+        targets = _TargetCache(original, batches, TARGET_CACHE_BUDGET, top=tuple(logits))
         params = TunedWeights(model, names, self.config["rank"])
         g = graph_function(model, params.values(), outputs=matched)
         torch_feeds = [feeds_to_torch(f) for f in batches]

@@ -392,9 +392,10 @@ class SparseQuantPass(Pass):
     def _share_with_lookups(self, model: ir.Model, namer: G.Namer, lin: G.Linear, table: ir.Value, node: ir.Node,
                             result: SparseQuantResult, skipped: list[str]) -> int:
         """Let the embedding lookups of the table tied to the head `lin` (now `node`) read the head's codes, so the
-        table is stored once; the number of lookups replaced. Not when the codes reconstruct the table more than 4x
-        worse (squared error) than round to nearest at the same block would: GPTQ piles the head's error where the
-        head's input has little energy, which the lookup does not discount (as quant4's own check)."""
+        table is stored once; the number of lookups replaced. Not when the codes reconstruct the table more than
+        `quantize.LOOKUP_MAX_ERROR_OVER_RTN` (4) times worse (squared error) than round to nearest at the same block
+        would: GPTQ piles the head's error where the head's input has little energy, which the lookup does not
+        discount (as quant4's own check)."""
         worse = Q.error_over_rtn(lin.weight, result.dense, 4, result.weight.block, self.config["symmetric"])
         if worse > Q.LOOKUP_MAX_ERROR_OVER_RTN:
             skipped.append(f"{lin.name}: its codes reconstruct the tied table {worse:.1f}x worse (squared error) than "

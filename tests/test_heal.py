@@ -274,10 +274,11 @@ def test_heal_keeps_the_weights_best_on_held_out_batches():
     targets = {0: 1.0, 1: 0.3}
     fit = _fit({"p": p}, lambda b: (p - targets[b]) ** 2, [0], [1], steps=200, lr=0.01, deadline=float("inf"))
     assert fit.kept and fit.before == pytest.approx(0.09)
-    assert fit.after < 0.02 and abs(float(p) - 0.3) < 0.15 and fit.after == pytest.approx((float(p) - 0.3) ** 2)
+    value = float(p.detach())
+    assert fit.after < 0.02 and abs(value - 0.3) < 0.15 and fit.after == pytest.approx((value - 0.3) ** 2)
     q = torch.nn.Parameter(torch.zeros(()))  # without held-out batches: trained to the end
     end = _fit({"q": q}, lambda b: (q - targets[b]) ** 2, [0], [], steps=200, lr=0.01, deadline=float("inf"))
-    assert end.kept and float(q) > 0.6  # well past the held-out optimum
+    assert end.kept and float(q.detach()) > 0.6  # well past the held-out optimum
 
 
 def test_heal_learning_rate_decays_by_the_time_budget_where_it_binds(monkeypatch):
@@ -377,3 +378,52 @@ def test_e2e_targets_are_kept_in_float16_within_their_budget():
     expected = np.float32(np.float16(np.float32(1 / 3)))  # kept logits are the float16-rounded values
     assert float(cache.get(0)["logits"][0, 0, 0]) == expected
     assert float(cache.get(1)["logits"][0, 0, 0]) == pytest.approx(2 / 3, rel=1e-7)
+
+
+def test_kl_on_the_originals_top_logits_bounds_the_full_kl_and_is_it_with_every_entry():
+    from modelsurgeon.passes.heal import TopLogits, _kl
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 40, generator=g) * 3
+    out = (target + torch.randn(2, 5, 40, generator=g)).requires_grad_(True)
+    full = float(_kl(out.detach(), target))
+    every = TopLogits.of(target.numpy(), 40).for_loss()
+    assert float(_kl(out.detach(), every)) == pytest.approx(full, rel=1e-4)
+    top = TopLogits.of(target.numpy(), 8).for_loss()
+    assert 0.0 < float(_kl(out.detach(), top)) < full
+    assert float(_kl(target, top)) == pytest.approx(0.0, abs=1e-5)  # the original matches its own top entries
+    # the gradient pulls each top entry towards the original's probability: p - q there
+    loss = _kl(out, top)
+    loss.backward()
+    p, q = torch.softmax(out.detach(), -1), torch.softmax(target, -1)
+    idx = top.index
+    expect = (torch.gather(p, -1, idx) - torch.gather(q, -1, idx)) / 10  # mean over the 10 tokens
+    assert torch.allclose(torch.gather(out.grad, -1, idx), expect, atol=1e-5)
+
+
+def test_e2e_targets_past_the_budget_are_kept_as_their_top_logits():
+    from modelsurgeon.passes.heal import TopLogits, _TargetCache
+
+    class Original:
+        calls = 0
+
+        def run(self, feeds):
+            Original.calls += 1
+            return {"logits": feeds["x"], "other": feeds["x"][..., :1].copy()}
+
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((2, 4, 64)).astype(np.float32)} for _ in range(3)]
+    full = 2 * 4 * 64 * 2 + 2 * 4 * 2  # a batch in float16
+    top = 2 * 4 * 8 * (4 + 4) + 2 * 4 * 4 + 2 * 4 * 2  # K=8: int32 index, float32 log-probabilities, the rest's mass
+    cache = _TargetCache(Original(), batches, budget=full + top, top=("logits",), top_k=8)
+    for b in (0, 1, 2, 0, 1, 2):
+        got = cache.get(b)
+    assert Original.calls == 4  # 0 kept in full, 1 as its top 8, 2 fits neither: computed each time
+    assert isinstance(cache.get(1)["logits"], TopLogits) and cache.get(1)["logits"].index.dtype == torch.int64
+    assert cache.get(1)["other"].dtype == torch.float32  # outputs not named stay whole
+    assert torch.is_tensor(cache.get(0)["logits"]) and torch.is_tensor(got["logits"])
+    kept = cache.get(1)["logits"]
+    q = torch.log_softmax(torch.from_numpy(batches[1]["x"]), -1)
+    assert torch.equal(kept.index, torch.topk(q, 8, -1).indices)
+    rest = torch.log1p(-torch.exp(torch.logsumexp(kept.logq, -1)))
+    assert torch.allclose(kept.log_rest, rest, atol=1e-5)
