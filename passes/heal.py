@@ -263,7 +263,7 @@ def _kl(out, target, mask=None):
     logp = torch.log_softmax(out.float(), -1)
     if isinstance(target, TopLogits):
         lp_top = torch.gather(logp, -1, target.index)
-        lp_rest = torch.clamp(torch.logsumexp(logp.scatter(-1, target.index, -math.inf), -1), min=_LOG_REST_MIN)
+        lp_rest = _log_mass_outside(logp, target.index)
         per_token = (torch.sum(torch.exp(target.logq) * (target.logq - lp_top), -1)
                      + torch.exp(target.log_rest) * (target.log_rest - lp_rest))
     else:
@@ -275,6 +275,14 @@ def _kl(out, target, mask=None):
 
 
 _LOG_REST_MIN = -30.0  # log of the rest's mass when the K entries hold all of it (e^-30: nothing, but finite)
+
+
+def _log_mass_outside(logp, index):
+    """Log of the probability mass of the entries not in `index` (last axis) of log-probabilities `logp`, computed
+    from those entries themselves (no 1 - sum cancellation), and at least `_LOG_REST_MIN`."""
+    import torch
+
+    return torch.clamp(torch.logsumexp(logp.scatter(-1, index, -math.inf), -1), min=_LOG_REST_MIN)
 
 
 @dataclasses.dataclass
@@ -291,8 +299,7 @@ class TopLogits:
 
         logq = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, np.float32)), -1)
         top, index = torch.topk(logq, min(k, logq.shape[-1]), dim=-1)
-        rest = torch.clamp(torch.logsumexp(logq.scatter(-1, index, -math.inf), -1), min=_LOG_REST_MIN)
-        return TopLogits(index.to(torch.int32), top, rest)
+        return TopLogits(index.to(torch.int32), top, _log_mass_outside(logq, index))
 
     @property
     def nbytes(self) -> int:
@@ -446,9 +453,10 @@ class _TargetCache:
             out = self.original.run(self.batches[b])
             small = {k: np.ascontiguousarray(v.astype(np.float16)) if v.dtype == np.float32 else v
                      for k, v in out.items()}
-            if sum(v.nbytes for v in small.values()) > self.left and self.top & set(out):
-                small = {k: TopLogits.of(out[k], self.top_k) if k in self.top else v for k, v in small.items()}
             size = sum(v.nbytes for v in small.values())
+            if size > self.left and self.top & set(out):
+                small = {k: TopLogits.of(out[k], self.top_k) if k in self.top else v for k, v in small.items()}
+                size = sum(v.nbytes for v in small.values())
             if size > self.left:
                 return {k: to_torch(v) for k, v in out.items()}
             self.left -= size
