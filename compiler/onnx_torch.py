@@ -11,8 +11,8 @@ exporters' decoders, encoders and CNNs use after our passes (`OPS`). An op outsi
 `UserError` naming it.
 
 What it cannot do: control flow (If, Loop, Scan) and model-local functions; com.microsoft contrib ops other than
-SkipSimplifiedLayerNormalization (GroupQueryAttention, MatMulNBits, quantized ops); opset-23 Attention and
-RotaryEmbedding. With `upcast` (default) float16 and bfloat16 tensors and Casts to them compute in float32, so a
+Skip(Simplified)LayerNormalization and GroupQueryAttention (`onnx_torch_attention`: GenAI's builder writes it) such
+as MatMulNBits, RotaryEmbedding, MultiHeadAttention and quantized ops; opset-23 Attention and RotaryEmbedding. With `upcast` (default) float16 and bfloat16 tensors and Casts to them compute in float32, so a
 float16 graph is interpreted in float32 (its weights train in float32 and are stored back in float16).
 """
 
@@ -792,3 +792,7 @@ def graph_function(model: ir.Model, params: dict[str, torch.Tensor] | None = Non
 
 def feeds_to_torch(feeds: dict[str, np.ndarray], upcast: bool = True) -> dict[str, torch.Tensor]:
     return {k: to_torch(v, upcast) for k, v in feeds.items()}
+
+
+# ops that live in modules of their own register themselves into OPS on import
+from modelsurgeon import onnx_torch_attention  # noqa: E402,F401

@@ -522,6 +522,10 @@ class HealPass(Pass):
 
         from modelsurgeon.capture import batch_size_for
 
+        if any(n.domain == "com.microsoft" and n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph):
+            from modelsurgeon.analyses.blocks import QUANTIZED_MESSAGE
+
+            raise UserError(QUANTIZED_MESSAGE.format(what="heal"))
         calib = ctx.require_calibration(self.name)
         if ctx.original is None:
             raise UserError("heal: the original model is not available to match; run heal through "

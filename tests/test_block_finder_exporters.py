@@ -53,6 +53,37 @@ def test_finder_counts_every_layer(corpus_model, arch, exporter):
         assert b.o.out_features == 64 and b.down.out_features == 64
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2/genai-fp32", "llama/optimum", "llama/dynamo18"])
+def test_finder_labels_low_rank_gate_and_up(corpus_model, name):
+    """After lowrank every projection is x @ A @ B: the gate is the one whose second factor feeds the activation
+    (GenAI and Optimum name them by path, so no name decides it)."""
+    import modelsurgeon
+    from modelsurgeon.context import PassContext
+    from modelsurgeon.pipeline import build_pipeline, parse_passes
+
+    model = modelsurgeon.load(corpus_model(name))
+    ctx = PassContext(model=model, progress=False)
+    for p in build_pipeline(parse_passes("lowrank(ratio=0.7,method=svd)"), cleanup=False):
+        ctx.model = model
+        model = p.run(model, ctx).model
+    complete_types(model)
+    canonicalize(model)
+    tb = find_blocks(model)
+    assert tb.problems == [] and len(tb.blocks) == 2
+    for b in tb.blocks:
+        gate_b = _only_reader(b.gate.output)
+        up_b = _only_reader(b.up.output)
+        assert gate_b.op_type == up_b.op_type == "MatMul"  # the factors' second halves
+        assert any(n.op_type == "Sigmoid" for n, _ in gate_b.outputs[0].uses())
+        assert not any(n.op_type == "Sigmoid" for n, _ in up_b.outputs[0].uses())
+
+
+def _only_reader(v):
+    (node, _), = v.uses()
+    return node
+
+
 def _views(v):
     from modelsurgeon.analyses.blocks import views_of
 
@@ -158,6 +189,9 @@ def test_canonicalize_splits_skip_norms_and_untransposes_tied_tables_exactly(bia
     ops = [n.op_type for n in model.graph]
     assert "SkipSimplifiedLayerNormalization" not in ops
     assert ops.count("Add") == (2 if bias else 1) and "SimplifiedLayerNormalization" in ops
+    # the normalized value and the stream keep the skip norm's output names (heal finds the original's by them)
+    norm = next(n for n in model.graph if n.op_type == "SimplifiedLayerNormalization")
+    assert norm.outputs[0].name == "y" and norm.inputs[0].name == "sum"
     gather = next(n for n in model.graph if n.op_type == "Gather")
     assert gather.inputs[0].const_value is not None and gather.inputs[0].shape == ir.Shape([16, 8])
     assert "W" not in model.graph.initializers  # stored once, as the table

@@ -39,7 +39,8 @@ def test_interpreter_matches_ort_on_reference_models(reference_onnx, kind):
 
 
 @pytest.mark.parametrize("name", ["llama/torchscript", "llama/optimum-past", "gpt2/dynamo18", "phi3/dynamo18",
-                                  "vit/dynamo18", "bert/torchscript", "llama/fp16"])
+                                  "vit/dynamo18", "bert/torchscript", "llama/fp16", "qwen2/genai-fp32",
+                                  "gemma/genai-fp32"])
 def test_interpreter_matches_ort_on_corpus_models(corpus_model, name):
     # fp16 computes in float32 in torch (upcast): within fp16 rounding of ORT's float16 arithmetic
     assert _ort_vs_torch(corpus_model(name)) < (2e-3 if "fp16" in name else 1e-5)
@@ -55,8 +56,8 @@ def test_interpreter_matches_ort_on_real_models(loader):
 
 
 def test_interpreter_refuses_an_unknown_op_by_name(corpus_model):
-    model = ir.load(str(corpus_model("llama/genai-fp32")))
-    with pytest.raises(UserError, match="GroupQueryAttention"):
+    model = ir.load(str(corpus_model("llama/genai-int4")))  # 4-bit: MatMulNBits, GatherBlockQuantized
+    with pytest.raises(UserError, match="has no com.microsoft:(MatMulNBits|GatherBlockQuantized) op"):
         onnx_torch.graph_function(model)
 
 
@@ -211,15 +212,27 @@ def _row(result, name: str):
     return next(r for r in result.report.rows if r.name.startswith(name))
 
 
-@pytest.mark.parametrize("name, mode", [("gpt2/dynamo18", "blocks"), ("llama/optimum-past", "e2e")])
+@pytest.mark.parametrize("name, mode", [("gpt2/dynamo18", "blocks"), ("llama/optimum-past", "e2e"),
+                                        ("llama/optimum-past", "blocks"), ("qwen2/genai-fp32", "blocks"),
+                                        ("phi3/genai-fp32", "e2e")])
 def test_heal_on_other_exporters(corpus_model, name, mode):
-    """GPT-2 (Gemm projections, a fused qkv Split, LayerNorm) healed block by block; Optimum's KV-cache export
-    (TorchScript exporter, Constant nodes, empty past), whose blocks the finder does not report, end to end."""
-    result = modelsurgeon.compile(str(corpus_model(name)), "lowrank(ratio=0.7),heal(steps=20,lr=1e-4)",
+    """GPT-2 (Gemm projections, a fused qkv Split, LayerNorm); Optimum's KV-cache export (TorchScript exporter,
+    Constant nodes, empty past); GenAI's (GroupQueryAttention, skip norms, SiLU as x * Sigmoid(x)). Block by block,
+    the finder tells the low-rank gate from the up projection by what their second factors feed, and GenAI's block
+    outputs keep the names of the skip norms they were split from, which is how heal finds the original's."""
+    result = modelsurgeon.compile(str(corpus_model(name)), f"lowrank(ratio=0.7),heal(steps=20,lr=1e-4,mode={mode})",
                                   num_samples=8, seq_len=16, progress=False)
     heal = _row(result, "heal")
     assert heal.modified and heal.notes["mode"].startswith(mode)
     assert heal.notes["objective_after"] < heal.notes["objective_before"]
+
+
+def test_heal_refuses_a_4bit_model_and_says_to_quantize_after(corpus_model):
+    from modelsurgeon.models import corpus
+
+    out = corpus.run_cell(corpus_model("qwen2/genai-int4"), corpus.pass_spec("heal"))
+    assert out.status == "refused"
+    assert "already 4-bit (MatMulNBits)" in out.detail and "run heal on the float model, then quant4" in out.detail
 
 
 def test_heal_without_anything_to_train_changes_nothing(reference_onnx):

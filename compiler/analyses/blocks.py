@@ -544,6 +544,14 @@ def _only_use(value: ir.Value) -> ir.Node | None:
     return uses[0][0]
 
 
+def _past_factors(value: ir.Value) -> ir.Value:
+    """The output of the last of a chain of constant-weight linears that starts at `value` (each the only reader of
+    the one before, as lowrank writes x @ A @ B); `value` itself when nothing follows it that way."""
+    while (n := _only_use(value)) is not None and n.inputs[0] is value and match_linear(n) is not None:
+        value = n.outputs[0]
+    return value
+
+
 def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
     ins = list(node.inputs)
     if len(ins) != 2:
@@ -1034,15 +1042,17 @@ class _Finder:
             return None
         if len(projs) != 2:
             return f"the MLP reads the norm through {len(projs)} projections (expected up, or gate and up)"
-        gated = [p for p in projs if any(n.op_type in _ACTIVATIONS for n, _ in p.output.uses())]
+        # a factored projection (lowrank's x @ A @ B) is told apart by what its last factor feeds
+        outs = [_past_factors(p.output) for p in projs]
+        gated = [p for p, out in zip(projs, outs) if any(n.op_type in _ACTIVATIONS for n, _ in out.uses())]
         if len(gated) == 1:
             block.gate = gated[0]
             block.up = projs[1] if gated[0] is projs[0] else projs[0]
             return None
         # the up projection feeds only the product with the activated gate (an activation written out as
         # several ops, as the legacy exporter writes GELU, reads the gate more than once)
-        ups = [p for i, p in enumerate(projs) if (m := _only_use(p.output)) is not None and m.op_type == "Mul"
-               and (o := _other_input(m, p.output)) is not None and self.reaches(projs[1 - i].output, o)]
+        ups = [p for i, p in enumerate(projs) if (m := _only_use(outs[i])) is not None and m.op_type == "Mul"
+               and (o := _other_input(m, outs[i])) is not None and self.reaches(outs[1 - i], o)]
         if len(ups) == 1:
             block.up = ups[0]
             block.gate = projs[1] if ups[0] is projs[0] else projs[0]
