@@ -71,10 +71,18 @@ def _non_negative(v):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# inputs that are tables an op looks up, not weights: GroupQueryAttention's and RotaryEmbedding's cos/sin caches
+_TABLE_INPUTS = {("com.microsoft", "GroupQueryAttention"): (7, 8), ("com.microsoft", "RotaryEmbedding"): (2, 3)}
+
+
 def _is_float(value: ir.Value) -> bool:
-    """A float weight: more than one element, all finite (not a scalar such as an epsilon, nor a -inf mask fill)."""
+    """A float weight: more than one element, all finite (not a scalar such as an epsilon, nor a -inf mask fill),
+    and not only read as a rotary table (`_TABLE_INPUTS`: GenAI's cos/sin caches, which every block reads)."""
     t = value.const_value
     if t is None or t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
+        return False
+    uses = value.uses()
+    if uses and all(i in _TABLE_INPUTS.get((n.domain, n.op_type), ()) for n, i in uses):
         return False
     return t.size > 1 and bool(np.isfinite(t.numpy()).all())
 
@@ -170,7 +178,18 @@ def trainable(model: ir.Model, ctx, which: str, tb=None) -> set[str]:
         return {k for k, v in model.graph.initializers.items() if _is_float(v)}
     if which == "norms":
         return norm_initializers(model)
-    return touched_initializers(model, ctx.original, tb)
+    return touched_initializers(model, canonical_original(ctx.original), tb)
+
+
+def canonical_original(original: ir.Model) -> ir.Model:
+    """The original as the passes first saw it: `canonicalize` rewrites a graph (exactly) before any pass that
+    reads blocks, so what the passes changed is told against its output, not the file's graph; otherwise GenAI's
+    split skip norms would count as rewired and every block's weights as touched."""
+    from modelsurgeon.canonical import canonicalize
+
+    reference = original.clone()
+    canonicalize(reference)
+    return reference
 
 
 # ----------------------------------------------------------------------------------------------------------------

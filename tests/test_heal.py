@@ -227,6 +227,22 @@ def test_heal_on_other_exporters(corpus_model, name, mode):
     assert heal.notes["objective_after"] < heal.notes["objective_before"]
 
 
+def test_heal_trains_only_what_the_passes_touched_on_a_genai_graph(corpus_model):
+    """canonicalize splits GenAI's skip norms before any pass: not a change of the passes, so heal trains the pruned
+    MLP weights only (not every block's weights, nor the rotary cos/sin caches every GroupQueryAttention reads,
+    which no `train` choice trains)."""
+    from modelsurgeon.passes.heal import trainable
+
+    model, ctx = _setup(corpus_model("qwen2/genai-fp32"))
+    model, _ = _run(model, ctx, "prune(ffn=0.5),canonicalize")  # as in prune,heal: canonicalize runs before heal
+    tb = ctx.analysis("blocks")
+    mlp = {lin.weight.name for b in tb.blocks for lin in (b.gate, b.up, b.down)}
+    assert trainable(model, ctx, "touched", tb) == mlp
+    everything = trainable(model, ctx, "all")
+    assert mlp < everything and not {"cos_cache", "sin_cache"} & everything
+    assert {"cos_cache", "sin_cache"} <= set(model.graph.initializers)
+
+
 def test_heal_refuses_a_4bit_model_and_says_to_quantize_after(corpus_model):
     from modelsurgeon.models import corpus
 
