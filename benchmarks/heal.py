@@ -12,6 +12,7 @@ heal's notes. Rows are merged into the JSON by (model, config), so configuration
                               [--calib-samples 64] [--eval-samples 16] [--out docs/results/heal.json] [--no-table]
 
 Configurations: drop6, lowrank20, share2, share2-corr32, slice30, prune30, prune30-act, prune30-act-rec (SmolLM2);
+genai-prune30-act, genai-lowrank20 (SmolLM2 as ONNX Runtime GenAI's builder exports it, fp32: `real.smollm2_genai`);
 minilm-lowrank20, minilm-prune, minilm-prune-rec, minilm-drop2 (MiniLM); effnet-prune30 (EfficientNet-Lite0:
 calibration on random crops of 14 photos, top-1 agreement with the dense model on 4 others).
 """
@@ -43,6 +44,8 @@ CONFIGS = {
     "prune30": ("smollm2", "prune(ffn=0.3)"),
     "prune30-act": ("smollm2", "prune(ffn=0.3,importance=activation)"),
     "prune30-act-rec": ("smollm2", "prune(ffn=0.3,importance=activation,reconstruct=true)"),
+    "genai-prune30-act": ("smollm2-genai", "prune(ffn=0.3,importance=activation)"),
+    "genai-lowrank20": ("smollm2-genai", "lowrank(ratio=0.2)"),
     "minilm-lowrank20": ("minilm", "lowrank(ratio=0.2)"),
     "minilm-prune": ("minilm", "prune(heads=0.25,ffn=0.3)"),
     "minilm-prune-rec": ("minilm", "prune(heads=0.25,ffn=0.3,importance=activation,reconstruct=true)"),
@@ -60,8 +63,10 @@ def setup(name: str, args, work: pathlib.Path):
     from modelsurgeon.models import real
     from modelsurgeon.runtime.evaluate import evaluate
 
-    if name == "smollm2":
-        dense, tok = pathlib.Path(real.smollm2_onnx()), pathlib.Path(real.smollm2_tokenizer())
+    if name in ("smollm2", "smollm2-genai"):
+        dense = (pathlib.Path(real.smollm2_onnx()) if name == "smollm2" else
+                 real.smollm2_genai("fp32") / "model.onnx")  # GenAI's builder: GroupQueryAttention, skip norms, KV cache
+        tok = pathlib.Path(real.smollm2_tokenizer())
         texts = real.shakespeare_texts()
         calib_texts = [t for title, t in texts.items() if title != EVAL_PLAY]
         tokenizer = cal.load_tokenizer(tok)
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
                 row = {"model": name, "config": c, "passes": passes, "heal": heal, "dense": base,
                        "one_shot": q0, "healed": q1, "pass_s": round(t1 - t0, 1), "heal_s": round(t3 - t2, 1),
                        "calib_samples": args.calib_samples,
-                       **({"calib_seq_len": args.seq_len} if args.seq_len != SEQ and name == "smollm2" else {}),
+                       **({"calib_seq_len": args.seq_len} if args.seq_len != SEQ and name.startswith("smollm2") else {}),
                        "command": "python benchmarks/heal.py " + " ".join(sys.argv[1:] if argv is None else argv)}
                 if args.mix:
                     row["calib_mix"] = args.mix

@@ -11,9 +11,10 @@ exporters' decoders, encoders and CNNs use after our passes (`OPS`). An op outsi
 `UserError` naming it.
 
 What it cannot do: control flow (If, Loop, Scan) and model-local functions; com.microsoft contrib ops other than
-Skip(Simplified)LayerNormalization and GroupQueryAttention (`onnx_torch_attention`: GenAI's builder writes it) such
-as MatMulNBits, RotaryEmbedding, MultiHeadAttention and quantized ops; opset-23 Attention and RotaryEmbedding. With `upcast` (default) float16 and bfloat16 tensors and Casts to them compute in float32, so a
-float16 graph is interpreted in float32 (its weights train in float32 and are stored back in float16).
+Skip(Simplified)LayerNormalization and GroupQueryAttention (`onnx_torch_attention`: GenAI's builder writes it), such
+as MatMulNBits, RotaryEmbedding, MultiHeadAttention and quantized ops; opset-23 Attention and RotaryEmbedding. With
+`upcast` (default) float16 and bfloat16 tensors and Casts to them compute in float32, so a float16 graph is
+interpreted in float32 (its weights train in float32 and are stored back in float16).
 """
 
 from __future__ import annotations
