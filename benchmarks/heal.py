@@ -202,8 +202,8 @@ def run_pipeline(model, ctx, passes: str):
 
 
 def _number(v: float, spec: str) -> str:
-    """`v` formatted with `spec`, or in 3 significant digits once it is past 10^5 (share's one-shot 1.4e8)."""
-    return f"{v:.3g}" if abs(v) >= 1e5 else format(v, spec)
+    """`v` formatted with `spec`, or in 3 significant digits once it is past 10^4 (share's one-shot 1.4e8)."""
+    return f"{v:.3g}" if abs(v) >= 1e4 else format(v, spec)
 
 
 def table(doc: dict) -> str:
