@@ -179,7 +179,7 @@ def _new_value(graph: ir.Graph, like: ir.Value, base: str) -> ir.Value:
 
 def split_skip_norms(model: ir.Model) -> int:
     """Rewrite each com.microsoft Skip(Simplified)LayerNormalization into Add(s) + (Simplified)LayerNormalization."""
-    from modelsurgeon.analyses.blocks import unique_name
+    from modelsurgeon.analyses.blocks import replace_value, unique_name
 
     graph, count = model.graph, 0
     for node in list(graph):
@@ -217,13 +217,8 @@ def split_skip_norms(model: ir.Model) -> int:
         new_nodes.append(norm)
         graph.insert_before(node, new_nodes)
         for old, new in ((outs[0], norm.outputs[0]), (outs[3] if len(outs) > 3 else None, total)):
-            if old is None:
-                continue
-            keep = old.name
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            if keep:  # the split values keep the fused op's names: the original's values still name them
-                old.name = unique_name(graph, keep + "_fused")
-                new.name = keep
+            if old is not None:  # the split values keep the fused op's names: the original's values still name them
+                replace_value(graph, old, new, old_suffix="_fused", keep_name=True)
         graph.remove(node, safe=True)
         count += 1
     return count

@@ -75,7 +75,7 @@ def _non_negative(v):
 _TABLE_INPUTS = {("com.microsoft", "GroupQueryAttention"): (7, 8), ("com.microsoft", "RotaryEmbedding"): (2, 3)}
 
 
-def _is_float(value: ir.Value) -> bool:
+def _is_weight(value: ir.Value) -> bool:
     """A float weight: more than one element, all finite (not a scalar such as an epsilon, nor a -inf mask fill),
     and not only read as a rotary table (`_TABLE_INPUTS`: GenAI's cos/sin caches, which every block reads)."""
     t = value.const_value
@@ -120,7 +120,7 @@ def touched_initializers(model: ir.Model, original: ir.Model, tb=None) -> set[st
     rewired = rewired_nodes(model, original)
     out = set()
     for name, value in model.graph.initializers.items():
-        if not _is_float(value):
+        if not _is_weight(value):
             continue
         if name not in before or not _same_tensor(value, before[name]):
             out.add(name)
@@ -153,20 +153,20 @@ def _stands_for(block, tb, original: ir.Model) -> str | None:
 
 
 def _block_initializers(nodes) -> set[str]:
-    return {v.name for n in nodes for v in n.inputs if v is not None and v.is_initializer() and _is_float(v)}
+    return {v.name for n in nodes for v in n.inputs if v is not None and v.is_initializer() and _is_weight(v)}
 
 
 def norm_initializers(model: ir.Model) -> set[str]:
     out = set()
     for n in model.graph.all_nodes():
         if n.op_type in _NORM_OPS:
-            out |= {v.name for v in n.inputs[1:] if v is not None and v.is_initializer() and _is_float(v)}
+            out |= {v.name for v in n.inputs[1:] if v is not None and v.is_initializer() and _is_weight(v)}
     try:  # decomposed norms (ReduceMean ... Mul by scale): the block finder knows them
         from modelsurgeon.analyses.blocks import find_norms
 
         for norm in find_norms(model.graph):
             for v in (norm.scale, norm.bias):
-                if v is not None and v.is_initializer() and _is_float(v):
+                if v is not None and v.is_initializer() and _is_weight(v):
                     out.add(v.name)
     except Exception:  # noqa: BLE001 - a graph the finder cannot read has fused norms or none
         pass
@@ -175,20 +175,24 @@ def norm_initializers(model: ir.Model) -> set[str]:
 
 def trainable(model: ir.Model, ctx, which: str, tb=None) -> set[str]:
     if which == "all":
-        return {k for k, v in model.graph.initializers.items() if _is_float(v)}
+        return {k for k, v in model.graph.initializers.items() if _is_weight(v)}
     if which == "norms":
         return norm_initializers(model)
-    return touched_initializers(model, canonical_original(ctx.original), tb)
+    return touched_initializers(model, canonical_original(ctx), tb)
 
 
-def canonical_original(original: ir.Model) -> ir.Model:
+def canonical_original(ctx) -> ir.Model:
     """The original as the passes first saw it: `canonicalize` rewrites a graph (exactly) before any pass that
     reads blocks, so what the passes changed is told against its output, not the file's graph; otherwise GenAI's
-    split skip norms would count as rewired and every block's weights as touched."""
+    split skip norms would count as rewired and every block's weights as touched. Built once per compile (kept in
+    `ctx.extra`, for the next heal of a `heal(mode=blocks),heal(mode=e2e)` pipeline)."""
     from modelsurgeon.canonical import canonicalize
 
-    reference = original.clone()
-    canonicalize(reference)
+    original, reference = ctx.extra.get("heal.canonical_original", (None, None))
+    if original is not ctx.original:
+        reference = ctx.original.clone()
+        canonicalize(reference)
+        ctx.extra["heal.canonical_original"] = (ctx.original, reference)
     return reference
 
 
@@ -541,10 +545,9 @@ class HealPass(Pass):
 
         from modelsurgeon.capture import batch_size_for
 
-        if any(n.domain == "com.microsoft" and n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph):
-            from modelsurgeon.analyses.blocks import QUANTIZED_MESSAGE
+        from modelsurgeon.analyses.blocks import require_float_weights
 
-            raise UserError(QUANTIZED_MESSAGE.format(what="heal"))
+        require_float_weights(model, "heal")
         calib = ctx.require_calibration(self.name)
         if ctx.original is None:
             raise UserError("heal: the original model is not available to match; run heal through "

@@ -319,11 +319,15 @@ def _base_name(value: ir.Value) -> str:
 _NAMES_KEY = "modelsurgeon.blocks.names"
 
 
-def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value, old_suffix: str = "_old") -> None:
-    """Every reader of `old` reads `new`; a graph output keeps its name (`new` takes it, `old` gets a suffix)."""
-    was_output = old.is_graph_output()
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value, old_suffix: str = "_old",
+                  keep_name: bool = False) -> None:
+    """Every reader of `old` reads `new`; a graph output keeps its name (`new` takes it, `old` gets a suffix).
+
+    `keep_name`: `new` takes the name even where `old` is no graph output (a rewrite whose values should still
+    answer to the names in the model it came from, e.g. for matching against that model value by value)."""
+    hand_over = (keep_name or old.is_graph_output()) and bool(old.name)
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    if was_output:
+    if hand_over:
         keep = old.name
         old.name = unique_name(graph, keep + old_suffix)
         new.name = keep
@@ -443,9 +447,21 @@ QUANTIZED_MESSAGE = ("{what} rewrites float weights, and the projections are alr
                      "run {what} on the float model, then quant4")
 
 
+FOUR_BIT_OPS = ("MatMulNBits", "GatherBlockQuantized")  # com.microsoft ops that hold 4-bit weights
+
+
 def require_float_linears(tb: "TransformerBlocks", what: str) -> None:
     """Raise a UserError when a block's projections are 4-bit MatMulNBits (their float weights are gone)."""
     if any(lin.quantized for b in tb.blocks for lin in b.linears().values()):
+        from modelsurgeon.errors import UserError
+
+        raise UserError(QUANTIZED_MESSAGE.format(what=what))
+
+
+def require_float_weights(model: ir.Model, what: str) -> None:
+    """Raise a UserError when any op of the graph holds 4-bit weights (`FOUR_BIT_OPS`), blocks or not: for a
+    pass that rewrites every weight it reaches, not only the blocks' projections."""
+    if any(n.domain == "com.microsoft" and n.op_type in FOUR_BIT_OPS for n in model.graph):
         from modelsurgeon.errors import UserError
 
         raise UserError(QUANTIZED_MESSAGE.format(what=what))
