@@ -9,7 +9,8 @@ matches the original the compile started from) and the healed quality, with the 
 heal's notes. Rows are merged into the JSON by (model, config), so configurations can be run one at a time:
 
     python benchmarks/heal.py --configs drop6,lowrank20 [--steps 100] [--lr 1e-4] [--mode blocks] [--seconds S]
-                              [--calib-samples 64] [--eval-samples 16] [--out docs/results/heal.json] [--no-table]
+                              [--compile-seconds S] [--calib-samples 64] [--eval-samples 16]
+                              [--out docs/results/heal.json] [--no-table]
 
 Configurations: drop6, lowrank20, share2, share2-corr32, slice30, prune30, prune30-act, prune30-act-rec (SmolLM2);
 genai-prune30-act, genai-lowrank20 (SmolLM2 as ONNX Runtime GenAI's builder exports it, fp32: `real.smollm2_genai`);
@@ -35,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ = 128
 EVAL_PLAY = "Macbeth"
+HEAL_TAIL_S = 30  # heal's time past its own budget: the last held-out check and storing the weights (SmolLM2)
 CONFIGS = {
     "drop6": ("smollm2", "drop-blocks(n=6)"),
     "lowrank20": ("smollm2", "lowrank(ratio=0.2)"),
@@ -220,6 +222,7 @@ def table(doc: dict) -> str:
             q0, q1 = f"cosine {r['one_shot']['cosine_mean']:.3f}", f"cosine {r['healed']['cosine_mean']:.3f}"
         mixed = f", {r['calib_mix']:.0%} mixed" if r.get("calib_mix") else ""
         mixed += f" x {r['calib_seq_len']} tokens" if r.get("calib_seq_len") else ""
+        mixed += f" (passes: the first {r['pass_samples']})" if r.get("pass_samples") else ""
         lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {r.get('calib_samples', '-')}{mixed} | {q0} | {q1} | "
                      f"{r['pass_s']:.0f} | "
                      f"{r['heal_s']:.0f} |")
@@ -243,6 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default="touched")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=0)
+    ap.add_argument("--compile-seconds", type=float, default=0,
+                    help="a budget for pass and heal together: heal gets what the passes left of it (less %d s for "
+                         "heal's last held-out check and storing), instead of --seconds" % HEAL_TAIL_S)
     ap.add_argument("--threads", type=int, default=1, help="heal's threads option")
     ap.add_argument("--rank", type=int, default=0, help="heal's rank option (LoRA deltas; 0: the weights themselves)")
     ap.add_argument("--holdout", type=float, default=0.0, help="heal's holdout option")
@@ -251,6 +257,9 @@ def main(argv=None) -> int:
                          "holdout; all weights train)")
     ap.add_argument("--e2e-lr", type=float, default=None, help="learning rate of that second heal (default: --lr)")
     ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--pass-samples", type=int, default=0,
+                    help="the passes see only the first N calibration samples, heal all of them (prune's reconstruct "
+                         "keeps every sample's activations: 16384 MiniLM sentences did not fit 24 GB)")
     ap.add_argument("--seq-len", type=int, default=SEQ,
                     help="tokens per SmolLM2 calibration window (perplexity is always measured on windows of %d)" % SEQ)
     ap.add_argument("--eval-samples", type=int, default=16)
@@ -268,11 +277,16 @@ def main(argv=None) -> int:
     doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "heal", "rows": [], "notes": []}
     both = (f",holdout={args.holdout}" if args.holdout else "") + (f",rank={args.rank}" if args.rank else "") \
         + (f",threads={args.threads}" if args.threads != 1 else "")  # options the e2e heal after it shares
-    extra = (f",seconds={args.seconds}" if args.seconds else "") + both
-    heal = f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}{extra})"
-    if args.then_e2e:
-        heal += (f",heal(steps={args.then_e2e},lr={args.e2e_lr or args.lr},mode=e2e,train=all,batch={args.batch}"
-                 f"{both})")
+
+    def heal_spec(seconds: float) -> str:
+        extra = (f",seconds={seconds:g}" if seconds else "") + both
+        spec = f"heal(steps={args.steps},lr={args.lr},mode={args.mode},train={args.train},batch={args.batch}{extra})"
+        if args.then_e2e:
+            spec += (f",heal(steps={args.then_e2e},lr={args.e2e_lr or args.lr},mode=e2e,train=all,batch={args.batch}"
+                     f"{both})")
+        return spec
+    if args.compile_seconds and args.then_e2e:
+        ap.error("--compile-seconds budgets one heal; leave out --then-e2e")
     by_model: dict[str, list[str]] = {}
     for c in args.configs.split(","):
         if c not in CONFIGS:
@@ -288,12 +302,16 @@ def main(argv=None) -> int:
             for c in configs:
                 passes = CONFIGS[c][1]
                 model = modelsurgeon.load(dense)
-                ctx = PassContext(model=model, calibration=calibration, progress=sys.stderr.isatty())
+                seen = calibration.split(args.pass_samples)[0] if args.pass_samples else calibration
+                ctx = PassContext(model=model, calibration=seen, progress=sys.stderr.isatty())
                 t0 = time.perf_counter()
                 model, _ = run_pipeline(model, ctx, passes)
                 t1 = time.perf_counter()
+                ctx.calibration = calibration
                 q0 = quality(model)
                 print(f"[{name}] {passes}: {q0} ({t1 - t0:.0f} s)", flush=True)
+                heal = heal_spec(max(60, round(args.compile_seconds - (t1 - t0) - HEAL_TAIL_S)) if args.compile_seconds
+                                 else args.seconds)
                 t2 = time.perf_counter()
                 model, notes = run_pipeline(model, ctx, heal)
                 t3 = time.perf_counter()
@@ -306,6 +324,8 @@ def main(argv=None) -> int:
                        "command": "python benchmarks/heal.py " + " ".join(sys.argv[1:] if argv is None else argv)}
                 if args.mix:
                     row["calib_mix"] = args.mix
+                if args.pass_samples:
+                    row["pass_samples"] = args.pass_samples
                 if "perplexity" in base:
                     row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
                     row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)
@@ -315,9 +335,10 @@ def main(argv=None) -> int:
                                                                          "objective_after", "trained_parameters",
                                                                          "heldout_batches")}
                 # a rerun replaces its row; another calibration size is another row
-                key = (name, c, heal, args.mix, args.calib_samples, row.get("calib_seq_len", SEQ))
+                key = (name, c, heal, args.mix, args.calib_samples, row.get("calib_seq_len", SEQ), args.pass_samples)
                 doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r.get("heal"), r.get("calib_mix", 0.0),
-                                                          r.get("calib_samples"), r.get("calib_seq_len", SEQ)) != key]
+                                                          r.get("calib_samples"), r.get("calib_seq_len", SEQ),
+                                                          r.get("pass_samples", 0)) != key]
                 doc["rows"].append(row)
                 doc["machine"] = machine_info()
                 doc["command"] = "python benchmarks/heal.py --configs " + ",".join(

@@ -26,8 +26,8 @@ With `holdout`, part of the calibration samples is held back and the objective o
 weights seen along the way are kept (docs/heal.md: on MiniLM an end-to-end phase at lr 1e-3 never beat its start
 on held-back sentences, and kept nothing).
 
-What it cannot do: ops outside `onnx_torch.OPS` (GenAI's GroupQueryAttention, opset-23 Attention, quantized ops),
-so it runs before quantization.
+What it cannot do: ops outside `onnx_torch.OPS` (opset-23 Attention and RotaryEmbedding, com.microsoft
+MultiHeadAttention and RotaryEmbedding, quantized ops), so it runs before quantization; a 4-bit model is refused.
 
 Padding (an `attention_mask` input with zeros): the objectives count real tokens only, and positions that are
 padding in every row of a batch are cut from it first (the outputs of real tokens do not depend on them), so a
