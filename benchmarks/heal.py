@@ -285,8 +285,8 @@ def main(argv=None) -> int:
             spec += (f",heal(steps={args.then_e2e},lr={args.e2e_lr or args.lr},mode=e2e,train=all,batch={args.batch}"
                      f"{both})")
         return spec
-    if args.compile_seconds and args.then_e2e:
-        ap.error("--compile-seconds budgets one heal; leave out --then-e2e")
+    if args.compile_seconds and (args.then_e2e or args.seconds):
+        ap.error("--compile-seconds budgets one heal and sets its seconds; leave out --then-e2e and --seconds")
     by_model: dict[str, list[str]] = {}
     for c in args.configs.split(","):
         if c not in CONFIGS:
