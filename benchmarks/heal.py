@@ -2,7 +2,8 @@
 
 - SmolLM2-135M-Instruct (`real.smollm2_onnx()`): calibration windows of 128 tokens spread over the Shakespeare texts
   other than Macbeth (`calibration.tokenize_texts`), perplexity on windows of Macbeth, which no pass sees.
-- all-MiniLM-L6-v2: calibration on real sentences, sentence-embedding cosine to the dense model on other sentences.
+- all-MiniLM-L6-v2: calibration on real sentences, sentence-embedding cosine to the dense model on the pool's first
+  256 sentences, which no calibration set includes.
 
 For each configuration: the one-shot model's quality, then `heal` run on that same model (same context, so it
 matches the original the compile started from) and the healed quality, with the compile time of each step and
@@ -89,12 +90,13 @@ def setup(name: str, args, work: pathlib.Path):
         return setup_effnet(args)
     dense, tok = pathlib.Path(real.minilm_onnx()), pathlib.Path(real.minilm_tokenizer())
     n_calib, n_eval = args.calib_samples, args.eval_samples * 16
-    pool = real.sentences(n_calib + n_eval, seed=0)
-    calibration = CalibrationData(real.minilm_inputs(pool[:n_calib], max_length=SEQ), "real.sentences")
+    pool = real.sentences(n_eval + n_calib, seed=0)  # the same evaluation sentences whatever the calibration size
+    calibration = CalibrationData(real.minilm_inputs(pool[n_eval:], max_length=SEQ), "real.sentences")
     eval_file = work / "sentences.txt"
-    eval_file.write_text("\n".join(pool[n_calib:]) + "\n")
-    note = (f"MiniLM: calibration {n_calib} real sentences, cosine to the dense model's sentence embeddings on "
-            f"{n_eval} other sentences")
+    eval_file.write_text("\n".join(pool[:n_eval]) + "\n")
+    note = (f"MiniLM: calibration on the {n_calib} real sentences after the first {n_eval}, cosine to the dense "
+            f"model's sentence embeddings on those first {n_eval} (rows without `eval_set` were scored on the "
+            f"{n_eval} sentences after their calibration set, which moved with its size)")
 
     def quality(model):
         m = evaluate(model, str(dense), task="embedding", data=str(eval_file), tokenizer=str(tok),
@@ -223,6 +225,7 @@ def table(doc: dict) -> str:
         mixed = f", {r['calib_mix']:.0%} mixed" if r.get("calib_mix") else ""
         mixed += f" x {r['calib_seq_len']} tokens" if r.get("calib_seq_len") else ""
         mixed += f" (passes: the first {r['pass_samples']})" if r.get("pass_samples") else ""
+        mixed += f"; eval: {r['eval_set']}" if r.get("eval_set") else ""
         lines.append(f"| {r['model']} | `{r['passes']}` | `{r['heal']}` | {r.get('calib_samples', '-')}{mixed} | {q0} | {q1} | "
                      f"{r['pass_s']:.0f} | "
                      f"{r['heal_s']:.0f} |")
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--pass-samples", type=int, default=0,
                     help="the passes see only the first N calibration samples, heal all of them (prune's reconstruct "
-                         "keeps every sample's activations: 16384 MiniLM sentences did not fit 24 GB)")
+                         "holds every sample's activations, up to its refit_memory)")
     ap.add_argument("--seq-len", type=int, default=SEQ,
                     help="tokens per SmolLM2 calibration window (perplexity is always measured on windows of %d)" % SEQ)
     ap.add_argument("--eval-samples", type=int, default=16)
@@ -326,6 +329,8 @@ def main(argv=None) -> int:
                     row["calib_mix"] = args.mix
                 if args.pass_samples:
                     row["pass_samples"] = args.pass_samples
+                if name == "minilm":
+                    row["eval_set"] = f"first {args.eval_samples * 16} sentences"
                 if "perplexity" in base:
                     row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
                     row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)
@@ -335,10 +340,11 @@ def main(argv=None) -> int:
                                                                          "objective_after", "trained_parameters",
                                                                          "heldout_batches")}
                 # a rerun replaces its row; another calibration size is another row
-                key = (name, c, heal, args.mix, args.calib_samples, row.get("calib_seq_len", SEQ), args.pass_samples)
+                key = (name, c, heal, args.mix, args.calib_samples, row.get("calib_seq_len", SEQ), args.pass_samples,
+                       row.get("eval_set"))
                 doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r.get("heal"), r.get("calib_mix", 0.0),
                                                           r.get("calib_samples"), r.get("calib_seq_len", SEQ),
-                                                          r.get("pass_samples", 0)) != key]
+                                                          r.get("pass_samples", 0), r.get("eval_set")) != key]
                 doc["rows"].append(row)
                 doc["machine"] = machine_info()
                 doc["command"] = "python benchmarks/heal.py --configs " + ",".join(
