@@ -390,6 +390,47 @@ def test_reconstruct_reduces_error(reference_onnx, kind, spec):
     assert errs[True] < 0.8 * errs[False], errs
 
 
+def test_refit_memory_bounds_the_samples_it_holds(corpus_model, monkeypatch, caplog):
+    """Optimum's BERT: past `refit_memory` the refit uses the first samples that fit, and says so; it then equals
+    a refit given only those samples, and the live bytes it predicts per sample are the ones its runners hold."""
+    from modelsurgeon import channel_refit
+
+    path = str(corpus_model("bert/optimum"))
+    rng = np.random.default_rng(0)
+    n, seq = 24, 16
+    calib = {"input_ids": rng.integers(5, 500, (n, seq)), "attention_mask": np.ones((n, seq), np.int64),
+             "token_type_ids": np.zeros((n, seq), np.int64)}
+    held, predicted = [], []
+    advance, measure = channel_refit.SegmentRunner.advance, channel_refit.live_bytes_per_sample
+
+    def advance_and_weigh(self, stop, name):
+        out = advance(self, stop, name)
+        held.append(sum(a.nbytes for st in self.state for a in st.values()))
+        return out
+    monkeypatch.setattr(channel_refit.SegmentRunner, "advance", advance_and_weigh)
+    monkeypatch.setattr(channel_refit, "live_bytes_per_sample", lambda *a: predicted.append(measure(*a)) or predicted[-1])
+    spec = "prune(heads=0.5,ffn=0.5,multiple=1,reconstruct=true{})"
+
+    def weights(data, extra=""):
+        result = modelsurgeon.compile(path, spec.format(extra), calibration=data, progress=False, allow_degraded=True,
+                                      holdout=0)
+        return result.report.rows[1].notes, {k: v.const_value.numpy() for k, v in result.model.graph.initializers.items()}
+
+    with caplog.at_level("WARNING", logger="modelsurgeon"):
+        notes, bounded = weights(calib, ",refit_memory=0.000001")
+    assert notes["refit_samples"] == 8 and notes["layers_refit"] >= 1
+    assert "refit on the first 8 of 24 calibration samples" in notes["refit_note"] and "refit_memory" in caplog.text
+    _, first8 = weights({k: v[:8] for k, v in calib.items()})
+    assert bounded.keys() == first8.keys() and all(np.array_equal(bounded[k], first8[k]) for k in bounded)
+    held.clear()
+    notes, everything = weights(calib)
+    assert notes["refit_samples"] == 24 and "refit_note" not in notes
+    assert any(not np.array_equal(everything[k], first8[k]) for k in first8)
+    steps = len(held) // 2  # the original's runner and the pruned model's advance in turn
+    most = max(a + b for a, b in zip(held[0::2][:steps], held[1::2][:steps]))
+    assert most == pytest.approx(predicted[-1] * n, rel=0.05), (most, predicted[-1] * n)
+
+
 def test_activation_importance_follows_activations():
     """Wanda: a channel fed by an input feature that is tiny on the calibration data is unimportant, however
     large its weights. Magnitude keeps channels 0-3 (larger consumer rows); activation keeps 4-7."""
