@@ -362,7 +362,12 @@ def live_bytes_per_sample(models: tuple[ir.Model, ir.Model], stops: list[tuple[i
         if computed:
             arrays.update(ActivationCapture(model, computed).run(state))
         samples = max((len(a) for a in feeds.values() if np.ndim(a)), default=1)
-        sizes.append([sum(arrays[n].nbytes for n in names) / samples for names in live])
+        sizes.append([sum(_nbytes(arrays[n]) for n in names) / samples for names in live])
     for i in range(len(stops)):
         most = max(most, sum(s[i] for s in sizes))
     return most
+
+
+def _nbytes(value) -> int:
+    """Bytes of a value ONNX Runtime returned: an array, or a list of them (a sequence)."""
+    return sum(_nbytes(v) for v in value) if isinstance(value, list) else np.asarray(value).nbytes
