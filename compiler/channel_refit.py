@@ -1,15 +1,12 @@
 """Least-squares refit of the layers whose inputs lost channels (`prune(reconstruct=true)`).
 
 `Refitter` refits each such layer, in graph order, on the calibration data: its input in the pruned model (every
-earlier layer already refit) is mapped onto its output in the original model. `SegmentRunner` runs both models
-forward segment by segment, so each batch's live values at the current layer are all that is held; that live set
-grows with the calibration set, so the refit uses the first calibration samples whose live values fit a memory
-budget (`live_bytes_per_sample` measures a sample's share on the first batch) and says when it left any out.
+earlier layer already refit) is mapped onto its output in the original model, both models run in step by
+`modelsurgeon.segment_runner.PairedRunner` (on the first calibration samples that fit its memory budget).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -18,9 +15,7 @@ import onnx_ir as ir
 
 from modelsurgeon.analyses.channel_deps import ChannelGroups, WeightUse, constant_array, is_constant
 from modelsurgeon.channel_surgery import PrunePlan
-from modelsurgeon.stats import human_bytes
-
-log = logging.getLogger("modelsurgeon")
+from modelsurgeon.segment_runner import PairedRunner
 
 MAX_GRAM_ROWS = 8192  # rows of activations per batch and layer that enter a least-squares Gram matrix
 
@@ -128,7 +123,7 @@ class Refitter:
     earlier layer already refit, on the same calibration samples: the fit absorbs the removed channels and
     everything pruned upstream, without correcting the same error twice (fitting all layers at once on
     unrefit inputs does, and diverges on deep residual nets). Both models run once over the calibration data,
-    segment by segment (`SegmentRunner`), so the cost is about two forward passes plus the solves.
+    segment by segment (`PairedRunner`), so the cost is about two forward passes plus the solves.
     """
 
     def __init__(self, model: ir.Model, groups: ChannelGroups, plan: PrunePlan, damp: float):
@@ -175,7 +170,6 @@ class Refitter:
     def run(self, model: ir.Model, calib, ctx, memory_bytes: float) -> dict[str, Any]:
         """Refit every layer on the first calibration samples whose live activations (both models) fit
         `memory_bytes`; notes say how many samples that was."""
-        from modelsurgeon.capture import batch_size_for
         from modelsurgeon.channel_surgery import _Editor
 
         if not self.layers:
@@ -183,28 +177,12 @@ class Refitter:
         editor = _Editor(model)
         index = {node: i for i, node in enumerate(model.graph)}
         stops = [(self.original_index[u.node], index[u.node]) for u in self.layers]
-        batch_size = batch_size_for(model, 8)
-        total = calib.num_samples
-        notes: dict[str, Any] = {"refit_samples": total}
-        if total > batch_size:  # one batch is used whatever the budget: no need to measure
-            per_sample = live_bytes_per_sample((self._original, model), stops, calib)
-            fit = max(batch_size, int(memory_bytes // max(per_sample, 1)) // batch_size * batch_size)
-            if fit < total:
-                notes["refit_samples"] = fit
-                notes["refit_note"] = (f"refit on the first {fit} of {total} calibration samples: each keeps "
-                                       f"{human_bytes(round(per_sample))} of activations live in the two models, "
-                                       f"and refit_memory={memory_bytes / 2**30:g} GiB holds {fit}")
-                log.warning("prune: %s", notes["refit_note"])
-        batches = list(calib.batches(batch_size, limit=notes["refit_samples"]))
-        original = SegmentRunner(self._original, batches)
-        pruned = SegmentRunner(model, batches)
+        runner = PairedRunner(self._original, model, stops, calib, memory_bytes, who="prune")
         rng = np.random.default_rng(0)
-        for u in ctx.progress_bar(self.layers, desc="prune: refitting", total=len(self.layers)):
-            xs = original.advance(self.original_index[u.node], u.data.name)
-            xps = pruned.advance(index[u.node], u.data.name)
+        for i, u in enumerate(ctx.progress_bar(self.layers, desc="prune: refitting", total=len(self.layers))):
             a: dict[str, Any] = {}
             w_now_shape = constant_array(u.weight).shape
-            for xo, xpo in zip(xs, xps):
+            for xo, xpo in runner.advance(i, u.data.name):
                 x = _rows(u, np.asarray(xo, np.float32), self.original[u.node][0].shape)
                 xp = _rows(u, np.asarray(xpo, np.float32), w_now_shape)
                 if len(x) > MAX_GRAM_ROWS:
@@ -219,7 +197,7 @@ class Refitter:
             editor.set_constant(u.weight, w_new)
             if b_new is not None:
                 editor.set_constant(self.original[u.node][1], b_new)
-        return {"layers_refit": len(self.layers), **notes}
+        return {"layers_refit": len(self.layers), **runner.notes}
 
     def _solve(self, u: WeightUse, a: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
         w, bias_v, bias = self.original[u.node]
@@ -249,125 +227,3 @@ class Refitter:
         if out_mask is not None:
             b = b[out_mask]
         return w_out, b.reshape(arr.shape).astype(arr.dtype)
-
-
-class SegmentRunner:
-    """Runs a model's nodes in consecutive segments over fixed batches, keeping each batch's live values.
-
-    `advance(stop, name)` executes nodes [position, stop) of the graph (one ONNX Runtime session over just
-    those nodes, built when asked, so constants changed since the last call are used) and returns the value
-    `name` for every batch. Values no later node or output needs are dropped, so memory stays at the live set.
-    """
-
-    def __init__(self, model: ir.Model, batches: list[dict[str, np.ndarray]]):
-        self.model = model
-        self.nodes = list(model.graph)
-        graph_inputs = {v.name for v in model.graph.inputs}
-        self.state = [{k: v for k, v in feeds.items() if k in graph_inputs} for feeds in batches]
-        self.pos = 0
-        self.last_use: dict[str, int] = {}
-        for i, node in enumerate(self.nodes):
-            for v in _node_inputs(node):
-                self.last_use[v.name] = i
-        for v in model.graph.outputs:
-            self.last_use[v.name] = len(self.nodes)
-
-    def live_after(self, stop: int) -> set[str]:
-        """Names a batch's state holds once advanced to `stop` (besides the value asked for)."""
-        graph_inputs = {v.name for v in self.model.graph.inputs}
-        produced = graph_inputs | {v.name for n in self.nodes[:stop] for v in n.outputs if v is not None and v.name}
-        return {k for k in produced if self.last_use.get(k, -1) >= stop}
-
-    def advance(self, stop: int, name: str) -> list[np.ndarray]:
-        if stop > self.pos:
-            self._run(self.nodes[self.pos:stop], stop, name)
-            self.pos = stop
-        return [s[name] for s in self.state]
-
-    def _run(self, nodes: list[ir.Node], stop: int, want: str) -> None:
-        import onnx
-
-        from modelsurgeon.runtime.session import make_session
-
-        produced = {v.name for n in nodes for v in n.outputs if v is not None and v.name}
-        live = self.state[0]
-        inputs, inits, seen = [], [], set()
-        base_dir = None  # where initializers still read from the input's data file are
-        for n in nodes:
-            for v in _node_inputs(n):
-                if v.name in produced or v.name in seen:
-                    continue
-                seen.add(v.name)
-                if v.name in live:
-                    arr = live[v.name]
-                    inputs.append(onnx.helper.make_tensor_value_info(
-                        v.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), [None] * arr.ndim))
-                elif v.const_value is not None:
-                    inits.append(ir.serde.serialize_tensor(v.const_value))  # external data stays a reference
-                    inits[-1].name = v.name
-                    if isinstance(v.const_value, ir.ExternalTensor):
-                        base_dir = str(v.const_value.base_dir)
-                else:
-                    raise RuntimeError(f"segment input '{v.name}' is neither computed nor constant")
-        keep = [v for n in nodes for v in n.outputs if v is not None and v.name
-                and (self.last_use.get(v.name, -1) >= stop or v.name == want)]
-        outputs = [onnx.helper.make_empty_tensor_value_info(v.name) if v.dtype is None else
-                   onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in keep]
-        graph = onnx.helper.make_graph([ir.serde.serialize_node(n) for n in nodes], "segment", inputs, outputs, inits)
-        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(k, v) for k, v in
-                                                              self.model.opset_imports.items()])
-        proto.ir_version = self.model.ir_version or 8
-        for f in self.model.functions.values():
-            proto.functions.append(ir.serde.serialize_function(f))
-        session = make_session(proto, base_dir=base_dir)
-        in_names = [i.name for i in session.get_inputs()]
-        out_names = [v.name for v in keep]
-        for st in self.state:
-            results = session.run(out_names, {k: st[k] for k in in_names})
-            st.update(zip(out_names, results))
-            for k in [k for k in st if self.last_use.get(k, -1) < stop and k != want]:
-                del st[k]
-
-
-def _node_inputs(node: ir.Node):
-    """Values a node reads, including those its subgraphs capture from outside."""
-    for v in node.inputs:
-        if v is not None and v.name:
-            yield v
-    for attr in node.attributes.values():
-        graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
-        for g in graphs:
-            inner = {v.name for n in ir.traversal.RecursiveGraphIterator(g) for v in n.outputs}
-            inner |= {v.name for v in g.inputs} | set(g.initializers)
-            for n in ir.traversal.RecursiveGraphIterator(g):
-                for v in n.inputs:
-                    if v is not None and v.name and v.name not in inner:
-                        yield v
-
-
-def live_bytes_per_sample(models: tuple[ir.Model, ir.Model], stops: list[tuple[int, int]], calib) -> float:
-    """Bytes per calibration sample that two `SegmentRunner`s over `models`, advanced together through `stops`
-    (a position in each), hold at most: the live values at each stop, measured on the first batch."""
-    from modelsurgeon.capture import ActivationCapture, batch_size_for
-
-    most = 0.0
-    sizes = []
-    for k, model in enumerate(models):
-        feeds = next(calib.batches(batch_size_for(model, 1)))
-        runner = SegmentRunner(model, [feeds])
-        live = [runner.live_after(s[k]) for s in stops]
-        state = runner.state[0]
-        computed = sorted(set().union(*live) - set(state))
-        arrays = dict(state)
-        if computed:
-            arrays.update(ActivationCapture(model, computed).run(state))
-        samples = max((len(a) for a in feeds.values() if np.ndim(a)), default=1)
-        sizes.append([sum(_nbytes(arrays[n]) for n in names) / samples for names in live])
-    for i in range(len(stops)):
-        most = max(most, sum(s[i] for s in sizes))
-    return most
-
-
-def _nbytes(value) -> int:
-    """Bytes of a value ONNX Runtime returned: an array, or a list of them (a sequence)."""
-    return sum(_nbytes(v) for v in value) if isinstance(value, list) else np.asarray(value).nbytes

@@ -7,7 +7,10 @@ uses one rank everywhere. `method` = `svd` | `asvd` (activation-scaled) | `svdll
 truncation error on calibration data equals the dropped singular values). Ranks are multiples of 8 and a
 layer is factored only where that saves parameters and MACs (r (K + N) < K N). Under a `ratio` budget the
 ranks are allocated across layers by measured sensitivity (each layer's relative output error on the
-calibration data at each candidate rank), see `modelsurgeon.lowrank_math`.
+calibration data at each candidate rank), see `modelsurgeon.lowrank_math`. `reconstruct=true` then refits every
+factored layer in graph order (same ranks) on its input in the factored model, earlier layers already refit,
+against its output in the original (`refit_factors`): each layer absorbs the error upstream of it instead of
+passing it on (on the first calibration samples that fit `refit_memory`, like `prune(reconstruct=true)`).
 
 Preserved: every graph input/output name, shape and dtype; a Gemm stays two Gemms (transA, alpha, beta and
 the bias C kept, transB folded into the factors); a MatMul becomes MatMul·MatMul on the same input; factors
@@ -35,6 +38,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
+import scipy.linalg
 
 from modelsurgeon import lowrank_math as lm
 from modelsurgeon.calibration import require_finite
@@ -403,6 +407,11 @@ class LowRankPass(Pass):
         "head": Option(bool, False, "also factor the LM head (found by the blocks analysis)"),
         "only_if_smaller": Option(bool, True, "factor only where it saves parameters and MACs "
                                   "(false: factor every selected layer, e.g. to check full rank is exact)"),
+        "reconstruct": Option(bool, False, "refit each factored layer, in graph order, on its input in the "
+                              "factored model (earlier layers already refit) against its output in the original"),
+        "refit_memory": Option(float, 8.0, "reconstruct: GiB of activations the refit may hold (both models); it "
+                               "refits on the first calibration samples that fit",
+                               check=lambda v: None if v > 0 else "must be > 0"),
     }
 
     def validate(self) -> None:
@@ -411,7 +420,7 @@ class LowRankPass(Pass):
             raise UserError(f"lowrank: give one of ratio, energy or rank, not {' and '.join(given)}")
         if not given:
             self.config["ratio"] = 0.2
-        if self.config["method"] == "svdllm" or self.config["method"] == "asvd":
+        if self.config["method"] in ("svdllm", "asvd") or self.config["reconstruct"]:
             self.needs_calibration = True
         if self.config["ratio"] is not None and not self.config["only_if_smaller"]:
             raise UserError("lowrank: only_if_smaller=false goes with energy= or rank=, not with a ratio budget")
@@ -486,6 +495,9 @@ class LowRankPass(Pass):
             ranks = lm.allocate_ranks(budgets, cfg["ratio"], cfg["alloc"])
 
         namer = Namer(graph)
+        original = model.clone() if cfg["reconstruct"] else None  # the targets of the refit (shares the weights)
+        original_index = {node: i for i, node in enumerate(graph)}
+        refits: list[tuple[ConstLinear, int, list[ir.Node]]] = []
         factored, params_before, params_after, rel_errors = [], 0, 0, {}
         eligible_params = sum(lin.k * lin.n for lin in chosen)
         for lin in ctx.progress_bar(chosen, desc="lowrank: factoring", total=len(chosen)):
@@ -498,7 +510,7 @@ class LowRankPass(Pass):
             s = spectra[lin.name] if lin.name in spectra else spec(lin)
             a, b = s.factors(r)
             name = lin.name  # an unnamed node's name is its output's, which factorize renames
-            factorize(graph, lin, a, b, namer)
+            refits.append((lin, original_index[lin.node], factorize(graph, lin, a, b, namer)))
             factored.append(f"{name}: [{lin.k}x{lin.n}] -> rank {r}")
             params_before += lin.k * lin.n
             params_after += lm.factor_params(lin.k, lin.n, r)
@@ -516,7 +528,53 @@ class LowRankPass(Pass):
             errs = np.array(list(rel_errors.values()))
             notes["layer_rel_error_mean"] = float(errs.mean())
             notes["layer_rel_error_max"] = float(errs.max())
+        if original is not None and refits:
+            notes.update(refit_factors(original, model, refits, ctx, cfg["damp"], cfg["refit_memory"] * 2**30))
         return PassResult(model, bool(factored), notes=notes, skipped=skipped)
+
+
+def refit_factors(original: ir.Model, model: ir.Model, refits: list[tuple[ConstLinear, int, list[ir.Node]]], ctx,
+                  damp: float, memory_bytes: float) -> dict:
+    """Refit each factored layer's A, B (same rank), in graph order: argmin over rank-r M of ||X' M - X W||, X' its
+    input in `model` with every earlier layer refit, X its input in `original`, W its original weight.
+
+    With G = X'ᵀX' (damped) = L Lᵀ, the minimizer is M = L⁻ᵀ [L⁻¹ X'ᵀX W]_r (reduced-rank regression; the
+    truncation is an SVD). Where X' = X (nothing upstream changed) this is svdllm's factorization itself.
+    """
+    from modelsurgeon.segment_runner import PairedRunner
+
+    index = {node: i for i, node in enumerate(model.graph)}
+    refits = sorted(refits, key=lambda t: t[1])
+    stops = [(at, index[nodes[0]]) for _, at, nodes in refits]
+    runner = PairedRunner(original, model, stops, ctx.calibration, memory_bytes, who="lowrank")
+    grams: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # input name -> (X'ᵀX', X'ᵀX): q, k and v share one
+    for i, (lin, _, nodes) in enumerate(ctx.progress_bar(refits, desc="lowrank: refitting", total=len(refits))):
+        name = nodes[0].inputs[0].name  # the layer's input (`lin.node` is gone), named alike in both models
+        if name not in grams:
+            g = c = 0.0
+            for x, xp in runner.advance(i, name):
+                x, xp = (_rows_of(np.asarray(v, np.float32), lin.trans_a) for v in (x, xp))
+                g = g + (xp.T @ xp).astype(np.float64)
+                c = c + (xp.T @ x).astype(np.float64)
+            grams = {name: (require_finite(g, name, "lowrank"), c)}
+        else:
+            runner.advance(i, name)
+        g, c = grams[name]
+        a_value, b_value = nodes[0].inputs[1], nodes[1].inputs[1]
+        rank = a_value.const_value.shape[1]
+        chol = lm.cholesky_whitener(g, damp)
+        us, sv, vt = lm.thin_svd(scipy.linalg.solve_triangular(chol, c @ lin.w, lower=True))
+        root = np.sqrt(sv[:rank])
+        a = scipy.linalg.solve_triangular(chol.T, us[:, :rank] / np.where(root > 0, root, 1.0), lower=False)
+        a_value.const_value = ir.tensor(np.ascontiguousarray(a.astype(lin.dtype)), name=a_value.name)
+        b_value.const_value = ir.tensor(np.ascontiguousarray((root[:, None] * vt[:rank]).astype(lin.dtype)),
+                                        name=b_value.name)
+    return {"layers_refit": len(refits), **runner.notes}
+
+
+def _rows_of(x: np.ndarray, trans_a: bool) -> np.ndarray:
+    """A layer input as [rows, K] (Gemm transA: x is [K, rows])."""
+    return x.T if trans_a else x.reshape(-1, x.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -393,7 +393,7 @@ def test_reconstruct_reduces_error(reference_onnx, kind, spec):
 def test_refit_memory_bounds_the_samples_it_holds(corpus_model, monkeypatch, caplog):
     """Optimum's BERT: past `refit_memory` the refit uses the first samples that fit, and says so; it then equals
     a refit given only those samples, and the live bytes it predicts per sample are the ones its runners hold."""
-    from modelsurgeon import channel_refit
+    from modelsurgeon import segment_runner
 
     path = str(corpus_model("bert/optimum"))
     rng = np.random.default_rng(0)
@@ -401,14 +401,14 @@ def test_refit_memory_bounds_the_samples_it_holds(corpus_model, monkeypatch, cap
     calib = {"input_ids": rng.integers(5, 500, (n, seq)), "attention_mask": np.ones((n, seq), np.int64),
              "token_type_ids": np.zeros((n, seq), np.int64)}
     held, predicted = [], []
-    advance, measure = channel_refit.SegmentRunner.advance, channel_refit.live_bytes_per_sample
+    advance, measure = segment_runner.SegmentRunner.advance, segment_runner.live_bytes_per_sample
 
     def advance_and_weigh(self, stop, name):
         out = advance(self, stop, name)
         held.append(sum(a.nbytes for st in self.state for a in st.values()))
         return out
-    monkeypatch.setattr(channel_refit.SegmentRunner, "advance", advance_and_weigh)
-    monkeypatch.setattr(channel_refit, "live_bytes_per_sample", lambda *a: predicted.append(measure(*a)) or predicted[-1])
+    monkeypatch.setattr(segment_runner.SegmentRunner, "advance", advance_and_weigh)
+    monkeypatch.setattr(segment_runner, "live_bytes_per_sample", lambda *a: predicted.append(measure(*a)) or predicted[-1])
     spec = "prune(heads=0.5,ffn=0.5,multiple=1,reconstruct=true{})"
 
     def weights(data, extra=""):
