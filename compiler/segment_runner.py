@@ -51,11 +51,10 @@ class PairedRunner:
         self.original = SegmentRunner(original, batches)
         self.rewritten = SegmentRunner(rewritten, batches)
 
-    def advance(self, i: int, name: str, rewritten_name: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(original, rewritten) arrays of `name` (`rewritten_name` in the rewritten model) at stop i, per batch."""
+    def advance(self, i: int, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(original, rewritten) arrays of the value `name` (named alike in both models) at stop i, per batch."""
         at_original, at_rewritten = self.stops[i]
-        return list(zip(self.original.advance(at_original, name),
-                        self.rewritten.advance(at_rewritten, rewritten_name or name)))
+        return list(zip(self.original.advance(at_original, name), self.rewritten.advance(at_rewritten, name)))
 
 
 class SegmentRunner:
