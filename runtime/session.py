@@ -102,18 +102,21 @@ def provider_list(providers: Sequence[Any] | None) -> list[Any]:
 def make_session(model, providers: Sequence[str] | None = None,
                  threads: int | None = None, accuracy_level: int | None = None, optimization: str = "all",
                  custom_ops: bool = True, base_dir: str | None = None, prepack: bool | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, arena: bool = True):
     """An `onnxruntime.InferenceSession` for an IR model, a DetachedModel, an onnx.ModelProto, a path or bytes.
 
     Weights are never copied to a temporary file: an IR model's large initializers go to ONNX Runtime as
     arrays in place (runtime/detached_weights.py), and a ModelProto's external data is read from `base_dir`.
     `prepack=False` keeps ONNX Runtime from prepacking MatMul weights (a second copy of each, worth it only for
     sessions that run many times); None prepacks up to PREPACK_LIMIT bytes of weights. `profile_prefix` turns on
-    ONNX Runtime's profiling (the trace file is the session's `end_profiling()`)."""
+    ONNX Runtime's profiling (the trace file is the session's `end_profiling()`). `arena=False` allocates outputs
+    without ONNX Runtime's CPU arena, which grows in powers of two and stays as long as any output it allocated: for
+    sessions whose outputs are kept in bulk (about twice their bytes with the arena)."""
     import onnx
     import onnxruntime as ort
 
     so = session_options(threads, accuracy_level, optimization)
+    so.enable_cpu_mem_arena = arena
     if custom_ops:
         _register_custom_ops(so)
     if profile_prefix:
