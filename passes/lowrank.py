@@ -191,7 +191,7 @@ def input_statistics(model: ir.Model, ctx, linears: Iterable[ConstLinear], desc:
         for name, trans_a in by_name.items():
             x = feeds[name] if name in graph_inputs else outs[name]
             x = np.asarray(x, np.float32)
-            x = x.T if trans_a else x.reshape(-1, x.shape[-1])
+            x = _rows_of(x, trans_a)
             if name not in acc:
                 acc[name] = [np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0]
             a = acc[name]
