@@ -38,7 +38,6 @@ from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
-import scipy.linalg
 
 from modelsurgeon import lowrank_math as lm
 from modelsurgeon.calibration import require_finite
@@ -541,6 +540,8 @@ def refit_factors(original: ir.Model, model: ir.Model, refits: list[tuple[ConstL
     With G = X'ᵀX' (damped) = L Lᵀ, the minimizer is M = L⁻ᵀ [L⁻¹ X'ᵀX W]_r (reduced-rank regression; the
     truncation is an SVD). Where X' = X (nothing upstream changed) this is svdllm's factorization itself.
     """
+    import scipy.linalg
+
     from modelsurgeon.segment_runner import PairedRunner
 
     index = {node: i for i, node in enumerate(model.graph)}
