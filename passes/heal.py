@@ -457,15 +457,26 @@ class _TargetCache:
     `budget`. Float16 keeps logits to about 3 significant digits, far below what the KL between the two models
     measures, and halves their bytes, so SmolLM2's 64 windows of 128 tokens fit (805 MB). Past the budget, the
     outputs named in `top` (logits) are kept as their `TopLogits` (`top_k` entries per token: 2 KB at K=256 against
-    98 KB for SmolLM2's 49152 logits in float16) while those fit, and a batch that fits neither way is recomputed
-    each time it is asked for (1.4 s of ONNX Runtime per 1024 tokens of SmolLM2, a fifth of a 6.5-s e2e step on
-    docs/heal.md's Xeon). The batches asked for first (heal's held-out ones) keep their full logits."""
+    98 KB for SmolLM2's 49152 logits in float16), and a batch that fits neither way is recomputed each time it is
+    asked for (1.4 s of ONNX Runtime per 1024 tokens of SmolLM2, a fifth of a 6.5-s e2e step on docs/heal.md's
+    Xeon). A batch keeps its full logits only where the budget still holds the batches not yet seen as their
+    `TopLogits` (each estimated at this batch's size), so full logits never crowd out the top entries of the
+    batches read at every step: the batches asked for first (heal's held-out ones) keep their full logits, and
+    SmolLM2's 128 windows of 512 tokens all stay kept (8 held-out batches in full, 56 as their top entries: 917 MB)
+    where keeping full logits first-come left 46 of them to recompute at every step."""
 
     def __init__(self, original, batches: list[dict[str, np.ndarray]], budget: int, top: tuple[str, ...] = (),
                  top_k: int = 256):
         self.original, self.batches, self.left = original, batches, budget
         self.top, self.top_k = set(top), top_k
         self.kept: dict[int, dict] = {}
+        self.seen: set[int] = set()  # batches computed at least once
+
+    def _top_nbytes(self, logits: np.ndarray) -> int:
+        """Bytes of `TopLogits.of(logits, top_k)`: per token, K int32 indices and float32 log-probabilities, and one
+        float32 for the rest's mass."""
+        tokens = logits.size // max(logits.shape[-1], 1)
+        return tokens * (min(self.top_k, logits.shape[-1]) * 8 + 4)
 
     def get(self, b: int) -> dict:
         import torch
@@ -474,12 +485,16 @@ class _TargetCache:
 
         if b not in self.kept:
             out = self.original.run(self.batches[b])
+            self.seen.add(b)
             small = {k: np.ascontiguousarray(v.astype(np.float16)) if v.dtype == np.float32 else v
                      for k, v in out.items()}
             size = sum(v.nbytes for v in small.values())
-            if size > self.left and self.top & set(out):
-                small = {k: TopLogits.of(out[k], self.top_k) if k in self.top else v for k, v in small.items()}
-                size = sum(v.nbytes for v in small.values())
+            if self.top & set(out):
+                top_size = sum(self._top_nbytes(v) if k in self.top else v.nbytes for k, v in small.items())
+                unseen = len(self.batches) - len(self.seen)
+                if size + unseen * top_size > self.left:
+                    small = {k: TopLogits.of(out[k], self.top_k) if k in self.top else v for k, v in small.items()}
+                    size = top_size
             if size > self.left:
                 return {k: to_torch(v) for k, v in out.items()}
             self.left -= size
