@@ -221,7 +221,8 @@ def table(doc: dict) -> str:
         elif "top1_agreement" in r["one_shot"]:
             q0, q1 = (f"top-1 {q['top1_agreement']:.2f}, cosine {q['cosine_mean']:.3f}" for q in (r["one_shot"], r["healed"]))
         else:
-            q0, q1 = f"cosine {r['one_shot']['cosine_mean']:.3f}", f"cosine {r['healed']['cosine_mean']:.3f}"
+            # 4 digits, as measured: the targets are 0.95 and 0.97, and 0.9699 must not read as 0.970
+            q0, q1 = f"cosine {r['one_shot']['cosine_mean']:.4f}", f"cosine {r['healed']['cosine_mean']:.4f}"
         mixed = f", {r['calib_mix']:.0%} mixed" if r.get("calib_mix") else ""
         mixed += f" x {r['calib_seq_len']} tokens" if r.get("calib_seq_len") else ""
         mixed += f" (passes: the first {r['pass_samples']})" if r.get("pass_samples") else ""

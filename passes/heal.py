@@ -458,8 +458,8 @@ class _TargetCache:
     measures, and halves their bytes, so SmolLM2's 64 windows of 128 tokens fit (805 MB). Past the budget, the
     outputs named in `top` (logits) are kept as their `TopLogits` (`top_k` entries per token: 2 KB at K=256 against
     98 KB for SmolLM2's 49152 logits in float16), and a batch that fits neither way is recomputed each time it is
-    asked for (1.4 s of ONNX Runtime per 1024 tokens of SmolLM2, a fifth of a 6.5-s e2e step on docs/heal.md's
-    Xeon). A batch keeps its full logits only where the budget still holds the batches not yet seen as their
+    asked for (2.9 s of ONNX Runtime for SmolLM2's 2 x 512 tokens on docs/heal.md's Xeon, against 6-8 s for the
+    e2e step itself). A batch keeps its full logits only where the budget still holds the batches not yet seen as their
     `TopLogits` (each estimated at this batch's size), so full logits never crowd out the top entries of the
     batches read at every step: the batches asked for first (heal's held-out ones) keep their full logits, and
     SmolLM2's 128 windows of 512 tokens all stay kept (8 held-out batches in full, 56 as their top entries: 917 MB)
