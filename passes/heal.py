@@ -328,6 +328,13 @@ class TopLogits:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.index, self.logq, self.log_rest))
 
+    @staticmethod
+    def nbytes_of(logits: np.ndarray, k: int) -> int:
+        """`TopLogits.of(logits, k).nbytes` without computing it: per token, K int32 indices and float32
+        log-probabilities, and one float32 for the rest's mass."""
+        tokens = logits.size // max(logits.shape[-1], 1)
+        return tokens * (min(k, logits.shape[-1]) * 8 + 4)
+
     def for_loss(self) -> "TopLogits":
         import torch
 
@@ -458,12 +465,13 @@ class _TargetCache:
     measures, and halves their bytes, so SmolLM2's 64 windows of 128 tokens fit (805 MB). Past the budget, the
     outputs named in `top` (logits) are kept as their `TopLogits` (`top_k` entries per token: 2 KB at K=256 against
     98 KB for SmolLM2's 49152 logits in float16), and a batch that fits neither way is recomputed each time it is
-    asked for (2.9 s of ONNX Runtime for SmolLM2's 2 x 512 tokens on docs/heal.md's Xeon, against 6-8 s for the
-    e2e step itself). A batch keeps its full logits only where the budget still holds the batches not yet seen as their
-    `TopLogits` (each estimated at this batch's size), so full logits never crowd out the top entries of the
+    asked for (2.9 s of ONNX Runtime for SmolLM2's 2 x 512 tokens on docs/heal.md's Xeon, against 7-9 s for the
+    e2e step itself). A batch keeps its full logits only where the budget still holds the batches not yet seen as
+    their `TopLogits` (each estimated at this batch's size), so full logits never crowd out the top entries of the
     batches read at every step: the batches asked for first (heal's held-out ones) keep their full logits, and
-    SmolLM2's 128 windows of 512 tokens all stay kept (8 held-out batches in full, 56 as their top entries: 917 MB)
-    where keeping full logits first-come left 46 of them to recompute at every step."""
+    SmolLM2's 128 windows of 512 tokens all stay kept (9 batches in full, the 8 held-out ones among them, and 55 as
+    their top entries: 1022 MB) where keeping full logits first come left 23 of its 56 training batches to
+    recompute whenever a step read them."""
 
     def __init__(self, original, batches: list[dict[str, np.ndarray]], budget: int, top: tuple[str, ...] = (),
                  top_k: int = 256):
@@ -471,12 +479,6 @@ class _TargetCache:
         self.top, self.top_k = set(top), top_k
         self.kept: dict[int, dict] = {}
         self.seen: set[int] = set()  # batches computed at least once
-
-    def _top_nbytes(self, logits: np.ndarray) -> int:
-        """Bytes of `TopLogits.of(logits, top_k)`: per token, K int32 indices and float32 log-probabilities, and one
-        float32 for the rest's mass."""
-        tokens = logits.size // max(logits.shape[-1], 1)
-        return tokens * (min(self.top_k, logits.shape[-1]) * 8 + 4)
 
     def get(self, b: int) -> dict:
         import torch
@@ -490,7 +492,8 @@ class _TargetCache:
                      for k, v in out.items()}
             size = sum(v.nbytes for v in small.values())
             if self.top & set(out):
-                top_size = sum(self._top_nbytes(v) if k in self.top else v.nbytes for k, v in small.items())
+                top_size = sum(TopLogits.nbytes_of(v, self.top_k) if k in self.top else v.nbytes
+                               for k, v in small.items())
                 unseen = len(self.batches) - len(self.seen)
                 if size + unseen * top_size > self.left:
                     small = {k: TopLogits.of(out[k], self.top_k) if k in self.top else v for k, v in small.items()}

@@ -451,6 +451,7 @@ def test_e2e_targets_past_the_budget_are_kept_as_their_top_logits():
     for b in (0, 1, 2, 0, 1, 2):
         cache.get(b)
     assert Original.calls == 3 and cache.left == 0
+    assert TopLogits.nbytes_of(batches[1]["x"], 8) == cache.kept[1]["logits"].nbytes == top - 2 * 4 * 2
     assert torch.is_tensor(cache.get(0)["logits"])
     assert all(isinstance(cache.get(b)["logits"], TopLogits) for b in (1, 2))
     assert cache.get(1)["logits"].index.dtype == torch.int64
