@@ -37,6 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ = 128
 EVAL_PLAY = "Macbeth"
+EVAL_WINDOWS = 16  # SmolLM2: perplexity on the first 16 windows of Macbeth unless --eval-samples says otherwise
 HEAL_TAIL_S = 30  # heal's time past its own budget: the last held-out check and storing the weights (SmolLM2)
 CONFIGS = {
     "drop6": ("smollm2", "drop-blocks(n=6)"),
@@ -78,13 +79,21 @@ def setup(name: str, args, work: pathlib.Path):
         calibration = cal.from_token_ids(modelsurgeon.load(dense), ids, source="shakespeare")
         eval_file = work / "eval.txt"
         eval_file.write_text(texts[EVAL_PLAY])
+        windows = len(cal.tokenize_text(texts[EVAL_PLAY], tokenizer, args.eval_samples, SEQ, warn=False))
+        args.eval_set = f"{windows} x {SEQ} tokens of {EVAL_PLAY}" if windows != EVAL_WINDOWS else None
         note = (f"SmolLM2: calibration {len(ids)} x {args.seq_len} tokens spread over {len(calib_texts)} Shakespeare "
-                f"texts, perplexity on {args.eval_samples} x {SEQ} tokens of {EVAL_PLAY} (never calibrated on)")
+                f"texts, perplexity on the first {EVAL_WINDOWS} x {SEQ} tokens of {EVAL_PLAY} (never calibrated on) "
+                f"unless the row's `eval_set` says more; such rows also give `perplexity_first{EVAL_WINDOWS}`")
+
+        def perplexity(model, n):
+            return round(evaluate(model, None, task="lm", data=str(eval_file), tokenizer=str(tok), num_samples=n,
+                                  seq_len=SEQ, batch_size=4).metrics["perplexity"], 3)
 
         def quality(model):
-            m = evaluate(model, None, task="lm", data=str(eval_file), tokenizer=str(tok),
-                         num_samples=args.eval_samples, seq_len=SEQ, batch_size=4).metrics
-            return {"perplexity": round(m["perplexity"], 3)}
+            q = {"perplexity": perplexity(model, windows)}
+            if windows != EVAL_WINDOWS:  # the rows measured on the first 16 windows stay comparable
+                q[f"perplexity_first{EVAL_WINDOWS}"] = perplexity(model, EVAL_WINDOWS)
+            return q
         return dense, calibration, quality, note
     if name == "effnet":
         return setup_effnet(args)
@@ -266,7 +275,9 @@ def main(argv=None) -> int:
                          "holds every sample's activations, up to its refit_memory)")
     ap.add_argument("--seq-len", type=int, default=SEQ,
                     help="tokens per SmolLM2 calibration window (perplexity is always measured on windows of %d)" % SEQ)
-    ap.add_argument("--eval-samples", type=int, default=16)
+    ap.add_argument("--eval-samples", type=int, default=EVAL_WINDOWS,
+                    help="SmolLM2: windows of %d tokens of %s to measure perplexity on (more than the play holds: all "
+                         "of it); MiniLM: sentences / 16" % (SEQ, EVAL_PLAY))
     ap.add_argument("--mix", type=float, default=0.0,
                     help="EfficientNet: the fraction of calibration crops mixed with another (mixup/CutMix)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "heal.json"))
@@ -332,6 +343,8 @@ def main(argv=None) -> int:
                     row["pass_samples"] = args.pass_samples
                 if name == "minilm":
                     row["eval_set"] = f"first {args.eval_samples * 16} sentences"
+                elif getattr(args, "eval_set", None):
+                    row["eval_set"] = args.eval_set
                 if "perplexity" in base:
                     row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
                     row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)

@@ -94,6 +94,21 @@ def _machine(machine: Any) -> str:
     return str(machine) if machine else "not recorded"
 
 
+def _written(path: pathlib.Path) -> datetime.datetime:
+    """When the results file was written: its last commit's time where the file is committed as it is (a fresh
+    clone gives every file the clone's time), else the file's own modification time."""
+    seconds = path.stat().st_mtime
+    try:
+        git = ["git", "-C", str(path.parent)]
+        if subprocess.run(git + ["diff", "--quiet", "HEAD", "--", path.name], capture_output=True).returncode == 0:
+            committed = subprocess.run(git + ["log", "-1", "--format=%ct", "--", path.name], capture_output=True,
+                                       text=True).stdout.strip()
+            seconds = int(committed) if committed else seconds
+    except OSError:  # no git
+        pass
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+
+
 def section(path: pathlib.Path) -> tuple[str, str | None]:
     """(markdown, problem): one results file as a section, or why it could not be read."""
     try:
@@ -110,8 +125,7 @@ def section(path: pathlib.Path) -> tuple[str, str | None]:
         out += [f"Details: [{doc.name}]({doc.name}).", ""]
     out += [f"- command: `{data['command']}`" if data.get("command") else "- command: not recorded",
             f"- machine: {_machine(data.get('machine'))}"]
-    modified = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
-    out += [f"- written: {modified:%Y-%m-%d %H:%M} UTC", ""]
+    out += [f"- written: {_written(path):%Y-%m-%d %H:%M} UTC", ""]
     out.append(markdown_table(rows) if rows else "(no rows)")
     png = path.with_suffix(".png")
     if png.exists():
