@@ -60,7 +60,8 @@ CONFIGS = {
 
 
 def setup(name: str, args, work: pathlib.Path):
-    """(dense path, calibration data, quality function, a note)."""
+    """(dense path, calibration data, quality function, a note, the evaluation set a row names, or None for the
+    default one)."""
     import modelsurgeon
     from modelsurgeon import calibration as cal
     from modelsurgeon.calibration import CalibrationData
@@ -80,7 +81,7 @@ def setup(name: str, args, work: pathlib.Path):
         eval_file = work / "eval.txt"
         eval_file.write_text(texts[EVAL_PLAY])
         windows = len(cal.tokenize_text(texts[EVAL_PLAY], tokenizer, args.eval_samples, SEQ, warn=False))
-        args.eval_set = f"{windows} x {SEQ} tokens of {EVAL_PLAY}" if windows != EVAL_WINDOWS else None
+        eval_set = f"{windows} x {SEQ} tokens of {EVAL_PLAY}" if windows != EVAL_WINDOWS else None
         note = (f"SmolLM2: calibration {len(ids)} x {args.seq_len} tokens spread over {len(calib_texts)} Shakespeare "
                 f"texts, perplexity on the first {EVAL_WINDOWS} x {SEQ} tokens of {EVAL_PLAY} (never calibrated on) "
                 f"unless the row's `eval_set` says more; such rows also give `perplexity_first{EVAL_WINDOWS}`")
@@ -94,7 +95,7 @@ def setup(name: str, args, work: pathlib.Path):
             if windows != EVAL_WINDOWS:  # the rows measured on the first 16 windows stay comparable
                 q[f"perplexity_first{EVAL_WINDOWS}"] = perplexity(model, EVAL_WINDOWS)
             return q
-        return dense, calibration, quality, note
+        return dense, calibration, quality, note, eval_set
     if name == "effnet":
         return setup_effnet(args)
     dense, tok = pathlib.Path(real.minilm_onnx()), pathlib.Path(real.minilm_tokenizer())
@@ -111,7 +112,7 @@ def setup(name: str, args, work: pathlib.Path):
         m = evaluate(model, str(dense), task="embedding", data=str(eval_file), tokenizer=str(tok),
                      num_samples=n_eval, seq_len=SEQ, batch_size=16).metrics
         return {"cosine_mean": round(m["cosine_mean"], 4), "cosine_min": round(m["cosine_min"], 4)}
-    return dense, calibration, quality, note
+    return dense, calibration, quality, note, f"first {n_eval} sentences"
 
 
 EFFNET_HELD_OUT = ("coffee", "rocket", "clock", "grace_hopper.jpg")  # photos no pass sees (a stereo pair stays together)
@@ -194,7 +195,7 @@ def setup_effnet(args):
         cos = np.sum(out * ref, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
         return {"top1_agreement": round(float(np.mean(out.argmax(1) == ref.argmax(1))), 3),
                 "cosine_mean": round(float(np.mean(cos)), 4)}
-    return dense, calibration, quality, note
+    return dense, calibration, quality, note, None
 
 
 def run_pipeline(model, ctx, passes: str):
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
         by_model.setdefault(CONFIGS[c][0], []).append(c)
     with tempfile.TemporaryDirectory() as tmp:
         for name, configs in by_model.items():
-            dense, calibration, quality, note = setup(name, args, pathlib.Path(tmp))
+            dense, calibration, quality, note, eval_set = setup(name, args, pathlib.Path(tmp))
             if note not in doc["notes"]:
                 doc["notes"].append(note)
             base = quality(modelsurgeon.load(dense))
@@ -341,10 +342,8 @@ def main(argv=None) -> int:
                     row["calib_mix"] = args.mix
                 if args.pass_samples:
                     row["pass_samples"] = args.pass_samples
-                if name == "minilm":
-                    row["eval_set"] = f"first {args.eval_samples * 16} sentences"
-                elif getattr(args, "eval_set", None):
-                    row["eval_set"] = args.eval_set
+                if eval_set:
+                    row["eval_set"] = eval_set
                 if "perplexity" in base:
                     row["one_shot_ratio"] = round(q0["perplexity"] / base["perplexity"], 3)
                     row["healed_ratio"] = round(q1["perplexity"] / base["perplexity"], 3)
