@@ -188,8 +188,9 @@ class Refitter:
                 if len(x) > MAX_GRAM_ROWS:
                     pick = rng.choice(len(x), MAX_GRAM_ROWS, replace=False)
                     x, xp = x[pick], xp[pick]
-                a["g"] = a.get("g", 0) + (xp.T @ xp).astype(np.float64)
-                a["c"] = a.get("c", 0) + (xp.T @ x).astype(np.float64)
+                x, xp = x.astype(np.float64), xp.astype(np.float64)  # float32 sums are too coarse for the solve
+                a["g"] = a.get("g", 0) + xp.T @ xp
+                a["c"] = a.get("c", 0) + xp.T @ x
                 a["sp"] = a.get("sp", 0) + xp.sum(axis=0, dtype=np.float64)
                 a["s"] = a.get("s", 0) + x.sum(axis=0, dtype=np.float64)
                 a["n"] = a.get("n", 0) + len(x)

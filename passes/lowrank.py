@@ -554,9 +554,11 @@ def refit_factors(original: ir.Model, model: ir.Model, refits: list[tuple[ConstL
         if name not in grams:
             g = c = 0.0
             for x, xp in runner.advance(i, name):
-                x, xp = (_rows_of(np.asarray(v, np.float32), lin.trans_a) for v in (x, xp))
-                g = g + (xp.T @ xp).astype(np.float64)
-                c = c + (xp.T @ x).astype(np.float64)
+                # float64 products: at full rank the solve inverts G, and float32 sums put ~1e-7·‖G‖ of noise
+                # into the directions the samples barely span (gpt2's full-rank refit: 1.3e-4 with float32 sums, 3e-7)
+                x, xp = (_rows_of(np.asarray(v, np.float64), lin.trans_a) for v in (x, xp))
+                g = g + xp.T @ xp
+                c = c + xp.T @ x
             grams = {name: (require_finite(g, name, "lowrank"), c)}
         else:
             runner.advance(i, name)

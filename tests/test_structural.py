@@ -213,7 +213,7 @@ def test_lowrank_reconstruct_refits_on_the_factored_model(corpus_model, name):
     assert notes["layers_refit"] == notes["layers_factored"] >= 4 and notes["refit_samples"] == 16
     assert refit < 0.9 * one_shot, (refit, one_shot)
     full, notes = compiled("lowrank(energy=1.0,only_if_smaller=false,method=svd,reconstruct=true,damp=0)")
-    assert full < 1e-4 and notes["layers_refit"] >= 4
+    assert full < 1e-5 and notes["layers_refit"] >= 4  # 1e-7 to 3e-7 with float64 Gram sums, 1.3e-4 with float32
     _, notes = compiled("lowrank(rank=16,reconstruct=true,refit_memory=0.000001)")
     assert notes["refit_samples"] == 8 and "refit on the first 8 of 16" in notes["refit_note"]
 
