@@ -161,6 +161,67 @@ def random_crops(photos: list[str], n: int, seed: int = 0, mix: float = 0.0) -> 
     return np.stack(out).astype(np.float32)
 
 
+def _agreement(views: np.ndarray, ref: np.ndarray, model, parts: dict[str, slice] | None = None) -> dict:
+    """Top-1 agreement and mean logit cosine of `model` with the dense logits `ref` on `views` (and the top-1
+    agreement on each named part of them)."""
+    from modelsurgeon.runtime.session import make_session
+
+    out = make_session(model).run(None, {"pixels": views})[0]
+    cos = np.sum(out * ref, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+    same = out.argmax(1) == ref.argmax(1)
+    q = {"top1_agreement": round(float(np.mean(same)), 3), "cosine_mean": round(float(np.mean(cos)), 4)}
+    for name, part in (parts or {}).items():
+        q[f"top1_agreement_{name}"] = round(float(np.mean(same[part])), 3)
+    return q
+
+
+EFFNET_EVAL_PLACEMENTS = 3  # --scenes: each held-out object is on top in this many of the scored scenes
+EFFNET_SCENE_OBJECTS = 3  # --scenes: 1 to this many objects in a scene (from the same split)
+
+
+def setup_effnet_scenes(args, dense: pathlib.Path):
+    """EfficientNet-Lite0 on scenes (`models.scenes`: 1 to 3 object photos pasted onto a photo). Every 5th object
+    (in the package's order) and the 4 held-out photos are kept for scoring: the model is scored on 3 scenes with each
+    held-out object on top (others of them under it) on those photos, and on the photos' 20 standard views.
+    Calibration pastes the other objects onto the other photos; with --holdout, heal's held-out samples are scenes
+    of objects and photos of their own (every 10th object after the scored ones, and EFFNET_SELECTION)."""
+    from modelsurgeon.calibration import CalibrationData
+    from modelsurgeon.models import data, scenes
+    from modelsurgeon.runtime.session import make_session
+
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["inception"])
+    objects = list(scenes.scene_objects())
+    scored = objects[0::5]
+    selection = objects[1::10] if args.holdout else []
+    fit = [o for o in objects if o not in scored and o not in selection]
+    photos = [p for p in data._available_photos() if p not in EFFNET_HELD_OUT]
+    fit_photos = [p for p in photos if not args.holdout or p not in EFFNET_SELECTION]
+    pixels = scenes.scenes(fit, [data._load_photo(p) for p in fit_photos], args.calib_samples, seed=0,
+                           max_objects=EFFNET_SCENE_OBJECTS)
+    if args.holdout:
+        k = max(2, int(round(1 / args.holdout)))
+        held = np.arange(args.calib_samples) % k == k - 1
+        pixels[held] = scenes.scenes(selection, [data._load_photo(p) for p in EFFNET_SELECTION], int(held.sum()),
+                                     seed=1, max_objects=EFFNET_SCENE_OBJECTS)
+    calibration = CalibrationData({"pixels": ((pixels - mean) / std).astype(np.float32)}, "scenes")
+    held_out = scenes.scenes(scored, [data._load_photo(p) for p in EFFNET_HELD_OUT],
+                             EFFNET_EVAL_PLACEMENTS * len(scored), seed=2, max_objects=EFFNET_SCENE_OBJECTS)
+    photo_views = np.stack([data._photo_sample(f"{p}/{v[0]}") for p in EFFNET_HELD_OUT for v in data._VARIANTS])
+    views = ((np.concatenate([held_out, photo_views]) - mean) / std).astype(np.float32)
+    parts = {"scenes": slice(0, len(held_out)), "photos": slice(len(held_out), None)}
+    ref = make_session(dense).run(None, {"pixels": views})[0]
+    selection_note = (f" (heal's held-out samples: {len(selection)} objects of their own on "
+                      f"{' and '.join(EFFNET_SELECTION)})") if args.holdout else ""
+    note = (f"EfficientNet-Lite0 on scenes (models.scenes: photos of single objects from Debian's "
+            f"{scenes.STAMPS_PACKAGE}, pasted onto photos): calibration {args.calib_samples} scenes of {len(fit)} "
+            f"objects on {len(fit_photos)} photos{selection_note}; top-1 agreement and logit cosine with the dense "
+            f"model on {len(held_out)} scenes of {len(scored)} other objects on {len(EFFNET_HELD_OUT)} other photos "
+            f"({', '.join(EFFNET_HELD_OUT)}) and on {len(photo_views)} views of those photos alone")
+    eval_set = (f"{len(held_out)} scenes of {len(scored)} held-out objects on {len(EFFNET_HELD_OUT)} held-out photos "
+                f"+ {len(photo_views)} views of those photos")
+    return dense, calibration, (lambda model: _agreement(views, ref, model, parts)), note, eval_set
+
+
 def setup_effnet(args):
     """EfficientNet-Lite0: calibration on random crops of 14 photos, top-1 agreement with the dense model's logits
     on the five standard views (`data.photos`' variants) of 4 other photos."""
@@ -169,6 +230,8 @@ def setup_effnet(args):
     from modelsurgeon.runtime.session import make_session
 
     dense = pathlib.Path(real.efficientnet_lite0_onnx())
+    if args.scenes:
+        return setup_effnet_scenes(args, dense)
     train = [p for p in data._available_photos() if p not in EFFNET_HELD_OUT]
     pixels = random_crops(train, args.calib_samples, mix=args.mix)
     if args.holdout:
@@ -190,12 +253,7 @@ def setup_effnet(args):
             f"agreement and logit cosine with the dense model on {len(views)} views of {len(EFFNET_HELD_OUT)} other "
             f"photos ({', '.join(EFFNET_HELD_OUT)})")
 
-    def quality(model):
-        out = make_session(model).run(None, {"pixels": views})[0]
-        cos = np.sum(out * ref, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
-        return {"top1_agreement": round(float(np.mean(out.argmax(1) == ref.argmax(1))), 3),
-                "cosine_mean": round(float(np.mean(cos)), 4)}
-    return dense, calibration, quality, note, None
+    return dense, calibration, (lambda model: _agreement(views, ref, model)), note, None
 
 
 def run_pipeline(model, ctx, passes: str):
@@ -281,11 +339,15 @@ def main(argv=None) -> int:
                          "of it); MiniLM: sentences / 16" % (SEQ, EVAL_PLAY))
     ap.add_argument("--mix", type=float, default=0.0,
                     help="EfficientNet: the fraction of calibration crops mixed with another (mixup/CutMix)")
+    ap.add_argument("--scenes", action="store_true",
+                    help="EfficientNet: calibrate and score on scenes (object photos pasted onto photos, "
+                         "models.scenes) instead of crops of 14 photos")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "heal.json"))
     ap.add_argument("--no-table", dest="table", action="store_false", help="leave docs/heal.md alone")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import modelsurgeon
+    from modelsurgeon.calibration import CalibrationData
     from modelsurgeon.context import PassContext
     from modelsurgeon.runtime.benchmark import machine_info
 
@@ -301,6 +363,8 @@ def main(argv=None) -> int:
             spec += (f",heal(steps={args.then_e2e},lr={args.e2e_lr or args.lr},mode=e2e,train=all,batch={args.batch}"
                      f"{both})")
         return spec
+    if args.scenes and args.mix:
+        ap.error("--mix blends crops of the photos; --scenes calibrates on scenes instead: leave one out")
     if args.compile_seconds and (args.then_e2e or args.seconds):
         ap.error("--compile-seconds budgets one heal and sets its seconds; leave out --then-e2e and --seconds")
     by_model: dict[str, list[str]] = {}
@@ -319,6 +383,10 @@ def main(argv=None) -> int:
                 passes = CONFIGS[c][1]
                 model = modelsurgeon.load(dense)
                 seen = calibration.split(args.pass_samples)[0] if args.pass_samples else calibration
+                if args.scenes and args.holdout:  # a pass that fits its samples (reconstruct) must not see heal's
+                    k = max(2, int(round(1 / args.holdout)))  # held-out ones: heal would keep what fit them best
+                    fit = np.arange(seen.num_samples) % k != k - 1
+                    seen = CalibrationData(seen.rows(fit), seen.source)
                 ctx = PassContext(model=model, calibration=seen, progress=sys.stderr.isatty())
                 t0 = time.perf_counter()
                 model, _ = run_pipeline(model, ctx, passes)

