@@ -15,8 +15,9 @@ heal's notes. Rows are merged into the JSON by (model, config), so configuration
 
 Configurations: drop6, lowrank20, share2, share2-corr32, slice30, prune30, prune30-act, prune30-act-rec (SmolLM2);
 genai-prune30-act, genai-lowrank20 (SmolLM2 as ONNX Runtime GenAI's builder exports it, fp32: `real.smollm2_genai`);
-minilm-lowrank20, minilm-prune, minilm-prune-rec, minilm-drop2 (MiniLM); effnet-prune30 (EfficientNet-Lite0:
-calibration on random crops of 14 photos, top-1 agreement with the dense model on 4 others).
+minilm-lowrank20, minilm-prune, minilm-prune-rec, minilm-drop2 (MiniLM); effnet-prune30, effnet-prune30-rec
+(EfficientNet-Lite0: calibration on random crops of 14 photos, top-1 agreement with the dense model on 4 others; with
+--scenes, on scenes of object photos pasted onto those photos, split by object: `models.scenes`).
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ def setup_effnet_scenes(args, dense: pathlib.Path):
     of objects and photos of their own (every 10th object after the scored ones, and EFFNET_SELECTION)."""
     from modelsurgeon.calibration import CalibrationData
     from modelsurgeon.models import data, scenes
+    from modelsurgeon.passes.heal import held_out_mask
     from modelsurgeon.runtime.session import make_session
 
     mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["inception"])
@@ -199,8 +201,7 @@ def setup_effnet_scenes(args, dense: pathlib.Path):
     pixels = scenes.scenes(fit, [data._load_photo(p) for p in fit_photos], args.calib_samples, seed=0,
                            max_objects=EFFNET_SCENE_OBJECTS)
     if args.holdout:
-        k = max(2, int(round(1 / args.holdout)))
-        held = np.arange(args.calib_samples) % k == k - 1
+        held = held_out_mask(args.calib_samples, args.holdout)
         pixels[held] = scenes.scenes(selection, [data._load_photo(p) for p in EFFNET_SELECTION], int(held.sum()),
                                      seed=1, max_objects=EFFNET_SCENE_OBJECTS)
     calibration = CalibrationData({"pixels": ((pixels - mean) / std).astype(np.float32)}, "scenes")
@@ -227,6 +228,7 @@ def setup_effnet(args):
     on the five standard views (`data.photos`' variants) of 4 other photos."""
     from modelsurgeon.calibration import CalibrationData
     from modelsurgeon.models import data, real
+    from modelsurgeon.passes.heal import held_out_mask
     from modelsurgeon.runtime.session import make_session
 
     dense = pathlib.Path(real.efficientnet_lite0_onnx())
@@ -237,8 +239,7 @@ def setup_effnet(args):
     if args.holdout:
         # heal holds back every k-th sample: make those crops of photos of their own, so that its choice of the best
         # weights is made on photos it does not train on (crops of a training photo would reward memorizing it)
-        k = max(2, int(round(1 / args.holdout)))
-        held = np.arange(args.calib_samples) % k == k - 1
+        held = held_out_mask(args.calib_samples, args.holdout)
         fit_photos = [p for p in train if p not in EFFNET_SELECTION]
         pixels[~held] = random_crops(fit_photos, int((~held).sum()), mix=args.mix)
         pixels[held] = random_crops(list(EFFNET_SELECTION), int(held.sum()), seed=1, mix=args.mix)
@@ -349,6 +350,7 @@ def main(argv=None) -> int:
     import modelsurgeon
     from modelsurgeon.calibration import CalibrationData
     from modelsurgeon.context import PassContext
+    from modelsurgeon.passes.heal import held_out_mask
     from modelsurgeon.runtime.benchmark import machine_info
 
     out = pathlib.Path(args.out)
@@ -384,9 +386,8 @@ def main(argv=None) -> int:
                 model = modelsurgeon.load(dense)
                 seen = calibration.split(args.pass_samples)[0] if args.pass_samples else calibration
                 if args.scenes and args.holdout:  # a pass that fits its samples (reconstruct) must not see heal's
-                    k = max(2, int(round(1 / args.holdout)))  # held-out ones: heal would keep what fit them best
-                    fit = np.arange(seen.num_samples) % k != k - 1
-                    seen = CalibrationData(seen.rows(fit), seen.source)
+                    # held-out ones: heal would keep whatever fit them best
+                    seen = CalibrationData(seen.rows(~held_out_mask(seen.num_samples, args.holdout)), seen.source)
                 ctx = PassContext(model=model, calibration=seen, progress=sys.stderr.isatty())
                 t0 = time.perf_counter()
                 model, _ = run_pipeline(model, ctx, passes)

@@ -366,16 +366,23 @@ def _trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: (a[:, :length] if a.shape == mask.shape else a) for k, a in feeds.items()}
 
 
+def held_out_mask(n: int, holdout: float) -> np.ndarray:
+    """Which of n calibration samples `holdout` holds back: every k-th (k = round(1/holdout), at least 2), so
+    windows taken text by text are held out from every text."""
+    if holdout <= 0 or n < 2:
+        return np.zeros(n, bool)
+    k = max(2, int(round(1 / holdout)))
+    return np.arange(n) % k == k - 1
+
+
 def split_batches(calib, batch: int, holdout: float) -> tuple[list[dict], list[dict]]:
-    """Training batches and held-out batches: every k-th calibration sample (k = round(1/holdout)) is held out, so
-    windows taken text by text are held out from every text; padding trimmed per batch (`_trim_padding`)."""
+    """Training batches and held-out batches (`held_out_mask`); padding trimmed per batch (`_trim_padding`)."""
     from modelsurgeon.calibration import CalibrationData
 
     n = calib.num_samples
-    if holdout <= 0 or n < 2:
+    held = held_out_mask(n, holdout)
+    if not held.any():
         return [_trim_padding(f) for f in calib.batches(batch)], []
-    k = max(2, int(round(1 / holdout)))
-    held = np.arange(n) % k == k - 1
 
     def part(mask):
         return [_trim_padding(f) for f in
