@@ -180,6 +180,28 @@ EFFNET_EVAL_PLACEMENTS = 3  # --scenes: each held-out object is on top in this m
 EFFNET_SCENE_OBJECTS = 3  # --scenes: 1 to this many objects in a scene (from the same split)
 
 
+def effnet_scene_split(holdout: bool) -> tuple[list, list, list, list[str]]:
+    """--scenes' split: (scored objects, heal's selection objects (with holdout), calibration objects, calibration
+    photos). Every 5th object in the package's order is scored, every 10th after it selects (with holdout)."""
+    from modelsurgeon.models import data, scenes
+
+    objects = list(scenes.scene_objects())
+    scored = objects[0::5]
+    selection = objects[1::10] if holdout else []
+    fit = [o for o in objects if o not in scored and o not in selection]
+    photos = [p for p in data._available_photos() if p not in EFFNET_HELD_OUT
+              and not (holdout and p in EFFNET_SELECTION)]
+    return scored, selection, fit, photos
+
+
+def scene_pixels(objects: list, photos: list[str] | tuple[str, ...], n: int, seed: int) -> np.ndarray:
+    """n scenes (up to EFFNET_SCENE_OBJECTS objects each) on `photos`, in [0, 1], float32 [n, 3, 224, 224]."""
+    from modelsurgeon.models import data, scenes
+
+    return scenes.scenes(objects, [data._load_photo(p) for p in photos], n, seed=seed,
+                         max_objects=EFFNET_SCENE_OBJECTS)
+
+
 def setup_effnet_scenes(args, dense: pathlib.Path):
     """EfficientNet-Lite0 on scenes (`models.scenes`: 1 to 3 object photos pasted onto a photo). Every 5th object
     (in the package's order) and the 4 held-out photos are kept for scoring: the model is scored on 3 scenes with each
@@ -192,21 +214,13 @@ def setup_effnet_scenes(args, dense: pathlib.Path):
     from modelsurgeon.runtime.session import make_session
 
     mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["inception"])
-    objects = list(scenes.scene_objects())
-    scored = objects[0::5]
-    selection = objects[1::10] if args.holdout else []
-    fit = [o for o in objects if o not in scored and o not in selection]
-    photos = [p for p in data._available_photos() if p not in EFFNET_HELD_OUT]
-    fit_photos = [p for p in photos if not args.holdout or p not in EFFNET_SELECTION]
-    pixels = scenes.scenes(fit, [data._load_photo(p) for p in fit_photos], args.calib_samples, seed=0,
-                           max_objects=EFFNET_SCENE_OBJECTS)
+    scored, selection, fit, fit_photos = effnet_scene_split(bool(args.holdout))
+    pixels = scene_pixels(fit, fit_photos, args.calib_samples, seed=0)
     if args.holdout:
         held = held_out_mask(args.calib_samples, args.holdout)
-        pixels[held] = scenes.scenes(selection, [data._load_photo(p) for p in EFFNET_SELECTION], int(held.sum()),
-                                     seed=1, max_objects=EFFNET_SCENE_OBJECTS)
+        pixels[held] = scene_pixels(selection, EFFNET_SELECTION, int(held.sum()), seed=1)
     calibration = CalibrationData({"pixels": ((pixels - mean) / std).astype(np.float32)}, "scenes")
-    held_out = scenes.scenes(scored, [data._load_photo(p) for p in EFFNET_HELD_OUT],
-                             EFFNET_EVAL_PLACEMENTS * len(scored), seed=2, max_objects=EFFNET_SCENE_OBJECTS)
+    held_out = scene_pixels(scored, EFFNET_HELD_OUT, EFFNET_EVAL_PLACEMENTS * len(scored), seed=2)
     photo_views = np.stack([data._photo_sample(f"{p}/{v[0]}") for p in EFFNET_HELD_OUT for v in data._VARIANTS])
     views = ((np.concatenate([held_out, photo_views]) - mean) / std).astype(np.float32)
     parts = {"scenes": slice(0, len(held_out)), "photos": slice(len(held_out), None)}

@@ -46,24 +46,20 @@ def main(argv=None) -> int:
     import modelsurgeon
     from modelsurgeon.calibration import CalibrationData
     from modelsurgeon.context import PassContext
-    from modelsurgeon.models import data, real, scenes
+    from modelsurgeon.models import data, real
     from modelsurgeon.runtime.benchmark import machine_info
     from modelsurgeon.runtime.session import make_session
 
-    objects = list(scenes.scene_objects())
-    scored = objects[0::5]
-    fit = [o for o in objects if o not in scored]
-    fit_photos = [data._load_photo(p) for p in data._available_photos() if p not in bench.EFFNET_HELD_OUT]
-    held_photos = [data._load_photo(p) for p in bench.EFFNET_HELD_OUT]
+    scored, _, fit, fit_photos = bench.effnet_scene_split(holdout=False)
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["inception"])
 
     def scenes_of(objs, photos, n, seed):
-        x = scenes.scenes(objs, photos, n, seed=seed, max_objects=bench.EFFNET_SCENE_OBJECTS)
-        return ((x - 0.5) / 0.5).astype(np.float32)  # [-1, 1], as the model was trained
+        return ((bench.scene_pixels(objs, photos, n, seed) - mean) / std).astype(np.float32)
 
     dense = str(real.efficientnet_lite0_onnx())
     dense_session = make_session(dense)
     sets = {"same objects, new scenes": scenes_of(fit, fit_photos, N_SCORED, 5),
-            "held-out objects and photos": scenes_of(scored, held_photos, N_SCORED, 2)}
+            "held-out objects and photos": scenes_of(scored, bench.EFFNET_HELD_OUT, N_SCORED, 2)}
     rows = []
     for n in (int(v) for v in args.samples.split(",")):
         calib = scenes_of(fit, fit_photos, n, 0)
