@@ -128,23 +128,12 @@ def random_crops(photos: list[str], n: int, seed: int = 0, mix: float = 0.0) -> 
     another pasted in (CutMix), and gets a random gain per color channel (0.7-1.3): few photos then give many
     inputs the teacher has not seen in one piece, which is what a student distilled on 14 photos must generalize
     from."""
-    from skimage.transform import resize
-
-    from modelsurgeon.models import data
+    from modelsurgeon.models import data, scenes
 
     rng = np.random.default_rng(seed)
     mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.PREPROCESS["inception"])
-    crops = []
-    for i in range(n):
-        image = data._load_photo(photos[i % len(photos)])
-        h, w = image.shape[:2]
-        scale = rng.uniform(224, 384) / min(h, w)
-        image = resize(image, (max(224, round(h * scale)), max(224, round(w * scale))), anti_aliasing=True)
-        top, left = rng.integers(0, image.shape[0] - 223), rng.integers(0, image.shape[1] - 223)
-        crop = image[top:top + 224, left:left + 224]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        crops.append(crop.transpose(2, 0, 1).astype(np.float32))
+    crops = [scenes.random_crop(data._load_photo(photos[i % len(photos)]), rng).transpose(2, 0, 1).astype(np.float32)
+             for i in range(n)]
     out = []
     for i, crop in enumerate(crops):
         if rng.random() < mix:

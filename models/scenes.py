@@ -113,19 +113,26 @@ def _load_rgba(path: pathlib.Path) -> np.ndarray:
     return np.ascontiguousarray(rgba[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
 
 
-def paste(objs: list[np.ndarray], background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """`objs` (RGBA [h, w, 4] each, the last on top) over a random CROP x CROP crop of `background` (RGB [H, W, 3],
-    [0, 1]): the background's shorter side scaled to 224-384, each object's longer side to 40-90% of the crop, at a
-    random position inside it, each mirrored half of the time. float32 [3, CROP, CROP] in [0, 1]."""
+def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random CROP x CROP crop of `image` (RGB [H, W, 3], uint8 or [0, 1]) as floats in [0, 1]: its shorter side
+    scaled to 224-384, a random position, mirrored half of the time (how EfficientNet-Lite was trained)."""
     from skimage.transform import resize
 
-    h, w = background.shape[:2]
+    h, w = image.shape[:2]
     scale = rng.uniform(CROP, 384) / min(h, w)
-    bg = resize(background, (max(CROP, round(h * scale)), max(CROP, round(w * scale))), anti_aliasing=True)
-    top, left = rng.integers(0, bg.shape[0] - CROP + 1), rng.integers(0, bg.shape[1] - CROP + 1)
-    canvas = bg[top:top + CROP, left:left + CROP].copy()
-    if rng.random() < 0.5:
-        canvas = canvas[:, ::-1]
+    image = resize(image, (max(CROP, round(h * scale)), max(CROP, round(w * scale))), anti_aliasing=True)
+    top, left = rng.integers(0, image.shape[0] - CROP + 1), rng.integers(0, image.shape[1] - CROP + 1)
+    crop = image[top:top + CROP, left:left + CROP]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def paste(objs: list[np.ndarray], background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`objs` (RGBA [h, w, 4] each, the last on top) over a random CROP x CROP crop of `background` (RGB [H, W, 3],
+    [0, 1]; `random_crop`), each object's longer side scaled to 40-90% of the crop, at a random position inside it,
+    mirrored half of the time. float32 [3, CROP, CROP] in [0, 1]."""
+    from skimage.transform import resize
+
+    canvas = random_crop(background, rng).copy()
     for obj in objs:
         oh, ow = obj.shape[:2]
         s = rng.uniform(0.4, 0.9) * CROP / max(oh, ow)
